@@ -1,0 +1,389 @@
+//! Kernel/user ABI of tcptrace: the records the BPF programs write and the
+//! configuration userspace hands them. Fixed-width integers only, explicit
+//! padding, sizes asserted at compile time.
+#![no_std]
+
+/// Name of the ring buffer carrying [`Event`]s.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU array of `u64` counters, indexed by [`counter_index`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// LRU map: sock pointer -> [`Owner`] recorded in process context.
+pub const OWNERS_MAP: &str = "OWNERS";
+/// LRU map: [`ListenKey`] -> [`Owner`] of the listening process.
+pub const LISTENERS_MAP: &str = "LISTENERS";
+/// Hash map: pid_tgid -> [`BindArgs`] between bind() entry and exit.
+pub const BIND_ARGS_MAP: &str = "BIND_ARGS";
+/// Name of the read-only global holding [`Config`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+
+/// One BPF program per hook; the index is also the counter slot.
+pub mod hook {
+    pub const RETRANSMIT_SKB: u32 = 0;
+    pub const RETRANSMIT_SYNACK: u32 = 1;
+    pub const SEND_RESET: u32 = 2;
+    pub const RECEIVE_RESET: u32 = 3;
+    pub const SET_STATE: u32 = 4;
+    pub const ERROR_REPORT: u32 = 5;
+    pub const KFREE_SKB: u32 = 6;
+    pub const ENTER_BIND: u32 = 7;
+    pub const EXIT_BIND: u32 = 8;
+    pub const COUNT: u32 = 9;
+
+    /// (program name in the ELF, tracepoint category, tracepoint name);
+    /// category `raw_tp` marks a raw tracepoint.
+    pub const PROGRAMS: [(&str, &str, &str); COUNT as usize] = [
+        ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+        ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
+        ("tcp_send_reset", "tcp", "tcp_send_reset"),
+        ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+        ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+        ("inet_sk_error_report", "raw_tp", "inet_sk_error_report"),
+        ("kfree_skb", "skb", "kfree_skb"),
+        ("sys_enter_bind", "syscalls", "sys_enter_bind"),
+        ("sys_exit_bind", "syscalls", "sys_exit_bind"),
+    ];
+}
+
+/// Counter slots per hook: events emitted, events lost (ring buffer full).
+pub const COUNTER_SEEN: u32 = 0;
+pub const COUNTER_LOST: u32 = 1;
+pub const COUNTERS_PER_HOOK: u32 = 2;
+pub const COUNTERS_LEN: u32 = hook::COUNT * COUNTERS_PER_HOOK;
+
+#[inline(always)]
+pub const fn counter_index(hook: u32, slot: u32) -> u32 {
+    hook * COUNTERS_PER_HOOK + slot
+}
+
+/// Event kinds (`Event::kind`).
+pub mod kind {
+    pub const RETRANSMIT: u8 = 1;
+    pub const SYNACK_RETRANSMIT: u8 = 2;
+    pub const RESET_SENT: u8 = 3;
+    pub const RESET_RECEIVED: u8 = 4;
+    pub const STATE_CHANGE: u8 = 5;
+    pub const DROP: u8 = 6;
+    pub const CONNECT_ERROR: u8 = 7;
+    pub const BIND_ERROR: u8 = 8;
+    pub const SOCKET_ERROR: u8 = 9;
+}
+
+/// Bits of `Event::flags`.
+pub mod flag {
+    /// pid/tgid/comm/cgroup come from the socket's recorded owner.
+    pub const OWNER_KNOWN: u32 = 1 << 0;
+    /// idle/keepalive/srtt/retrans fields were read from the tcp_sock.
+    pub const TCP_DETAIL: u32 = 1 << 1;
+    /// SO_KEEPALIVE is set on the socket.
+    pub const KEEPALIVE_ON: u32 = 1 << 2;
+    /// `tcp_flags` holds the flags of the segment involved.
+    pub const TCP_FLAGS_KNOWN: u32 = 1 << 3;
+    /// `reason` holds a reset reason (tcp_send_reset on kernels that have it).
+    pub const REASON_KNOWN: u32 = 1 << 4;
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// One record on the ring buffer. Addresses are in network byte order,
+/// ports in host byte order. Times in jiffies are converted in userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// bpf_ktime_get_boot_ns()
+    pub ts_ns: u64,
+    /// struct sock pointer, 0 when the event has no socket.
+    pub sk: u64,
+    pub cgroup_id: u64,
+    /// kfree_skb: the kernel address that dropped the packet.
+    pub location: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub tgid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub kind: u8,
+    pub family: u8,
+    /// TCP state as the kernel numbers it (new state for state changes).
+    pub state: u8,
+    pub old_state: u8,
+    /// Negative errno for errors, 0 otherwise.
+    pub errno: i32,
+    /// Drop reason (kfree_skb) or reset reason (tcp_send_reset).
+    pub reason: u32,
+    pub flags: u32,
+    /// Jiffies since the peer was last heard from.
+    pub idle_jiffies: u32,
+    /// Jiffies since new data was last sent.
+    pub since_send_jiffies: u32,
+    /// Effective keepalive time in jiffies (socket option or netns sysctl).
+    pub keepalive_jiffies: u32,
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(size_of::<Event>() == 136);
+
+/// Who owns a socket, captured in process context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub netns: u32,
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(size_of::<Owner>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(size_of::<ListenKey>() == 8);
+
+/// The sockaddr passed to bind(), saved until the syscall returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindArgs {
+    pub addr: [u8; 28],
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<BindArgs>() == 32);
+
+/// Offset of a field in a tracepoint record; [`ABSENT`] when the running
+/// kernel's record has no such field.
+pub type FieldOffset = u16;
+pub const ABSENT: FieldOffset = u16::MAX;
+
+/// Where a tracepoint keeps the fields tcptrace reads, from its format file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    pub skaddr: FieldOffset,
+    pub skbaddr: FieldOffset,
+    pub state: FieldOffset,
+    pub sport: FieldOffset,
+    pub dport: FieldOffset,
+    pub family: FieldOffset,
+    pub saddr: FieldOffset,
+    pub daddr: FieldOffset,
+    pub saddr_v6: FieldOffset,
+    pub daddr_v6: FieldOffset,
+    /// send_reset on newer kernels: saddr/daddr are 28-byte sockaddrs.
+    pub saddr_sockaddr: FieldOffset,
+    pub daddr_sockaddr: FieldOffset,
+    /// err / error / reason / oldstate, depending on the tracepoint.
+    pub extra: FieldOffset,
+    /// newstate / protocol / location, depending on the tracepoint.
+    pub extra2: FieldOffset,
+    pub extra3: FieldOffset,
+    pub _pad: u16,
+}
+
+impl TracepointOffsets {
+    pub const NONE: Self = Self {
+        skaddr: ABSENT,
+        skbaddr: ABSENT,
+        state: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        family: ABSENT,
+        saddr: ABSENT,
+        daddr: ABSENT,
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+        saddr_sockaddr: ABSENT,
+        daddr_sockaddr: ABSENT,
+        extra: ABSENT,
+        extra2: ABSENT,
+        extra3: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Kernel struct member offsets resolved from BTF at load time. A value of
+/// [`KERNEL_ABSENT`] disables what depends on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// sock.__sk_common.skc_net (a possible_net_t holding `struct net *`)
+    pub sock_net: u32,
+    /// net.ns.inum
+    pub net_inum: u32,
+    /// net.ipv4.sysctl_tcp_keepalive_time
+    pub net_keepalive_time: u32,
+    /// sock.sk_flags
+    pub sock_flags: u32,
+    /// tcp_sock.lsndtime
+    pub tcp_lsndtime: u32,
+    /// tcp_sock.rcv_tstamp
+    pub tcp_rcv_tstamp: u32,
+    /// inet_connection_sock.icsk_ack.lrcvtime
+    pub icsk_lrcvtime: u32,
+    /// tcp_sock.keepalive_time
+    pub tcp_keepalive_time: u32,
+    /// tcp_sock.srtt_us
+    pub tcp_srtt_us: u32,
+    /// tcp_sock.total_retrans
+    pub tcp_total_retrans: u32,
+    /// sk_buff.cb + tcp_skb_cb.tcp_flags
+    pub skb_tcp_flags: u32,
+    /// sk_buff.head
+    pub skb_head: u32,
+    /// sk_buff.network_header (u16)
+    pub skb_network_header: u32,
+    /// sk_buff.dev
+    pub skb_dev: u32,
+    /// net_device.nd_net
+    pub dev_net: u32,
+    /// sk_buff.sk
+    pub skb_sk: u32,
+    /// sock.__sk_common.skc_state (u8)
+    pub sock_state: u32,
+    /// sock.__sk_common.skc_family (u16)
+    pub sock_family: u32,
+    /// inet_sock.inet_sport (u16, network order; kept after the port is released)
+    pub inet_sport: u32,
+    /// sock.__sk_common.skc_dport (u16, network order)
+    pub sock_dport: u32,
+    /// sock.__sk_common.skc_rcv_saddr
+    pub sock_rcv_saddr: u32,
+    /// sock.__sk_common.skc_daddr
+    pub sock_daddr: u32,
+    /// sock.__sk_common.skc_v6_rcv_saddr
+    pub sock_v6_rcv_saddr: u32,
+    /// sock.__sk_common.skc_v6_daddr
+    pub sock_v6_daddr: u32,
+    /// sock.sk_err (int)
+    pub sock_err: u32,
+    /// task_struct.nsproxy
+    pub task_nsproxy: u32,
+    /// nsproxy.net_ns
+    pub nsproxy_net: u32,
+    /// Bit number of SOCK_KEEPOPEN in sk_flags.
+    pub keepopen_bit: u32,
+    pub _pad: u32,
+}
+
+pub const KERNEL_ABSENT: u32 = u32::MAX;
+
+impl KernelOffsets {
+    pub const NONE: Self = Self {
+        sock_net: KERNEL_ABSENT,
+        net_inum: KERNEL_ABSENT,
+        net_keepalive_time: KERNEL_ABSENT,
+        sock_flags: KERNEL_ABSENT,
+        tcp_lsndtime: KERNEL_ABSENT,
+        tcp_rcv_tstamp: KERNEL_ABSENT,
+        icsk_lrcvtime: KERNEL_ABSENT,
+        tcp_keepalive_time: KERNEL_ABSENT,
+        tcp_srtt_us: KERNEL_ABSENT,
+        tcp_total_retrans: KERNEL_ABSENT,
+        skb_tcp_flags: KERNEL_ABSENT,
+        skb_head: KERNEL_ABSENT,
+        skb_network_header: KERNEL_ABSENT,
+        skb_dev: KERNEL_ABSENT,
+        dev_net: KERNEL_ABSENT,
+        skb_sk: KERNEL_ABSENT,
+        sock_state: KERNEL_ABSENT,
+        sock_family: KERNEL_ABSENT,
+        inet_sport: KERNEL_ABSENT,
+        sock_dport: KERNEL_ABSENT,
+        sock_rcv_saddr: KERNEL_ABSENT,
+        sock_daddr: KERNEL_ABSENT,
+        sock_v6_rcv_saddr: KERNEL_ABSENT,
+        sock_v6_daddr: KERNEL_ABSENT,
+        sock_err: KERNEL_ABSENT,
+        task_nsproxy: KERNEL_ABSENT,
+        nsproxy_net: KERNEL_ABSENT,
+        keepopen_bit: KERNEL_ABSENT,
+        _pad: 0,
+    };
+}
+
+/// TCP state numbers of the running kernel (from BTF).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpStates {
+    pub established: u32,
+    pub syn_sent: u32,
+    pub syn_recv: u32,
+    pub fin_wait1: u32,
+    pub close: u32,
+    pub listen: u32,
+    pub time_wait: u32,
+    pub new_syn_recv: u32,
+}
+
+/// Everything the programs need from userspace; a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// tcptrace's own tgid: its sockets are ignored.
+    pub self_tgid: u32,
+    /// 1: emit every TCP state change, not only failure-relevant ones.
+    pub all_states: u32,
+    pub states: TcpStates,
+    /// Drop reasons worth reporting, as a bitmap over reason numbers.
+    pub drop_reasons: [u64; 4],
+    pub kernel: KernelOffsets,
+    pub retransmit_skb: TracepointOffsets,
+    pub retransmit_synack: TracepointOffsets,
+    pub send_reset: TracepointOffsets,
+    pub receive_reset: TracepointOffsets,
+    pub set_state: TracepointOffsets,
+    pub kfree_skb: TracepointOffsets,
+    /// sys_enter_bind: `extra` = umyaddr, `extra2` = addrlen.
+    pub enter_bind: TracepointOffsets,
+    /// sys_exit_bind: `extra` = ret.
+    pub exit_bind: TracepointOffsets,
+}
+
+impl Config {
+    pub const ZERO: Self = Self {
+        self_tgid: 0,
+        all_states: 0,
+        states: TcpStates {
+            established: 1,
+            syn_sent: 2,
+            syn_recv: 3,
+            fin_wait1: 4,
+            close: 7,
+            listen: 10,
+            time_wait: 6,
+            new_syn_recv: 12,
+        },
+        drop_reasons: [0; 4],
+        kernel: KernelOffsets::NONE,
+        retransmit_skb: TracepointOffsets::NONE,
+        retransmit_synack: TracepointOffsets::NONE,
+        send_reset: TracepointOffsets::NONE,
+        receive_reset: TracepointOffsets::NONE,
+        set_state: TracepointOffsets::NONE,
+        kfree_skb: TracepointOffsets::NONE,
+        enter_bind: TracepointOffsets::NONE,
+        exit_bind: TracepointOffsets::NONE,
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integer records without implicit padding.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Owner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}

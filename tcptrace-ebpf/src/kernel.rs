@@ -1,0 +1,262 @@
+//! Reads of kernel memory at offsets resolved from BTF in userspace.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_probe_read_kernel, generated::bpf_jiffies64,
+        generated::bpf_ktime_get_boot_ns,
+    },
+    maps::ring_buf::RingBufEntry,
+};
+use tcptrace_common::{
+    ABSENT, AF_INET, AF_INET6, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets, Owner,
+    TracepointOffsets, flag,
+};
+
+use crate::maps::{self, EVENTS, OWNERS};
+
+/// Reads a `T` at `base + offset`, or `None` when the offset is unknown or
+/// the read faults.
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == KERNEL_ABSENT {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
+}
+
+/// Reads a tracepoint field, or `None` when this kernel's record lacks it.
+#[inline(always)]
+pub fn field<C: EbpfContext, T>(ctx: &C, offset: FieldOffset) -> Option<T> {
+    if offset == ABSENT {
+        return None;
+    }
+    // SAFETY: the offset comes from the tracepoint's own format description.
+    unsafe {
+        bpf_probe_read_kernel((ctx.as_ptr() as *const u8).add(offset as usize) as *const T).ok()
+    }
+}
+
+/// Network namespace inode of a `struct net *`.
+#[inline(always)]
+pub fn net_inum(net: u64, k: &KernelOffsets) -> u32 {
+    read::<u32>(net, k.net_inum).unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn sock_net(sk: u64, k: &KernelOffsets) -> u64 {
+    read::<u64>(sk, k.sock_net).unwrap_or(0)
+}
+
+/// Network namespace inode of the current task.
+#[inline(always)]
+pub fn current_netns() -> u32 {
+    let k = &maps::config().kernel;
+    // SAFETY: helper without preconditions; the pointer is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read(task, k.task_nsproxy).unwrap_or(0);
+    net_inum(read(nsproxy, k.nsproxy_net).unwrap_or(0), k)
+}
+
+/// The current task as a socket owner.
+#[inline(always)]
+pub fn current_owner(netns: u32) -> Owner {
+    Owner {
+        // SAFETY: helper without preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        netns,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
+
+/// Whether an event concerns tcptrace itself.
+#[inline(always)]
+pub fn is_self(tgid: u32) -> bool {
+    tgid != 0 && tgid == maps::config().self_tgid
+}
+
+/// A zeroed event of `kind` with its timestamp, reserved on the ring buffer.
+/// Counts a lost event for `hook` when the buffer is full.
+#[inline(always)]
+pub fn reserve(hook: u32, kind: u8) -> Option<RingBufEntry<Event>> {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        maps::count(hook, tcptrace_common::COUNTER_LOST);
+        return None;
+    };
+    let ptr = entry.as_mut_ptr();
+    // SAFETY: the entry is exclusively ours and sized for an Event.
+    unsafe {
+        core::ptr::write_bytes(ptr, 0, 1);
+        (*ptr).kind = kind;
+        (*ptr).ts_ns = bpf_ktime_get_boot_ns();
+    }
+    Some(entry)
+}
+
+#[inline(always)]
+pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
+    entry.submit(0);
+    maps::count(hook, tcptrace_common::COUNTER_SEEN);
+}
+
+/// Copies an owner into the event.
+#[inline(always)]
+pub fn set_owner(ev: &mut Event, owner: &Owner) {
+    ev.tgid = owner.tgid;
+    ev.cgroup_id = owner.cgroup_id;
+    ev.comm = owner.comm;
+    if ev.netns == 0 {
+        ev.netns = owner.netns;
+    }
+    ev.flags |= flag::OWNER_KNOWN;
+}
+
+/// Looks up the recorded owner of `sk`. Returns false when the socket is
+/// tcptrace's own and the event must be dropped.
+#[inline(always)]
+pub fn attach_owner(ev: &mut Event, sk: u64) -> bool {
+    if sk == 0 {
+        return true;
+    }
+    // SAFETY: the value is copied out before any map update.
+    if let Some(owner) = unsafe { OWNERS.get(sk) } {
+        if is_self(owner.tgid) {
+            return false;
+        }
+        let owner = *owner;
+        set_owner(ev, &owner);
+    }
+    true
+}
+
+/// Reads the 4-tuple of a tracepoint record into the event.
+#[inline(always)]
+pub fn tuple_from_tp<C: EbpfContext>(ctx: &C, tp: &TracepointOffsets, ev: &mut Event) {
+    if tp.saddr_sockaddr != ABSENT {
+        sockaddr_into(
+            ctx,
+            tp.saddr_sockaddr,
+            &mut ev.saddr,
+            &mut ev.sport,
+            &mut ev.family,
+        );
+        sockaddr_into(
+            ctx,
+            tp.daddr_sockaddr,
+            &mut ev.daddr,
+            &mut ev.dport,
+            &mut ev.family,
+        );
+        return;
+    }
+    let family: u16 = field(ctx, tp.family).unwrap_or(AF_INET as u16);
+    ev.family = family as u8;
+    ev.sport = field(ctx, tp.sport).unwrap_or(0);
+    ev.dport = field(ctx, tp.dport).unwrap_or(0);
+    if ev.family == AF_INET6 {
+        ev.saddr = field(ctx, tp.saddr_v6).unwrap_or([0; 16]);
+        ev.daddr = field(ctx, tp.daddr_v6).unwrap_or([0; 16]);
+    } else {
+        let s: [u8; 4] = field(ctx, tp.saddr).unwrap_or([0; 4]);
+        let d: [u8; 4] = field(ctx, tp.daddr).unwrap_or([0; 4]);
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+}
+
+/// A `struct sockaddr_in`/`sockaddr_in6` stored inside a tracepoint record.
+#[inline(always)]
+fn sockaddr_into<C: EbpfContext>(
+    ctx: &C,
+    offset: FieldOffset,
+    addr: &mut [u8; 16],
+    port: &mut u16,
+    family: &mut u8,
+) {
+    let Some(raw) = field::<C, [u8; 28]>(ctx, offset) else {
+        return;
+    };
+    let fam = u16::from_ne_bytes([raw[0], raw[1]]);
+    *family = fam as u8;
+    *port = u16::from_be_bytes([raw[2], raw[3]]);
+    if fam == AF_INET6 as u16 {
+        addr.copy_from_slice(&raw[8..24]);
+    } else {
+        addr[..4].copy_from_slice(&raw[4..8]);
+    }
+}
+
+/// Reads the 4-tuple and state straight from a `struct sock`.
+#[inline(always)]
+pub fn tuple_from_sock(sk: u64, k: &KernelOffsets, ev: &mut Event) {
+    ev.family = read::<u16>(sk, k.sock_family).unwrap_or(0) as u8;
+    ev.sport = u16::from_be(read::<u16>(sk, k.inet_sport).unwrap_or(0));
+    ev.dport = u16::from_be(read::<u16>(sk, k.sock_dport).unwrap_or(0));
+    ev.state = read::<u8>(sk, k.sock_state).unwrap_or(0);
+    if ev.family == AF_INET6 {
+        ev.saddr = read(sk, k.sock_v6_rcv_saddr).unwrap_or([0; 16]);
+        ev.daddr = read(sk, k.sock_v6_daddr).unwrap_or([0; 16]);
+    } else {
+        let s: [u8; 4] = read(sk, k.sock_rcv_saddr).unwrap_or([0; 4]);
+        let d: [u8; 4] = read(sk, k.sock_daddr).unwrap_or([0; 4]);
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+}
+
+/// Whether `state` is one of a full, synchronized TCP socket, whose
+/// timestamps and keepalive settings mean something.
+#[inline(always)]
+pub fn has_tcp_detail(state: u32) -> bool {
+    let s = &maps::config().states;
+    state != s.syn_sent
+        && state != s.syn_recv
+        && state != s.listen
+        && state != s.time_wait
+        && state != s.new_syn_recv
+}
+
+/// Idle time, keepalive, srtt and retransmits of a full TCP socket.
+#[inline(always)]
+pub fn tcp_detail(sk: u64, k: &KernelOffsets, ev: &mut Event) {
+    let (Some(lsnd), Some(rcv)) = (
+        read::<u32>(sk, k.tcp_lsndtime),
+        read::<u32>(sk, k.tcp_rcv_tstamp),
+    ) else {
+        return;
+    };
+    // No RTT sample yet: the handshake never completed, timestamps are unset.
+    let srtt = read::<u32>(sk, k.tcp_srtt_us).unwrap_or(0);
+    if srtt == 0 {
+        return;
+    }
+    let lrcv = read::<u32>(sk, k.icsk_lrcvtime).unwrap_or(rcv);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    // Jiffies wrap: compare as signed distances.
+    let last_heard = if (lrcv.wrapping_sub(rcv) as i32) > 0 {
+        lrcv
+    } else {
+        rcv
+    };
+    ev.idle_jiffies = now.wrapping_sub(last_heard);
+    ev.since_send_jiffies = now.wrapping_sub(lsnd);
+    if let Some(flags) = read::<u64>(sk, k.sock_flags)
+        && k.keepopen_bit < 64
+        && flags & (1u64 << k.keepopen_bit) != 0
+    {
+        ev.flags |= flag::KEEPALIVE_ON;
+    }
+    let mut keepalive = read::<u32>(sk, k.tcp_keepalive_time).unwrap_or(0);
+    if keepalive == 0 {
+        let net = sock_net(sk, k);
+        keepalive = read::<u32>(net, k.net_keepalive_time).unwrap_or(0);
+    }
+    ev.keepalive_jiffies = keepalive;
+    ev.srtt_us = srtt >> 3;
+    ev.total_retrans = read::<u32>(sk, k.tcp_total_retrans).unwrap_or(0);
+    ev.flags |= flag::TCP_DETAIL;
+}

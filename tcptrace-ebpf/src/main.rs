@@ -1,0 +1,18 @@
+//! tcptrace's kernel side: tracepoint programs that turn TCP failure signals
+//! into `tcptrace_common::Event` records on a ring buffer.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod maps;
+mod probes;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

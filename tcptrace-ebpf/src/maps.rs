@@ -1,0 +1,44 @@
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, ListenKey, Owner};
+
+/// Failure events for userspace. Its size is set at load time.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Per-hook emitted/lost counters.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// sock pointer -> owner captured in process context.
+#[map(name = "OWNERS")]
+pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// listening (netns, port) -> owner, inherited by accepted sockets.
+#[map(name = "LISTENERS")]
+pub static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entries(8192, 0);
+
+/// pid_tgid -> sockaddr given to bind(), until it returns.
+#[map(name = "BIND_ARGS")]
+pub static BIND_ARGS: HashMap<u64, BindArgs> = HashMap::with_max_entries(4096, 0);
+
+/// Set by userspace before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+pub static CONFIG: Config = Config::ZERO;
+
+#[inline(always)]
+pub fn config() -> &'static Config {
+    // SAFETY: read through a volatile pointer so the compiler cannot fold the
+    // zeroed initializer; the loader patches the value in .rodata.
+    unsafe { core::ptr::read_volatile(&&CONFIG) }
+}
+
+#[inline(always)]
+pub fn count(hook: u32, slot: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(tcptrace_common::counter_index(hook, slot)) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

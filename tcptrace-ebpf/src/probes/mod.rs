@@ -1,0 +1,4 @@
+mod bind;
+mod skb;
+mod sock;
+mod tcp;

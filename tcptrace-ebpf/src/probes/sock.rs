@@ -1,0 +1,139 @@
+//! Socket state changes (owner bookkeeping, failed connects) and socket
+//! errors.
+use aya_ebpf::{
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+use tcptrace_common::{Event, ListenKey, hook, kind};
+
+use crate::{
+    kernel::{self, field},
+    maps::{LISTENERS, OWNERS, config},
+};
+
+const IPPROTO_TCP: u16 = 6;
+const EADDRNOTAVAIL: i32 = 99;
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let tp = &cfg.set_state;
+    let states = &cfg.states;
+    if field::<_, u16>(&ctx, tp.extra3) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let old = field::<_, i32>(&ctx, tp.extra).unwrap_or(0) as u32;
+    let new = field::<_, i32>(&ctx, tp.extra2).unwrap_or(0) as u32;
+    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
+    let k = &cfg.kernel;
+
+    // connect() and listen() run in the owner's process context.
+    if new == states.syn_sent || new == states.listen {
+        let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
+        let owner = kernel::current_owner(netns);
+        let _ = OWNERS.insert(sk, owner, 0);
+        if new == states.listen {
+            let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
+            let key = ListenKey {
+                netns,
+                port,
+                _pad: 0,
+            };
+            let _ = LISTENERS.insert(key, owner, 0);
+        }
+    } else if old == states.syn_recv && new == states.established {
+        // Passive open in softirq: inherit the listener's owner.
+        let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
+        let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
+        let key = ListenKey {
+            netns,
+            port,
+            _pad: 0,
+        };
+        // SAFETY: copied out before the insert.
+        if let Some(owner) = unsafe { LISTENERS.get(key) } {
+            let owner = *owner;
+            let _ = OWNERS.insert(sk, owner, 0);
+        }
+    }
+
+    // Failed connect (refused, timed out, or no source port) is always
+    // reported; other transitions only on request.
+    let failed_connect = old == states.syn_sent && new == states.close;
+    if failed_connect || cfg.all_states != 0 {
+        emit_state_change(&ctx, sk, old, new, failed_connect);
+    }
+
+    // The owner stays in the LRU map past CLOSE: resets and errors are
+    // reported after the state change. A reused sock pointer is recorded
+    // afresh at its own connect/listen/accept.
+    if new == states.close && old == states.listen {
+        let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
+        let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
+        let _ = LISTENERS.remove(ListenKey {
+            netns,
+            port,
+            _pad: 0,
+        });
+    }
+    0
+}
+
+#[inline(always)]
+fn emit_state_change(ctx: &TracePointContext, sk: u64, old: u32, new: u32, failed_connect: bool) {
+    let cfg = config();
+    let Some(mut entry) = kernel::reserve(hook::SET_STATE, kind::STATE_CHANGE) else {
+        return;
+    };
+    // SAFETY: reserve() initialised the entry.
+    let ev: &mut Event = unsafe { entry.assume_init_mut() };
+    kernel::tuple_from_tp(ctx, &cfg.set_state, ev);
+    ev.state = new as u8;
+    ev.old_state = old as u8;
+    ev.sk = sk;
+    ev.netns = kernel::net_inum(kernel::sock_net(sk, &cfg.kernel), &cfg.kernel);
+    // inet_hash_connect() found no source port: connect() returns
+    // EADDRNOTAVAIL without sending anything.
+    if failed_connect && ev.sport == 0 {
+        ev.kind = kind::CONNECT_ERROR;
+        ev.errno = -EADDRNOTAVAIL;
+    }
+    if !kernel::attach_owner(ev, sk) {
+        entry.discard(0);
+        return;
+    }
+    kernel::submit(hook::SET_STATE, entry);
+}
+
+/// Raw tracepoint: its first argument is the socket, which the classic
+/// tracepoint does not record.
+#[raw_tracepoint(tracepoint = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: RawTracePointContext) -> u32 {
+    let cfg = config();
+    let k = &cfg.kernel;
+    // args[0] of inet_sk_error_report is `const struct sock *`.
+    let sk: u64 = ctx.arg(0);
+    // Reports without a pending error (e.g. from tcp_disconnect) carry no news.
+    let err = kernel::read::<i32>(sk, k.sock_err).unwrap_or(0);
+    if err == 0 {
+        return 0;
+    }
+    let Some(mut entry) = kernel::reserve(hook::ERROR_REPORT, kind::SOCKET_ERROR) else {
+        return 0;
+    };
+    // SAFETY: reserve() initialised the entry.
+    let ev: &mut Event = unsafe { entry.assume_init_mut() };
+    kernel::tuple_from_sock(sk, k, ev);
+    ev.errno = -err;
+    ev.sk = sk;
+    ev.netns = kernel::net_inum(kernel::sock_net(sk, k), k);
+    if !kernel::attach_owner(ev, sk) {
+        entry.discard(0);
+        return 0;
+    }
+    if kernel::has_tcp_detail(ev.state as u32) {
+        kernel::tcp_detail(sk, k, ev);
+    }
+    kernel::submit(hook::ERROR_REPORT, entry);
+    0
+}

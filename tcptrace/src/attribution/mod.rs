@@ -1,0 +1,1 @@
+//! Pod attribution: netns / cgroup / socket owner -> pod, Service.

@@ -1,0 +1,418 @@
+//! Raw ring-buffer records -> model events, validated field by field.
+use std::{
+    collections::HashMap,
+    fs,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, flag, kind};
+use thiserror::Error;
+
+use super::offsets::{KernelBtf, TcpStateNames, enum_names};
+use crate::model::{Endpoint, Event, EventKind, TcpDetail};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes, expected {1}")]
+    Size(usize, usize),
+    #[error("unknown event kind {0}")]
+    Kind(u8),
+    #[error("unknown address family {0}")]
+    Family(u8),
+}
+
+/// Names the kernel gives its numbers, read once at startup.
+#[derive(Clone, Debug, Default)]
+pub struct KernelNames {
+    pub states: TcpStateNames,
+    pub drop_reasons: HashMap<u32, String>,
+    pub reset_reasons: HashMap<u32, String>,
+    /// Kernel tick rate, to turn jiffies into milliseconds.
+    pub hz: u32,
+}
+
+impl KernelNames {
+    pub fn from_btf(btf: &KernelBtf) -> Self {
+        Self {
+            states: TcpStateNames::from_btf(btf),
+            drop_reasons: enum_names(btf, "SKB_DROP_REASON_NOT_SPECIFIED", "SKB_DROP_REASON_"),
+            reset_reasons: enum_names(btf, "SK_RST_REASON_NOT_SPECIFIED", "SK_RST_REASON_"),
+            hz: kernel_hz().unwrap_or(DEFAULT_HZ),
+        }
+    }
+
+    pub fn drop_reason_value(&self, name: &str) -> Option<u32> {
+        self.drop_reasons
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(v, _)| *v)
+    }
+}
+
+/// Used only when the kernel config cannot be read; the common distro value.
+pub const DEFAULT_HZ: u32 = 250;
+
+/// CONFIG_HZ from /proc/config.gz or /boot/config-<release>.
+pub fn kernel_hz() -> Option<u32> {
+    let mut text = String::new();
+    if let Ok(f) = fs::File::open("/proc/config.gz") {
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .ok()?;
+    } else {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        text = fs::read_to_string(Path::new("/boot").join(format!("config-{}", release.trim())))
+            .ok()?;
+    }
+    parse_config_hz(&text)
+}
+
+fn parse_config_hz(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Kernel text symbols for drop locations.
+#[derive(Debug, Default)]
+pub struct Symbolizer {
+    symbols: Vec<(u64, String)>,
+}
+
+impl Symbolizer {
+    /// Reads /proc/kallsyms; empty when addresses are hidden (kptr_restrict).
+    pub fn load() -> Self {
+        let text = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        Self::parse(&text)
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut symbols: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                let addr = u64::from_str_radix(parts.next()?, 16).ok()?;
+                let ty = parts.next()?;
+                let name = parts.next()?;
+                (addr != 0 && matches!(ty, "t" | "T")).then(|| (addr, name.to_string()))
+            })
+            .collect();
+        symbols.sort_unstable_by_key(|(a, _)| *a);
+        Self { symbols }
+    }
+
+    /// "nf_hook_slow+0x4c", or the hex address when unknown.
+    pub fn name(&self, addr: u64) -> String {
+        let i = self.symbols.partition_point(|(a, _)| *a <= addr);
+        match i.checked_sub(1).map(|i| &self.symbols[i]) {
+            Some((base, name)) if addr - base < 0x10_0000 => format!("{name}+{:#x}", addr - base),
+            _ => format!("{addr:#x}"),
+        }
+    }
+}
+
+pub fn errno_name(errno: i32) -> String {
+    let e = nix::errno::Errno::from_raw(errno.abs());
+    if e == nix::errno::Errno::UnknownErrno {
+        format!("E{}", errno.abs())
+    } else {
+        format!("{e:?}")
+    }
+}
+
+pub fn tcp_flags_name(flags: u8) -> String {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    let set: Vec<&str> = NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| flags & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if set.is_empty() {
+        "NONE".into()
+    } else {
+        set.join("|")
+    }
+}
+
+/// Decodes records using the kernel's names and a boot->wall clock offset.
+pub struct Decoder {
+    pub names: KernelNames,
+    symbolizer: Option<Symbolizer>,
+    /// Wall-clock time at boot (realtime - boottime).
+    boot_wall: SystemTime,
+}
+
+impl Decoder {
+    pub fn new(names: KernelNames, boot_wall: SystemTime) -> Self {
+        Self {
+            names,
+            symbolizer: None,
+            boot_wall,
+        }
+    }
+
+    fn jiffies_ms(&self, j: u32) -> u64 {
+        u64::from(j) * 1000 / u64::from(self.names.hz.max(1))
+    }
+
+    fn state(&self, s: u8) -> String {
+        self.names
+            .states
+            .name(u32::from(s))
+            .map_or_else(|| format!("UNKNOWN({s})"), str::to_string)
+    }
+
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let size = size_of::<RawEvent>();
+        if bytes.len() != size {
+            return Err(DecodeError::Size(bytes.len(), size));
+        }
+        // Unaligned copy out of the ring buffer.
+        let raw: RawEvent = bytemuck_read(bytes);
+        let kind = match raw.kind {
+            kind::RETRANSMIT => EventKind::Retransmit,
+            kind::SYNACK_RETRANSMIT => EventKind::SynackRetransmit,
+            kind::RESET_SENT => EventKind::ResetSent,
+            kind::RESET_RECEIVED => EventKind::ResetReceived,
+            kind::STATE_CHANGE => EventKind::StateChange,
+            kind::DROP => EventKind::Drop,
+            kind::CONNECT_ERROR => EventKind::ConnectError,
+            kind::BIND_ERROR => EventKind::BindError,
+            kind::SOCKET_ERROR => EventKind::SocketError,
+            other => return Err(DecodeError::Kind(other)),
+        };
+        let (src, dst) = match raw.family {
+            AF_INET => (ip4(&raw.saddr, raw.sport), ip4(&raw.daddr, raw.dport)),
+            AF_INET6 => (
+                Endpoint::new(IpAddr::V6(Ipv6Addr::from(raw.saddr)), raw.sport),
+                Endpoint::new(IpAddr::V6(Ipv6Addr::from(raw.daddr)), raw.dport),
+            ),
+            other => return Err(DecodeError::Family(other)),
+        };
+        let time = self.boot_wall + Duration::from_nanos(raw.ts_ns);
+        let mut ev = Event::new(time, kind, src, dst, raw.netns);
+        if raw.flags & flag::OWNER_KNOWN != 0 {
+            ev.pid = Some(raw.tgid);
+            ev.comm = Some(comm(&raw.comm));
+            ev.cgroup_id = Some(raw.cgroup_id);
+        }
+        if raw.sk != 0 {
+            ev.sock = Some(format!("{:#x}", raw.sk));
+        }
+        let has_state = !matches!(kind, EventKind::Drop | EventKind::BindError);
+        if has_state && raw.state != 0 {
+            ev.state = Some(self.state(raw.state));
+        }
+        if matches!(kind, EventKind::StateChange | EventKind::ConnectError) {
+            ev.old_state = Some(self.state(raw.old_state));
+        }
+        if raw.errno != 0 {
+            ev.errno = Some(errno_name(raw.errno));
+        }
+        match kind {
+            EventKind::Drop => {
+                ev.reason = Some(
+                    self.names
+                        .drop_reasons
+                        .get(&raw.reason)
+                        .cloned()
+                        .unwrap_or_else(|| format!("REASON_{}", raw.reason)),
+                );
+                let sym = self.symbolizer.get_or_insert_with(Symbolizer::load);
+                ev.location = Some(sym.name(raw.location));
+            }
+            EventKind::ResetSent if raw.flags & flag::REASON_KNOWN != 0 => {
+                ev.reason = Some(
+                    self.names
+                        .reset_reasons
+                        .get(&raw.reason)
+                        .cloned()
+                        .unwrap_or_else(|| format!("REASON_{}", raw.reason)),
+                );
+            }
+            _ => {}
+        }
+        if raw.flags & flag::TCP_FLAGS_KNOWN != 0 {
+            ev.tcp_flags = Some(tcp_flags_name(raw.tcp_flags));
+        }
+        if raw.flags & flag::TCP_DETAIL != 0 {
+            ev.tcp = Some(TcpDetail {
+                idle_ms: self.jiffies_ms(raw.idle_jiffies),
+                since_send_ms: self.jiffies_ms(raw.since_send_jiffies),
+                keepalive: raw.flags & flag::KEEPALIVE_ON != 0,
+                keepalive_time_ms: self.jiffies_ms(raw.keepalive_jiffies),
+                srtt_us: raw.srtt_us,
+                total_retrans: raw.total_retrans,
+            });
+        }
+        Ok(ev)
+    }
+}
+
+fn ip4(addr: &[u8; 16], port: u16) -> Endpoint {
+    Endpoint::new(
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])),
+        port,
+    )
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// Copies a Pod record out of a byte slice of exactly its size.
+fn bytemuck_read<T: aya::Pod>(bytes: &[u8]) -> T {
+    debug_assert_eq!(bytes.len(), size_of::<T>());
+    // SAFETY: T is Pod (any bit pattern is valid) and the length was checked
+    // by the caller; read_unaligned tolerates the ring buffer's alignment.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ptr::read_unaligned(bytes.as_ptr().cast::<T>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    fn names() -> KernelNames {
+        let mut states = HashMap::new();
+        for (v, n) in [(1, "ESTABLISHED"), (2, "SYN_SENT"), (7, "CLOSE")] {
+            states.insert(v, n.to_string());
+        }
+        KernelNames {
+            states: TcpStateNames::from_map(states),
+            drop_reasons: HashMap::from([(12, "NETFILTER_DROP".to_string())]),
+            reset_reasons: HashMap::from([(1, "NO_SOCKET".to_string())]),
+            hz: 250,
+        }
+    }
+
+    fn raw() -> RawEvent {
+        RawEvent {
+            ts_ns: 1_500_000_000,
+            sk: 0xffff_8880_1234_5678,
+            cgroup_id: 42,
+            location: 0,
+            saddr: [10, 244, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 96, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            netns: 4026532000,
+            tgid: 1234,
+            sport: 40000,
+            dport: 80,
+            kind: kind::RETRANSMIT,
+            family: AF_INET,
+            state: 2,
+            old_state: 0,
+            errno: 0,
+            reason: 0,
+            flags: flag::OWNER_KNOWN
+                | flag::TCP_FLAGS_KNOWN
+                | flag::TCP_DETAIL
+                | flag::KEEPALIVE_ON,
+            idle_jiffies: 2500,
+            since_send_jiffies: 50,
+            keepalive_jiffies: 7200 * 250,
+            srtt_us: 120,
+            total_retrans: 3,
+            tcp_flags: 0x02,
+            _pad: [0; 3],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    fn bytes(r: &RawEvent) -> Vec<u8> {
+        // SAFETY: RawEvent is repr(C) without padding.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_syn_retransmit_exactly() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let ev = d.decode(&bytes(&raw())).unwrap();
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": "2023-11-14T22:13:21.500000Z",
+                "kind": "retransmit",
+                "src": {"ip": "10.244.1.2", "port": 40000},
+                "dst": {"ip": "10.96.0.10", "port": 80},
+                "netns": 4026532000u32,
+                "pid": 1234, "comm": "curl", "cgroup_id": 42,
+                "sock": "0xffff888012345678",
+                "state": "SYN_SENT",
+                "tcp_flags": "SYN",
+                "tcp": {"idle_ms": 10000, "since_send_ms": 200, "keepalive": true,
+                        "keepalive_time_ms": 7_200_000, "srtt_us": 120, "total_retrans": 3},
+                "pod": null,
+                "identity_level": "netns"
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH);
+        assert_eq!(d.decode(&[0u8; 10]), Err(DecodeError::Size(10, 136)));
+        let mut r = raw();
+        r.kind = 99;
+        assert_eq!(d.decode(&bytes(&r)), Err(DecodeError::Kind(99)));
+        let mut r = raw();
+        r.family = 7;
+        assert_eq!(d.decode(&bytes(&r)), Err(DecodeError::Family(7)));
+    }
+
+    #[test]
+    fn names_drop_reason_errno_and_connect_error() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH);
+        let mut r = raw();
+        r.kind = kind::CONNECT_ERROR;
+        r.flags = flag::OWNER_KNOWN;
+        r.state = 7;
+        r.old_state = 2;
+        r.sport = 0;
+        r.errno = -99;
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(ev.kind, EventKind::ConnectError);
+        assert_eq!(ev.errno.as_deref(), Some("EADDRNOTAVAIL"));
+        assert_eq!(ev.old_state.as_deref(), Some("SYN_SENT"));
+        assert_eq!(ev.state.as_deref(), Some("CLOSE"));
+        assert_eq!(ev.tcp, None);
+
+        let mut r = raw();
+        r.kind = kind::DROP;
+        r.reason = 12;
+        r.location = 0;
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(ev.reason.as_deref(), Some("NETFILTER_DROP"));
+        assert_eq!(ev.state, None);
+    }
+
+    #[test]
+    fn symbolizes_addresses_and_config_hz() {
+        let s = Symbolizer::parse(
+            "ffffffff81000000 T _stext\nffffffff81a00000 t nf_hook_slow\n0000000000000000 T hidden\n",
+        );
+        assert_eq!(s.name(0xffffffff81a0004c), "nf_hook_slow+0x4c");
+        assert_eq!(s.name(0x10), "0x10");
+        assert_eq!(
+            parse_config_hz("# x\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n"),
+            Some(250)
+        );
+        assert_eq!(tcp_flags_name(0x12), "SYN|ACK");
+        assert_eq!(errno_name(-111), "ECONNREFUSED");
+    }
+}

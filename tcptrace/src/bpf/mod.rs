@@ -1,0 +1,341 @@
+//! The only module that talks to aya: loads the BPF object, attaches the
+//! hooks, drains the ring buffer and decodes records into model events.
+pub mod decode;
+pub mod offsets;
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, RawTracePoint, TracePoint},
+};
+use serde::Serialize;
+use tcptrace_common::{
+    CONFIG_GLOBAL, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, EVENTS_MAP, counter_index,
+    hook,
+};
+use tokio::io::unix::AsyncFd;
+
+use self::{
+    decode::{Decoder, KernelNames},
+    offsets::{BTF_PATH, KernelBtf},
+};
+use crate::model::{Event, HookStats};
+
+/// The compiled BPF object (built by build.rs through aya-build).
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
+
+/// Drop reasons reported by default: netfilter and TCP-level drops.
+const DROP_REASONS: &[&str] = &[
+    "NETFILTER_DROP",
+    "TCP_INVALID_SEQUENCE",
+    "TCP_INVALID_END_SEQUENCE",
+    "TCP_INVALID_ACK_SEQUENCE",
+    "TCP_OLD_SEQUENCE",
+    "TCP_RESET",
+    "TCP_INVALID_SYN",
+    "TCP_LISTEN_OVERFLOW",
+    "TCP_OVERWINDOW",
+    "TCP_FLAGS",
+    "SOCKET_BACKLOG",
+    "NO_SOCKET",
+];
+
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_buffer_bytes: u32,
+    /// Emit every TCP state change, not only failed connects.
+    pub all_states: bool,
+    /// Trace bind() through syscall tracepoints (puts every syscall on the
+    /// kernel's slow path while attached).
+    pub syscall_hooks: bool,
+    /// Drop events about tcptrace's own sockets (off only for in-process tests).
+    pub ignore_self: bool,
+}
+
+impl Default for TracerOptions {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: 1 << 22,
+            all_states: false,
+            syscall_hooks: true,
+            ignore_self: true,
+        }
+    }
+}
+
+/// How a hook is attached on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Tracepoint,
+    RawTracepoint,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum ProbeState {
+    Attached,
+    Disabled(String),
+    Unavailable(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeStatus {
+    pub hook: &'static str,
+    pub tracepoint: String,
+    pub tier: Tier,
+    #[serde(flatten)]
+    pub state: ProbeState,
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+    pub probes: Vec<ProbeStatus>,
+    pub decoder: Decoder,
+    /// Kernel's cumulative counters as last read, per hook.
+    started: SystemTime,
+}
+
+/// Explains why loading failed in one sentence a user can act on.
+fn explain_load_error(e: &ProgramError) -> String {
+    let text = e.to_string();
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        "permission denied: run tcptrace as root or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+            .into()
+    } else {
+        text
+    }
+}
+
+pub fn require_privileges() -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    bail!(
+        "tcptrace needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load its BPF programs"
+    )
+}
+
+/// Wall-clock time of boot, to place bpf_ktime_get_boot_ns() stamps.
+fn boot_wall_time() -> Result<SystemTime> {
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .context("reading CLOCK_BOOTTIME")?;
+    let since_boot = Duration::new(boot.tv_sec() as u64, boot.tv_nsec() as u32);
+    SystemTime::now()
+        .checked_sub(since_boot)
+        .ok_or_else(|| anyhow!("system clock is before boot time"))
+}
+
+/// Builds the program configuration for the running kernel.
+pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions) -> Result<Config> {
+    use offsets::{read_format, tracefs_root, tracepoint_offsets};
+    let root = tracefs_root().ok_or_else(|| {
+        anyhow!("tracefs not found at /sys/kernel/tracing: mount it with `mount -t tracefs nodev /sys/kernel/tracing`")
+    })?;
+    let tp = |cat: &str, name: &str, extras: [&str; 3]| {
+        read_format(&root, cat, name).map(|f| tracepoint_offsets(&f, extras))
+    };
+    let mut drop_reasons = [0u64; 4];
+    for name in DROP_REASONS {
+        if let Some(v) = names.drop_reason_value(name)
+            && v < 256
+        {
+            drop_reasons[(v / 64) as usize] |= 1 << (v % 64);
+        }
+    }
+    let mut cfg = Config {
+        self_tgid: if opts.ignore_self {
+            std::process::id()
+        } else {
+            0
+        },
+        all_states: u32::from(opts.all_states),
+        states: names.states.numbers()?,
+        drop_reasons,
+        kernel: offsets::kernel_offsets(btf),
+        ..Config::ZERO
+    };
+    // A missing format leaves the offsets ABSENT; attaching reports it.
+    let none = tcptrace_common::TracepointOffsets::NONE;
+    cfg.retransmit_skb = tp("tcp", "tcp_retransmit_skb", ["", "", ""]).unwrap_or(none);
+    cfg.retransmit_synack = tp("tcp", "tcp_retransmit_synack", ["", "", ""]).unwrap_or(none);
+    cfg.send_reset = tp("tcp", "tcp_send_reset", ["reason", "", ""]).unwrap_or(none);
+    cfg.receive_reset = tp("tcp", "tcp_receive_reset", ["", "", ""]).unwrap_or(none);
+    cfg.set_state = tp(
+        "sock",
+        "inet_sock_set_state",
+        ["oldstate", "newstate", "protocol"],
+    )
+    .unwrap_or(none);
+    cfg.kfree_skb = tp("skb", "kfree_skb", ["reason", "protocol", "location"]).unwrap_or(none);
+    cfg.enter_bind = tp("syscalls", "sys_enter_bind", ["umyaddr", "addrlen", ""]).unwrap_or(none);
+    cfg.exit_bind = tp("syscalls", "sys_exit_bind", ["ret", "", ""]).unwrap_or(none);
+    Ok(cfg)
+}
+
+impl Tracer {
+    /// Loads and attaches every hook this kernel allows. A refused hook is
+    /// reported in `probes`, never fatal; failing to load the object is.
+    pub fn load(opts: &TracerOptions) -> Result<Self> {
+        require_privileges()?;
+        let btf = KernelBtf::load(Path::new(BTF_PATH))?;
+        let names = KernelNames::from_btf(&btf);
+        let cfg = kernel_config(&btf, &names, opts)?;
+        // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
+        // to the cgroup. A refusal only matters if loading then fails.
+        let memlock = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+            nix::sys::resource::RLIM_INFINITY,
+            nix::sys::resource::RLIM_INFINITY,
+        );
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &cfg, true)
+            .map_max_entries(EVENTS_MAP, opts.ring_buffer_bytes)
+            .load(BPF_OBJECT)
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("Operation not permitted") {
+                    anyhow!("loading the BPF object was refused: run tcptrace as root or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN ({text})")
+                } else if let Err(limit) = memlock {
+                    anyhow!("loading the BPF object: {text} (raising RLIMIT_MEMLOCK also failed: {limit})")
+                } else {
+                    anyhow!("loading the BPF object: {text}")
+                }
+            })?;
+        let mut probes = Vec::new();
+        for (idx, (prog, category, name)) in hook::PROGRAMS.iter().enumerate() {
+            let idx = idx as u32;
+            let syscall = idx == hook::ENTER_BIND || idx == hook::EXIT_BIND;
+            let raw = *category == "raw_tp";
+            let tier = if raw {
+                Tier::RawTracepoint
+            } else {
+                Tier::Tracepoint
+            };
+            let tracepoint = if raw {
+                name.to_string()
+            } else {
+                format!("{category}:{name}")
+            };
+            let state = if syscall && !opts.syscall_hooks {
+                ProbeState::Disabled("--no-syscall-hooks".into())
+            } else {
+                match attach(&mut ebpf, prog, category, name, raw) {
+                    Ok(()) => ProbeState::Attached,
+                    Err(e) => ProbeState::Unavailable(e),
+                }
+            };
+            probes.push(ProbeStatus {
+                hook: prog,
+                tracepoint,
+                tier,
+                state,
+            });
+        }
+        if !probes.iter().any(|p| p.state == ProbeState::Attached) {
+            let why: Vec<String> = probes
+                .iter()
+                .filter_map(|p| match &p.state {
+                    ProbeState::Unavailable(e) => Some(format!("{}: {e}", p.hook)),
+                    _ => None,
+                })
+                .collect();
+            bail!("no hook could be attached: {}", why.join("; "));
+        }
+        Ok(Self {
+            ebpf,
+            probes,
+            decoder: Decoder::new(names, boot_wall_time()?),
+            started: SystemTime::now(),
+        })
+    }
+
+    /// The ring buffer for synchronous polling; can be taken once.
+    pub fn ring_buffer(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| anyhow!("the event ring buffer was already taken"))?;
+        RingBuf::try_from(map).context("opening the event ring buffer")
+    }
+
+    /// The ring buffer, registered with tokio for readiness.
+    pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
+        let ring = self.ring_buffer()?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and
+        // unchanged until the AsyncFd (and the RingBuf inside it) is dropped.
+        #[allow(unsafe_code)]
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+        fd.map_err(|e| anyhow!("registering the ring buffer with the event loop: {e}"))
+    }
+
+    /// Cumulative per-hook counters summed over CPUs.
+    pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or_else(|| anyhow!("BPF object has no {COUNTERS_MAP} map"))?;
+        let counters = PerCpuArray::<_, u64>::try_from(map).context("opening counters")?;
+        let read = |i: u32| -> Result<u64> {
+            Ok(counters
+                .get(&i, 0)
+                .context("reading counters")?
+                .iter()
+                .sum())
+        };
+        hook::PROGRAMS
+            .iter()
+            .enumerate()
+            .map(|(i, (prog, _, _))| {
+                let i = i as u32;
+                Ok(HookStats {
+                    hook: (*prog).to_string(),
+                    seen: read(counter_index(i, COUNTER_SEEN))?,
+                    lost: read(counter_index(i, COUNTER_LOST))?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// Decodes one ring-buffer record.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, decode::DecodeError> {
+        self.decoder.decode(bytes)
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    name: &str,
+    raw: bool,
+) -> Result<(), String> {
+    let program = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the BPF object"))?;
+    if raw {
+        let p: &mut RawTracePoint = program
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        p.load().map_err(|e| explain_load_error(&e))?;
+        p.attach(name).map_err(|e| e.to_string())?;
+    } else {
+        let p: &mut TracePoint = program
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        p.load().map_err(|e| explain_load_error(&e))?;
+        p.attach(category, name).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

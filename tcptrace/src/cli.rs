@@ -1,0 +1,94 @@
+//! Command line.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcptrace",
+    version,
+    about = "Explains TCP connection failures on Kubernetes nodes",
+    long_about = "Traces TCP failure signals in the kernel (retransmits, resets, drops, \
+                  failed connects and binds), names the pod that suffered them and \
+                  explains the cause. Without a subcommand it traces."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show every kernel hook and whether it is live on this kernel.
+    Probes {
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// NDJSON: one JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TableFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    pub format: OutputFormat,
+    /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Ring buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 22, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+    /// Seconds between `stats` records.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub stats_interval: f64,
+    /// Report every TCP state change, not only failed connects.
+    #[arg(long)]
+    pub all_states: bool,
+    /// Do not trace bind() through syscall tracepoints (no bind_error events).
+    #[arg(long)]
+    pub no_syscall_hooks: bool,
+    /// Where the host's /proc, /sys, /var/log/pods and /run/netns are mounted.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rejects_bad_ring_buffer_sizes() {
+        assert!(Cli::try_parse_from(["tcptrace", "--ring-buffer-size", "5000"]).is_err());
+        assert!(Cli::try_parse_from(["tcptrace", "--ring-buffer-size", "1024"]).is_err());
+        let cli = Cli::try_parse_from(["tcptrace", "--ring-buffer-size", "8192"]).unwrap();
+        assert_eq!(cli.trace.ring_buffer_size, 8192);
+    }
+}

@@ -1,0 +1,61 @@
+//! Diagnosis: pure rules from events, recent history and node facts to
+//! verdicts. No I/O in here.
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Endpoint, IdentityLevel, PodRef};
+
+/// Stable cause codes (documented in the schema and the README).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    IdleTimeout,
+    ConntrackInvalid,
+    ConntrackTableFull,
+    PortExhaustion,
+    BindConflict,
+    NodeportCollision,
+    ConnectionRefused,
+    SynTimeout,
+    RetransmitStorm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    Possible,
+    Likely,
+    Certain,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    #[serde(with = "crate::model::rfc3339")]
+    pub time: SystemTime,
+    pub cause: Cause,
+    pub confidence: Confidence,
+    pub pod: Option<PodRef>,
+    pub identity_level: IdentityLevel,
+    pub netns: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// One-line explanation for people.
+    pub summary: String,
+    /// The numbers that prove the cause (idle_ms, keepalive_time_ms, ...).
+    pub evidence: serde_json::Map<String, serde_json::Value>,
+    /// A concrete action with values computed from the evidence.
+    pub fix: String,
+    /// Occurrences aggregated into this verdict (same pod, cause, destination).
+    pub count: u64,
+    #[serde(with = "crate::model::rfc3339")]
+    pub first_seen: SystemTime,
+    #[serde(with = "crate::model::rfc3339")]
+    pub last_seen: SystemTime,
+}

@@ -1,0 +1,14 @@
+//! tcptrace: explains TCP connection failures on Kubernetes nodes.
+//!
+//! Data flows one way: `bpf` (kernel records) -> `model` events ->
+//! attribution -> `diagnosis` -> sinks (`output`).
+#![deny(unsafe_code)]
+
+pub mod attribution;
+pub mod bpf;
+pub mod cli;
+pub mod diagnosis;
+pub mod model;
+pub mod output;
+pub mod run;
+pub mod tui;

@@ -1,0 +1,99 @@
+//! Sinks. Every sink reads the same stream of [`Record`]s.
+use std::io::{self, Write};
+
+use crate::model::Record;
+
+/// Writes one JSON object per line. A closed pipe is reported as
+/// [`SinkClosed`] so the caller can end quietly.
+pub struct NdjsonWriter<W: Write> {
+    out: io::BufWriter<W>,
+}
+
+/// The reader went away (EPIPE): stop without an error message.
+#[derive(Debug, thiserror::Error)]
+#[error("output closed")]
+pub struct SinkClosed;
+
+impl<W: Write> NdjsonWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out: io::BufWriter::with_capacity(64 * 1024, out),
+        }
+    }
+
+    pub fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut self.out, record).map_err(|e| match e.io_error_kind() {
+            Some(io::ErrorKind::BrokenPipe) => anyhow::Error::new(SinkClosed),
+            _ => anyhow::Error::new(e).context("writing NDJSON"),
+        })?;
+        self.out.write_all(b"\n").map_err(map_io)
+    }
+
+    /// Flushes buffered lines; call after each batch so readers see them.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.out.flush().map_err(map_io)
+    }
+}
+
+fn map_io(e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(SinkClosed)
+    } else {
+        anyhow::Error::new(e).context("writing NDJSON")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::model::Stats;
+
+    struct ClosedPipe;
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    fn stats() -> Record {
+        Record::Stats(Stats {
+            time: UNIX_EPOCH + Duration::from_secs(1),
+            uptime_s: 1.5,
+            seen: 3,
+            lost: 0,
+            malformed: 0,
+            hooks: vec![],
+            r#final: true,
+        })
+    }
+
+    #[test]
+    fn writes_one_object_per_line() {
+        let mut buf = Vec::new();
+        let mut w = NdjsonWriter::new(&mut buf);
+        w.write(&stats()).unwrap();
+        w.write(&stats()).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0],
+            r#"{"type":"stats","time":"1970-01-01T00:00:01.000000Z","uptime_s":1.5,"seen":3,"lost":0,"malformed":0,"hooks":[],"final":true}"#
+        );
+    }
+
+    #[test]
+    fn closed_pipe_is_reported_as_sink_closed() {
+        let mut w = NdjsonWriter::new(ClosedPipe);
+        w.write(&stats()).unwrap();
+        let err = w.flush().unwrap_err();
+        assert!(err.is::<SinkClosed>());
+    }
+}

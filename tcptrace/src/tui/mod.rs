@@ -1,0 +1,1 @@
+//! Live incident TUI (ratatui).

@@ -1,0 +1,53 @@
+//! The built BPF object holds every program and map the loader expects,
+//! with the program types the loader attaches them as. No root needed.
+use std::collections::BTreeSet;
+
+use aya_obj::{Object, ProgramSection};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+use tcptrace_common::{
+    BIND_ARGS_MAP, CONFIG_GLOBAL, COUNTERS_MAP, EVENTS_MAP, LISTENERS_MAP, OWNERS_MAP, hook,
+};
+
+#[test]
+fn bpf_object_has_every_program_and_map() {
+    let obj = Object::parse(tcptrace::bpf::BPF_OBJECT).expect("BPF object parses");
+
+    let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+    let expected: BTreeSet<&str> = hook::PROGRAMS.iter().map(|(name, _, _)| *name).collect();
+    assert_eq!(programs, expected);
+    for (name, category, _) in hook::PROGRAMS {
+        let section = &obj.programs[name].section;
+        let raw = category == "raw_tp";
+        match section {
+            ProgramSection::TracePoint => assert!(!raw, "{name} should be a raw tracepoint"),
+            ProgramSection::RawTracePoint => assert!(raw, "{name} should be a tracepoint"),
+            other => panic!("{name}: unexpected section {other:?}"),
+        }
+    }
+
+    for map in [
+        EVENTS_MAP,
+        COUNTERS_MAP,
+        OWNERS_MAP,
+        LISTENERS_MAP,
+        BIND_ARGS_MAP,
+    ] {
+        assert!(
+            obj.maps.contains_key(map),
+            "map {map} missing: {:?}",
+            obj.maps.keys()
+        );
+    }
+    // The configuration global lives in .rodata, patched at load time.
+    assert!(obj.maps.contains_key(".rodata"), "{:?}", obj.maps.keys());
+    let elf = object::File::parse(tcptrace::bpf::BPF_OBJECT).expect("ELF parses");
+    let config = elf
+        .symbols()
+        .find(|s| s.name() == Ok(CONFIG_GLOBAL))
+        .expect("CONFIG symbol");
+    let section = elf
+        .section_by_index(config.section_index().expect("defined"))
+        .unwrap();
+    assert_eq!(section.name(), Ok(".rodata"));
+    assert_eq!(config.size(), size_of::<tcptrace_common::Config>() as u64);
+}

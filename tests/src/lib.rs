@@ -1,0 +1,196 @@
+//! Harness for the root integration tests: private network namespaces that
+//! clean up after themselves, code run inside them, and a tracer shared by
+//! the tests of one binary whose events are filtered by namespace.
+use std::{
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{MapData, RingBuf};
+use nix::sched::{CloneFlags, setns};
+use tcptrace::{
+    bpf::{Tracer, TracerOptions},
+    model::{Event, HookStats},
+};
+
+/// A network namespace `tt-<name>-<pid>`, deleted (with every process in
+/// it) when dropped, also when a test panics.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Result<Self> {
+        let name = format!("tt-{name}-{}", std::process::id());
+        // A leftover from a killed run would make `add` fail.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// The namespace inode, as tcptrace reports it.
+    pub fn inode(&self) -> u32 {
+        std::fs::metadata(self.path())
+            .map(|m| m.ino() as u32)
+            .unwrap_or(0)
+    }
+
+    /// Runs a command inside the namespace and fails on a non-zero exit.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
+            .map(|_| ())
+    }
+
+    /// Runs `f` on a thread named `thread_name` that has entered the
+    /// namespace; sockets it creates live there.
+    pub fn run<T: Send + 'static>(
+        &self,
+        thread_name: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.name))?;
+        thread::Builder::new()
+            .name(thread_name.to_string())
+            .spawn(move || setns(file, CloneFlags::CLONE_NEWNET).map(|()| f()))
+            .context("spawning a namespace thread")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+            .context("entering the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("starting {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The tracer and its ring buffer, shared by the tests of one binary.
+pub struct Capture {
+    pub tracer: Tracer,
+    ring: RingBuf<MapData>,
+    /// Events drained but not yet claimed by a test, by namespace.
+    pending: Vec<Event>,
+}
+
+static CAPTURE: OnceLock<Mutex<Capture>> = OnceLock::new();
+
+/// Loads the tracer on first use. Tests hold the guard while they run, so
+/// they run one at a time even without --test-threads=1.
+pub fn capture() -> MutexGuard<'static, Capture> {
+    let cell = CAPTURE.get_or_init(|| {
+        let opts = TracerOptions {
+            ring_buffer_bytes: 1 << 22,
+            // The tests' sockets belong to this process.
+            ignore_self: false,
+            ..TracerOptions::default()
+        };
+        let mut tracer =
+            Tracer::load(&opts).expect("loading tcptrace's BPF programs (tests need root)");
+        let ring = tracer.ring_buffer().expect("ring buffer");
+        Mutex::new(Capture {
+            tracer,
+            ring,
+            pending: Vec::new(),
+        })
+    });
+    let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+    guard.drain();
+    guard.pending.clear();
+    guard
+}
+
+impl Capture {
+    fn drain(&mut self) {
+        while let Some(item) = self.ring.next() {
+            let bytes = item.to_vec();
+            drop(item);
+            if let Ok(ev) = self.tracer.decode(&bytes) {
+                self.pending.push(ev);
+            }
+        }
+    }
+
+    /// Collects events of namespace `netns` until `done` holds for them or
+    /// `timeout` passes; returns what was collected either way.
+    pub fn wait_for(
+        &mut self,
+        netns: u32,
+        timeout: Duration,
+        done: impl Fn(&[Event]) -> bool,
+    ) -> Vec<Event> {
+        let start = Instant::now();
+        loop {
+            self.drain();
+            let mine: Vec<Event> = self
+                .pending
+                .iter()
+                .filter(|e| e.netns == netns)
+                .cloned()
+                .collect();
+            if done(&mine) || start.elapsed() > timeout {
+                return mine;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn hook_stats(&self) -> Vec<HookStats> {
+        self.tracer.hook_stats().expect("reading counters")
+    }
+}
+
+/// Describes events compactly for assertion messages.
+pub fn show(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
