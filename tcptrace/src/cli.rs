@@ -26,6 +26,49 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = TableFormat::Table)]
         format: TableFormat,
     },
+    /// Check every network namespace on the node for the risks tcptrace
+    /// diagnoses, before they fail.
+    Audit {
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+/// Where node facts come from.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Where the host's /proc, /sys, /var/log/pods and /run/netns are mounted.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
+    /// The network namespace that routes and NATs pod traffic, as a file
+    /// (default: the host's, <host-root>/proc/1/ns/net).
+    #[arg(long, value_name = "FILE")]
+    pub node_netns: Option<PathBuf>,
+    /// Idle timeout of a middlebox on the path (an SDN or load balancer)
+    /// that forgets idle connections.
+    #[arg(long, value_name = "SECS")]
+    pub middlebox_timeout: Option<u64>,
+    /// A NodePort of this node, as PORT or PORT=namespace/name:port (repeat).
+    #[arg(long = "nodeport", value_name = "PORT[=SERVICE]", value_parser = parse_nodeport)]
+    pub nodeports: Vec<(u16, String)>,
+}
+
+impl NodeArgs {
+    pub fn node_netns(&self) -> PathBuf {
+        self.node_netns
+            .clone()
+            .unwrap_or_else(|| self.host_root.join("proc/1/ns/net"))
+    }
+}
+
+fn parse_nodeport(s: &str) -> Result<(u16, String), String> {
+    let (port, service) = s.split_once('=').unwrap_or((s, ""));
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number"))?;
+    Ok((port, service.to_string()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -60,9 +103,11 @@ pub struct TraceArgs {
     /// Do not trace bind() through syscall tracepoints (no bind_error events).
     #[arg(long)]
     pub no_syscall_hooks: bool,
-    /// Where the host's /proc, /sys, /var/log/pods and /run/netns are mounted.
-    #[arg(long, value_name = "DIR", default_value = "/")]
-    pub host_root: PathBuf,
+    /// Seconds between reads of the node facts (sysctls, conntrack).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub facts_interval: f64,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -90,5 +135,23 @@ mod tests {
         assert!(Cli::try_parse_from(["tcptrace", "--ring-buffer-size", "1024"]).is_err());
         let cli = Cli::try_parse_from(["tcptrace", "--ring-buffer-size", "8192"]).unwrap();
         assert_eq!(cli.trace.ring_buffer_size, 8192);
+    }
+
+    #[test]
+    fn parses_nodeports_with_and_without_service() {
+        let cli = Cli::try_parse_from([
+            "tcptrace",
+            "--nodeport",
+            "30080=default/web:http",
+            "--nodeport",
+            "31000",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.trace.node.nodeports,
+            vec![(30080, "default/web:http".into()), (31000, String::new())]
+        );
+        assert!(Cli::try_parse_from(["tcptrace", "--nodeport", "http"]).is_err());
+        assert_eq!(cli.trace.node.node_netns(), PathBuf::from("/proc/1/ns/net"));
     }
 }

@@ -9,6 +9,8 @@ pub mod bpf;
 pub mod cli;
 pub mod diagnosis;
 pub mod model;
+pub mod node;
 pub mod output;
+pub mod pipeline;
 pub mod run;
 pub mod tui;

@@ -11,10 +11,16 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     bpf::{ProbeState, ProbeStatus, Tracer, TracerOptions},
-    cli::{Cli, Command, TableFormat, TraceArgs},
+    cli::{Cli, Command, NodeArgs, TableFormat, TraceArgs},
+    diagnosis::{DiagnoserConfig, audit, render_table},
     model::{Record, Stats},
+    node::{self, FactsConfig, Refresher},
     output::NdjsonWriter,
+    pipeline::Pipeline,
 };
+
+/// How often time-based diagnosis runs (re-emission, counter deltas).
+const TICK: Duration = Duration::from_secs(1);
 
 /// Records handled per wake-up before timers and signals get a turn.
 const DRAIN_BATCH: usize = 4096;
@@ -22,6 +28,7 @@ const DRAIN_BATCH: usize = 4096;
 pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Probes { format }) => probes(&cli.trace, format),
+        Some(Command::Audit { format, node }) => audit_node(&node, format),
         None => trace(cli.trace).await,
     }
 }
@@ -32,6 +39,34 @@ fn options(args: &TraceArgs) -> TracerOptions {
         all_states: args.all_states,
         syscall_hooks: !args.no_syscall_hooks,
         ignore_self: true,
+    }
+}
+
+fn facts_config(node: &NodeArgs) -> FactsConfig {
+    FactsConfig {
+        host_root: node.host_root.clone(),
+        node_netns: node.node_netns(),
+        middlebox_timeout_s: node.middlebox_timeout,
+        nodeports: node.nodeports.iter().cloned().collect(),
+    }
+}
+
+fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
+    crate::bpf::require_privileges()?;
+    let (facts, names) = node::collect(&facts_config(node));
+    let findings = audit(&facts, &names);
+    match format {
+        TableFormat::Json => {
+            let mut out = NdjsonWriter::new(io::stdout().lock());
+            for f in &findings {
+                out.write(f)?;
+            }
+            out.flush()
+        }
+        TableFormat::Table => {
+            print!("{}", render_table(&findings));
+            Ok(())
+        }
     }
 }
 
@@ -83,9 +118,25 @@ async fn trace(args: TraceArgs) -> Result<()> {
             eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
         }
     }
+    let attached = tracer
+        .probes
+        .iter()
+        .filter(|p| p.state == ProbeState::Attached)
+        .count();
+    eprintln!(
+        "tcptrace: tracing, {attached} of {} hooks attached",
+        tracer.probes.len()
+    );
     let mut ring = tracer.events()?;
     let mut sink = NdjsonWriter::new(io::stdout().lock());
     let mut tally = Tally::default();
+    let refresher = Refresher::start(
+        facts_config(&args.node),
+        Duration::from_secs_f64(args.facts_interval.max(0.5)),
+    )
+    .context("starting the node facts reader")?;
+    let mut pipeline = Pipeline::new(DiagnoserConfig::default());
+    let mut tick = tokio::time::interval(TICK);
     let started = Instant::now();
     let deadline = args
         .duration
@@ -100,9 +151,19 @@ async fn trace(args: TraceArgs) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
-                let drained = drain(guard.get_inner_mut(), &mut tracer, &mut sink, &mut tally)?;
+                let mut stages = Stages { tracer: &mut tracer, pipeline: &mut pipeline, refresher: &refresher };
+                let drained = drain(guard.get_inner_mut(), &mut stages, &mut sink, &mut tally)?;
                 if drained < DRAIN_BATCH {
                     guard.clear_ready();
+                }
+                sink.flush()?;
+            }
+            _ = tick.tick() => {
+                if let Some((facts, names)) = refresher.latest() {
+                    pipeline.set_facts(facts, names);
+                }
+                for record in pipeline.tick(SystemTime::now()) {
+                    sink.write(&record)?;
                 }
                 sink.flush()?;
             }
@@ -116,7 +177,12 @@ async fn trace(args: TraceArgs) -> Result<()> {
         }
     }
     // Whatever the kernel produced before we stopped is still delivered.
-    while drain(ring.get_mut(), &mut tracer, &mut sink, &mut tally)? == DRAIN_BATCH {}
+    let mut stages = Stages {
+        tracer: &mut tracer,
+        pipeline: &mut pipeline,
+        refresher: &refresher,
+    };
+    while drain(ring.get_mut(), &mut stages, &mut sink, &mut tally)? == DRAIN_BATCH {}
     sink.write(&stats(&tracer, &tally, started, true)?)?;
     sink.flush()
 }
@@ -128,9 +194,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// The stages a ring-buffer record passes through.
+struct Stages<'a> {
+    tracer: &'a mut Tracer,
+    pipeline: &'a mut Pipeline,
+    refresher: &'a Refresher,
+}
+
 fn drain(
     ring: &mut RingBuf<MapData>,
-    tracer: &mut Tracer,
+    stages: &mut Stages<'_>,
     sink: &mut NdjsonWriter<impl io::Write>,
     tally: &mut Tally,
 ) -> Result<usize> {
@@ -138,8 +211,16 @@ fn drain(
     while n < DRAIN_BATCH {
         let Some(item) = ring.next() else { break };
         n += 1;
-        match tracer.decode(&item) {
-            Ok(ev) => sink.write(&Record::Event(Box::new(ev)))?,
+        match stages.tracer.decode(&item) {
+            Ok(ev) => {
+                let processed = stages.pipeline.event(ev);
+                if processed.needs_facts {
+                    stages.refresher.wake();
+                }
+                for record in &processed.records {
+                    sink.write(record)?;
+                }
+            }
             Err(e) => {
                 tally.malformed += 1;
                 if tally.malformed == 1 {

@@ -1,10 +1,24 @@
 //! Diagnosis: pure rules from events, recent history and node facts to
-//! verdicts. No I/O in here.
+//! verdicts. No I/O in here except `collect`, which reads the node facts
+//! the rules take as plain data.
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Endpoint, IdentityLevel, PodRef};
+
+pub mod audit;
+mod causes;
+pub mod collect;
+pub mod facts;
+pub mod rules;
+#[cfg(test)]
+mod tests;
+
+pub use audit::{Finding, audit, render_table};
+pub use collect::collect_netns;
+pub use facts::{ConntrackFacts, ConntrackStats, NetnsFacts, NodeFacts};
+pub use rules::{Diagnoser, DiagnoserConfig};
 
 /// Stable cause codes (documented in the schema and the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -19,6 +33,23 @@ pub enum Cause {
     ConnectionRefused,
     SynTimeout,
     RetransmitStorm,
+}
+
+impl Cause {
+    /// The serialized cause code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::IdleTimeout => "idle_timeout",
+            Cause::ConntrackInvalid => "conntrack_invalid",
+            Cause::ConntrackTableFull => "conntrack_table_full",
+            Cause::PortExhaustion => "port_exhaustion",
+            Cause::BindConflict => "bind_conflict",
+            Cause::NodeportCollision => "nodeport_collision",
+            Cause::ConnectionRefused => "connection_refused",
+            Cause::SynTimeout => "syn_timeout",
+            Cause::RetransmitStorm => "retransmit_storm",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -58,4 +89,15 @@ pub struct Verdict {
     pub first_seen: SystemTime,
     #[serde(with = "crate::model::rfc3339")]
     pub last_seen: SystemTime,
+}
+
+impl Confidence {
+    /// The serialized confidence name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Possible => "possible",
+            Confidence::Likely => "likely",
+            Confidence::Certain => "certain",
+        }
+    }
 }

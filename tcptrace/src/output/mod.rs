@@ -1,7 +1,7 @@
 //! Sinks. Every sink reads the same stream of [`Record`]s.
 use std::io::{self, Write};
 
-use crate::model::Record;
+use serde::Serialize;
 
 /// Writes one JSON object per line. A closed pipe is reported as
 /// [`SinkClosed`] so the caller can end quietly.
@@ -21,7 +21,7 @@ impl<W: Write> NdjsonWriter<W> {
         }
     }
 
-    pub fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+    pub fn write(&mut self, record: &impl Serialize) -> anyhow::Result<()> {
         serde_json::to_writer(&mut self.out, record).map_err(|e| match e.io_error_kind() {
             Some(io::ErrorKind::BrokenPipe) => anyhow::Error::new(SinkClosed),
             _ => anyhow::Error::new(e).context("writing NDJSON"),
@@ -48,7 +48,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::model::Stats;
+    use crate::model::{Record, Stats};
 
     struct ClosedPipe;
     impl Write for ClosedPipe {

@@ -1,0 +1,446 @@
+//! Verdict builders per cause: the evidence, summary and computed fix for
+//! one occurrence. Pure.
+use std::time::SystemTime;
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    Cause, Confidence, Verdict,
+    facts::{ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range},
+};
+use crate::model::{Event, TcpDetail};
+
+/// A verdict for one occurrence, or a confirmation of an earlier one.
+pub(super) struct Candidate {
+    pub(super) v: Verdict,
+    pub(super) occurrence: bool,
+}
+
+/// Conntrack counter rises between two ticks, and when they were seen.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CtTrend {
+    pub(super) at: SystemTime,
+    pub(super) invalid: u64,
+    pub(super) drop: u64,
+    pub(super) early_drop: u64,
+    pub(super) insert_failed: u64,
+}
+
+pub(super) fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Who suffered, for summaries.
+pub(super) fn who(ev: &Event) -> String {
+    if let Some(p) = &ev.pod {
+        return format!("pod {}/{}", p.namespace, p.name);
+    }
+    match (&ev.comm, ev.pid, &ev.netns_name) {
+        (Some(c), Some(p), _) => format!("{c} ({p})"),
+        (Some(c), None, _) => c.clone(),
+        (None, _, Some(n)) => format!("netns {n}"),
+        _ => format!("netns {}", ev.netns),
+    }
+}
+
+/// Where a sysctl must be set for the event's namespace.
+pub(super) fn where_set(ns: u32, ev: &Event, facts: &NodeFacts) -> String {
+    if facts.node_netns == Some(ns) {
+        "on the node".into()
+    } else if let Some(p) = ev.pod.as_ref().filter(|_| ns == ev.netns) {
+        format!("in the network namespace of pod {}/{}", p.namespace, p.name)
+    } else {
+        format!("in network namespace {ns}")
+    }
+}
+
+pub(super) fn verdict(
+    ev: &Event,
+    cause: Cause,
+    confidence: Confidence,
+    summary: String,
+    evidence: Map<String, Value>,
+    fix: String,
+) -> Verdict {
+    Verdict {
+        time: ev.time,
+        cause,
+        confidence,
+        pod: ev.pod.clone(),
+        identity_level: ev.identity_level,
+        netns: ev.netns,
+        netns_name: ev.netns_name.clone(),
+        pid: ev.pid,
+        comm: ev.comm.clone(),
+        src: ev.src.clone(),
+        dst: ev.dst.clone(),
+        summary,
+        evidence,
+        fix,
+        count: 1,
+        first_seen: ev.time,
+        last_seen: ev.time,
+    }
+}
+
+/// The connection was idle longer than the path keeps state, and no
+/// keepalive shorter than that timeout protected it.
+pub(super) fn idle_cause(
+    tcp: &TcpDetail,
+    netns: u32,
+    facts: &NodeFacts,
+) -> Option<(TcpDetail, PathTimeout)> {
+    let timeout = facts.path_timeout(netns)?;
+    let limit_ms = timeout.secs.saturating_mul(1000);
+    let protected = tcp.keepalive && tcp.keepalive_time_ms > 0 && tcp.keepalive_time_ms < limit_ms;
+    (tcp.idle_ms > limit_ms && !protected).then(|| (tcp.clone(), timeout))
+}
+
+/// A keepalive time safely below `timeout_s`: half of it, at least 10 s
+/// unless the timeout itself is that short.
+pub(crate) fn suggested_keepalive_s(timeout_s: u64) -> u64 {
+    timeout_s
+        .div_ceil(2)
+        .max(10)
+        .min(timeout_s.saturating_sub(1).max(1))
+}
+
+pub(super) fn idle_timeout(
+    ev: &Event,
+    tcp: &TcpDetail,
+    timeout: PathTimeout,
+    facts: &NodeFacts,
+    shape: &str,
+    confidence: Confidence,
+    retransmits: u32,
+) -> Candidate {
+    let idle_s = tcp.idle_ms / 1000;
+    let ka = suggested_keepalive_s(timeout.secs);
+    let place = where_set(ev.netns, ev, facts);
+    let fix = if tcp.keepalive {
+        format!(
+            "lower the keepalive time to {ka} s (TCP_KEEPIDLE on the socket, or net.ipv4.tcp_keepalive_time={ka} {place}); it is {} s, not below the {}",
+            tcp.keepalive_time_ms / 1000,
+            timeout.describe()
+        )
+    } else {
+        format!(
+            "enable SO_KEEPALIVE and set net.ipv4.tcp_keepalive_time={ka} (below the {}) {place}",
+            timeout.describe()
+        )
+    };
+    let what = if shape == "reset" {
+        "and was reset"
+    } else {
+        "and its packets are black-holed"
+    };
+    let mut evidence = obj(json!({
+        "idle_ms": tcp.idle_ms,
+        "keepalive": tcp.keepalive,
+        "keepalive_time_ms": tcp.keepalive_time_ms,
+        "timeout_s": timeout.secs,
+        "timeout_source": timeout.source,
+        "shape": shape,
+    }));
+    if shape != "reset" {
+        evidence.insert("retransmits".into(), json!(retransmits));
+    }
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::IdleTimeout,
+            confidence,
+            format!(
+                "{}: connection to {} was idle {idle_s} s, longer than the {}, {what}",
+                who(ev),
+                ev.dst,
+                timeout.describe()
+            ),
+            evidence,
+            fix,
+        ),
+        occurrence: true,
+    }
+}
+
+pub(super) fn conntrack_invalid(
+    rr: &Event,
+    sent: Option<&Event>,
+    invalid: Option<u64>,
+    facts: &NodeFacts,
+) -> Candidate {
+    let node_ct = facts
+        .node_netns
+        .and_then(|ns| facts.netns.get(&ns))
+        .and_then(|f| f.ct.as_ref());
+    let confidence = if sent.is_some() && invalid.is_some() {
+        Confidence::Certain
+    } else {
+        Confidence::Likely
+    };
+    let mut evidence = obj(json!({
+        "invalid_delta": invalid,
+        "be_liberal": node_ct.map(|c| c.be_liberal),
+        "invalid_drop_rule": node_ct.map(|c| c.invalid_drop_rule),
+        "reset_pair": sent.is_some(),
+        "tuple": format!("{} <-> {}", rr.src, rr.dst),
+    }));
+    if let Some(s) = sent {
+        evidence.insert(
+            "reset_sent_by".into(),
+            json!(format!("{} (netns {})", s.src, s.netns)),
+        );
+    }
+    let why = match (sent, invalid) {
+        (Some(s), Some(n)) => format!(
+            "{} answered a segment that escaped reverse NAT with a reset, and node conntrack counted {n} invalid packets",
+            s.src
+        ),
+        (Some(s), None) => format!(
+            "{} answered a segment that escaped reverse NAT with a reset",
+            s.src
+        ),
+        (None, n) => format!("node conntrack counted {} invalid packets", n.unwrap_or(0)),
+    };
+    Candidate {
+        v: verdict(
+            rr,
+            Cause::ConntrackInvalid,
+            confidence,
+            format!("{}: established connection with {} reset: {why}", who(rr), rr.dst),
+            evidence,
+            "sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=1 on the node, or iptables -t filter -I INPUT -m conntrack --ctstate INVALID -j DROP".into(),
+        ),
+        occurrence: true,
+    }
+}
+
+pub(super) fn table_full(
+    ev: &Event,
+    ct: &ConntrackFacts,
+    trend: Option<CtTrend>,
+    facts: &NodeFacts,
+    ns: u32,
+) -> Option<Verdict> {
+    let full = ct.max > 0 && ct.count.saturating_mul(100) >= ct.max.saturating_mul(95);
+    let t = trend.unwrap_or(CtTrend {
+        at: ev.time,
+        invalid: 0,
+        drop: 0,
+        early_drop: 0,
+        insert_failed: 0,
+    });
+    let rose = t.drop + t.early_drop + t.insert_failed > 0;
+    if !full && !rose {
+        return None;
+    }
+    let confidence = if full || t.drop > 0 {
+        Confidence::Certain
+    } else {
+        Confidence::Likely
+    };
+    let target = ct.max.max(ct.count).saturating_mul(2);
+    let place = if facts.node_netns == Some(ns) {
+        "on the node".to_string()
+    } else {
+        format!("in network namespace {ns}")
+    };
+    let summary = if ev.dst.port == 0 {
+        format!(
+            "conntrack table of netns {ns} is full ({}/{}): {} new connections dropped",
+            ct.count, ct.max, t.drop
+        )
+    } else {
+        format!(
+            "{}: SYN to {} dropped by netfilter: conntrack table {}/{} entries",
+            who(ev),
+            ev.dst,
+            ct.count,
+            ct.max
+        )
+    };
+    Some(verdict(
+        ev,
+        Cause::ConntrackTableFull,
+        confidence,
+        summary,
+        obj(json!({
+            "count": ct.count,
+            "max": ct.max,
+            "drop_delta": t.drop,
+            "early_drop_delta": t.early_drop,
+            "insert_failed_delta": t.insert_failed,
+            "ct_netns": ns,
+        })),
+        format!(
+            "sysctl -w net.netfilter.nf_conntrack_max={target} {place}; shorten net.netfilter.nf_conntrack_tcp_timeout_established (now {} s); find the top talkers with conntrack -L",
+            ct.established_timeout_s
+        ),
+    ))
+}
+
+/// A failed connect whose source port is a NodePort (certain) or may be one.
+pub(super) fn nodeport_collision(
+    ev: &Event,
+    facts: &NodeFacts,
+    syn_retrans: u32,
+) -> Option<Candidate> {
+    // NodePort rules match packets addressed to the node itself, so only
+    // sockets of the node's namespace (host network) can collide.
+    if facts.node_netns.is_some_and(|n| n != ev.netns) && ev.netns != 0 {
+        return None;
+    }
+    let port = ev.src.port;
+    let ns = facts.netns.get(&ev.netns);
+    let reserved = ns.map_or(Vec::new(), |f| f.reserved_ports.clone());
+    let service = facts.nodeports.get(&port);
+    let (confidence, list) = if service.is_some() {
+        let mut l = reserved.clone();
+        l.extend(facts.nodeports.keys().map(|&p| (p, p)));
+        (Confidence::Certain, l)
+    } else {
+        let f: &NetnsFacts = ns?;
+        let overlaps = f.unreserved_overlap(facts.nodeport_range) > 0;
+        if !(facts.in_nodeport_range(port) && overlaps && !f.is_reserved(port)) {
+            return None;
+        }
+        let mut l = reserved.clone();
+        l.push(facts.nodeport_range);
+        (Confidence::Possible, l)
+    };
+    let (lo, hi) = facts.nodeport_range;
+    let place = where_set(ev.netns, ev, facts);
+    let mut fix = format!(
+        "sysctl -w net.ipv4.ip_local_reserved_ports={} {place}",
+        format_port_list(&list)
+    );
+    if service.is_some() {
+        fix.push_str(&format!(" (or reserve the whole NodePort range {lo}-{hi})"));
+    }
+    let summary = match service {
+        Some(s) => format!(
+            "{}: connect to {} used source port {port}, the NodePort of {s}: replies go to the Service",
+            who(ev),
+            ev.dst
+        ),
+        None => format!(
+            "{}: connect to {} from source port {port}, inside the NodePort range {lo}-{hi}, got no answer",
+            who(ev),
+            ev.dst
+        ),
+    };
+    Some(Candidate {
+        v: verdict(
+            ev,
+            Cause::NodeportCollision,
+            confidence,
+            summary,
+            obj(json!({
+                "src_port": port,
+                "nodeport": service,
+                "nodeport_range": format!("{lo}-{hi}"),
+                "port_range": ns.map(|f| format!("{}-{}", f.port_range.0, f.port_range.1)),
+                "syn_retransmits": syn_retrans,
+            })),
+            fix,
+        ),
+        occurrence: true,
+    })
+}
+
+pub(super) fn port_exhaustion(ev: &Event, facts: &NodeFacts, confidence: Confidence) -> Candidate {
+    let ns = facts.netns.get(&ev.netns);
+    let (np_lo, np_hi) = facts.nodeport_range;
+    let place = where_set(ev.netns, ev, facts);
+    let mut fixes = Vec::new();
+    match ns {
+        Some(f) => {
+            let (lo, hi) = f.port_range;
+            match wider_range(f.port_range, facts.nodeport_range) {
+                Some((a, b)) => fixes.push(format!(
+                    "widen net.ipv4.ip_local_port_range to \"{a} {b}\" ({} ports, clear of the NodePort range {np_lo}-{np_hi}; now {lo}-{hi} = {} ports) {place}",
+                    u32::from(b) - u32::from(a) + 1,
+                    f.port_range_size()
+                )),
+                None => fixes.push(format!(
+                    "the port range {lo}-{hi} ({} ports) cannot grow without overlapping the NodePort range {np_lo}-{np_hi}",
+                    f.port_range_size()
+                )),
+            }
+        }
+        None => fixes.push(format!(
+            "widen net.ipv4.ip_local_port_range {place}, keeping it clear of the NodePort range {np_lo}-{np_hi}"
+        )),
+    }
+    fixes.push(format!(
+        "reuse connections to {} (connection pooling, HTTP keep-alive)",
+        ev.dst
+    ));
+    if ns.is_none_or(|f| f.tw_reuse != 1) {
+        fixes.push("set net.ipv4.tcp_tw_reuse=1".into());
+    }
+    let size = ns.map(|f| f.port_range_size());
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::PortExhaustion,
+            confidence,
+            format!(
+                "{}: no free source port to connect to {} ({} ephemeral ports)",
+                who(ev),
+                ev.dst,
+                size.map_or("unknown number of".to_string(), |n| n.to_string())
+            ),
+            obj(json!({
+                "dst": ev.dst.to_string(),
+                "errno": ev.errno,
+                "port_range": ns.map(|f| format!("{}-{}", f.port_range.0, f.port_range.1)),
+                "port_range_size": size,
+                "reserved_in_range": ns.map(|f| f.reserved_in_range()),
+                "tw_reuse": ns.map(|f| f.tw_reuse),
+            })),
+            fixes.join("; "),
+        ),
+        occurrence: true,
+    }
+}
+
+pub(super) fn bind_conflict(ev: &Event, facts: &NodeFacts) -> Candidate {
+    let port = ev.src.port;
+    let ns = facts.netns.get(&ev.netns);
+    let ephemeral =
+        ns.map(|f| (f.port_range.0..=f.port_range.1).contains(&port) && !f.is_reserved(port));
+    let mut fix = format!(
+        "another socket holds {}: find it with ss -tanp 'sport = :{port}', pick another port, or set SO_REUSEADDR if a closing connection (TIME_WAIT) holds it",
+        ev.src
+    );
+    if let (Some(true), Some(f)) = (ephemeral, ns) {
+        let mut list = f.reserved_ports.clone();
+        list.push((port, port));
+        fix.push_str(&format!(
+            "; port {port} is inside ip_local_port_range {}-{}, so outgoing connections can take it: sysctl -w net.ipv4.ip_local_reserved_ports={} {}",
+            f.port_range.0,
+            f.port_range.1,
+            format_port_list(&list),
+            where_set(ev.netns, ev, facts)
+        ));
+    }
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::BindConflict,
+            Confidence::Certain,
+            format!("{}: bind to {} failed: address in use", who(ev), ev.src),
+            obj(json!({
+                "addr": ev.src.to_string(),
+                "port": port,
+                "in_ephemeral_range": ephemeral,
+            })),
+            fix,
+        ),
+        occurrence: true,
+    }
+}

@@ -1,0 +1,240 @@
+//! Reads the facts of one network namespace from /proc. `/proc/sys/net` and
+//! `/proc/thread-self/net` resolve by the calling thread's namespace, so the
+//! reads happen on a short-lived thread that joins the target namespace;
+//! the caller's threads never change namespace.
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow};
+use nix::sched::{CloneFlags, setns};
+
+use super::facts::{
+    ConntrackFacts, NetnsFacts, parse_conntrack_stats, parse_int, parse_port_range,
+    parse_reserved_ports,
+};
+
+/// Reads the sysctls and conntrack counters of the namespace behind `path`
+/// (`/proc/<pid>/ns/net`, `/run/netns/NAME`). Returns its inode and facts.
+pub fn collect_netns(path: &Path) -> Result<(u32, NetnsFacts)> {
+    let ctx = || format!("reading sysctls of netns {}", path.display());
+    let file = File::open(path).with_context(ctx)?;
+    let inode = netns_inode(&file).with_context(ctx)?;
+    let facts = std::thread::Builder::new()
+        .name("tcptrace-netns".into())
+        .spawn(move || -> Result<NetnsFacts> {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
+            read_netns_facts(Path::new("/proc"))
+        })
+        .context("spawning the netns reader thread")
+        .with_context(ctx)?
+        .join()
+        .map_err(|_| anyhow!("the netns reader thread panicked"))
+        .with_context(ctx)?
+        .with_context(ctx)?;
+    Ok((inode, facts))
+}
+
+/// The namespace's inode, as reported in events (`net:[4026531840]`).
+fn netns_inode(file: &File) -> Result<u32> {
+    let ino = file.metadata()?.ino();
+    u32::try_from(ino).map_err(|_| anyhow!("netns inode {ino} does not fit in 32 bits"))
+}
+
+/// Reads the facts of the calling thread's namespace below `proc_root`.
+fn read_netns_facts(proc_root: &Path) -> Result<NetnsFacts> {
+    let ipv4 = proc_root.join("sys/net/ipv4");
+    let nf = proc_root.join("sys/net/netfilter");
+    let read =
+        |p: PathBuf| fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()));
+    let int = |p: PathBuf| -> Result<u64> {
+        let text = read(p.clone())?;
+        parse_int(&text).with_context(|| format!("parsing {}", p.display()))
+    };
+    let keepalive_time_s = int(ipv4.join("tcp_keepalive_time"))?;
+    let keepalive_intvl_s = int(ipv4.join("tcp_keepalive_intvl"))?;
+    let keepalive_probes = int(ipv4.join("tcp_keepalive_probes"))?;
+    let p = ipv4.join("ip_local_port_range");
+    let port_range =
+        parse_port_range(&read(p.clone())?).with_context(|| format!("parsing {}", p.display()))?;
+    let p = ipv4.join("ip_local_reserved_ports");
+    let reserved_ports = parse_reserved_ports(&read(p.clone())?)
+        .with_context(|| format!("parsing {}", p.display()))?;
+    let tw_reuse = u8::try_from(int(ipv4.join("tcp_tw_reuse"))?).unwrap_or(u8::MAX);
+
+    // Without the conntrack module these files do not exist.
+    let ct = match fs::read_to_string(nf.join("nf_conntrack_tcp_timeout_established")) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("reading nf_conntrack_tcp_timeout_established"),
+        Ok(text) => {
+            let p = proc_root.join("thread-self/net/stat/nf_conntrack");
+            Some(ConntrackFacts {
+                established_timeout_s: parse_int(&text)
+                    .context("parsing nf_conntrack_tcp_timeout_established")?,
+                be_liberal: int(nf.join("nf_conntrack_tcp_be_liberal"))? != 0,
+                loose: int(nf.join("nf_conntrack_tcp_loose"))? != 0,
+                count: int(nf.join("nf_conntrack_count"))?,
+                max: int(nf.join("nf_conntrack_max"))?,
+                stats: parse_conntrack_stats(&read(p.clone())?)
+                    .with_context(|| format!("parsing {}", p.display()))?,
+                invalid_drop_rule: false,
+            })
+        }
+    };
+    Ok(NetnsFacts {
+        keepalive_time_s,
+        keepalive_intvl_s,
+        keepalive_probes,
+        port_range,
+        reserved_ports,
+        tw_reuse,
+        ct,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().expect("has a parent")).expect("mkdir");
+        fs::write(p, text).expect("write");
+    }
+
+    fn fake_ipv4(root: &Path) {
+        write(root, "sys/net/ipv4/tcp_keepalive_time", "600\n");
+        write(root, "sys/net/ipv4/tcp_keepalive_intvl", "30\n");
+        write(root, "sys/net/ipv4/tcp_keepalive_probes", "10\n");
+        write(root, "sys/net/ipv4/ip_local_port_range", "1024\t65535\n");
+        write(
+            root,
+            "sys/net/ipv4/ip_local_reserved_ports",
+            "30000-32767\n",
+        );
+        write(root, "sys/net/ipv4/tcp_tw_reuse", "1\n");
+    }
+
+    #[test]
+    fn missing_conntrack_is_not_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fake_ipv4(dir.path());
+        let f = read_netns_facts(dir.path()).expect("facts");
+        assert_eq!(
+            f,
+            NetnsFacts {
+                keepalive_time_s: 600,
+                keepalive_intvl_s: 30,
+                keepalive_probes: 10,
+                port_range: (1024, 65535),
+                reserved_ports: vec![(30000, 32767)],
+                tw_reuse: 1,
+                ct: None,
+            }
+        );
+    }
+
+    #[test]
+    fn conntrack_files_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fake_ipv4(dir.path());
+        let r = dir.path();
+        write(
+            r,
+            "sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+            "432000\n",
+        );
+        write(r, "sys/net/netfilter/nf_conntrack_tcp_be_liberal", "1\n");
+        write(r, "sys/net/netfilter/nf_conntrack_tcp_loose", "0\n");
+        write(r, "sys/net/netfilter/nf_conntrack_count", "17\n");
+        write(r, "sys/net/netfilter/nf_conntrack_max", "262144\n");
+        write(
+            r,
+            "thread-self/net/stat/nf_conntrack",
+            "entries  found invalid insert_failed drop early_drop\n00000011  00000001 00000002 00000000 00000000 00000000\n",
+        );
+        let ct = read_netns_facts(r).expect("facts").ct.expect("conntrack");
+        assert_eq!(
+            (ct.established_timeout_s, ct.be_liberal, ct.loose),
+            (432000, true, false)
+        );
+        assert_eq!((ct.count, ct.max, ct.stats.invalid), (17, 262144, 2));
+    }
+
+    #[test]
+    fn errors_name_the_namespace_and_file() {
+        let err = collect_netns(Path::new("/nonexistent/netns/x")).expect_err("must fail");
+        assert!(format!("{err:#}").starts_with("reading sysctls of netns /nonexistent/netns/x: "));
+        let dir = tempfile::tempdir().expect("tempdir");
+        fake_ipv4(dir.path());
+        write(dir.path(), "sys/net/ipv4/tcp_keepalive_time", "soon\n");
+        let err = read_netns_facts(dir.path()).expect_err("must fail");
+        assert!(
+            format!("{err:#}").contains("tcp_keepalive_time: expected an integer, found \"soon\"")
+        );
+    }
+
+    /// Deletes the namespace when dropped, also when the test panics.
+    struct NetnsGuard(String);
+
+    impl Drop for NetnsGuard {
+        fn drop(&mut self) {
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.0])
+                .status();
+        }
+    }
+
+    fn run(args: &[&str]) {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("spawn");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn root_collects_a_private_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping root_collects_a_private_namespace: needs root");
+            return;
+        }
+        let name = format!("tcptrace-diag-{}", std::process::id());
+        run(&["ip", "netns", "add", &name]);
+        let _guard = NetnsGuard(name.clone());
+        let set = |kv: &str| run(&["ip", "netns", "exec", &name, "sysctl", "-q", "-w", kv]);
+        set("net.ipv4.tcp_keepalive_time=77");
+        set("net.ipv4.ip_local_port_range=40000 40009");
+        set("net.ipv4.ip_local_reserved_ports=40005");
+
+        let path = PathBuf::from(format!("/run/netns/{name}"));
+        let (inode, f) = collect_netns(&path).expect("collect");
+        assert_eq!(inode as u64, fs::metadata(&path).expect("stat").ino());
+        assert_eq!(f.keepalive_time_s, 77);
+        assert_eq!(f.port_range, (40000, 40009));
+        assert_eq!(f.reserved_ports, vec![(40005, 40005)]);
+        assert_eq!(f.port_range_size(), 10);
+        // Conntrack sysctls exist in every namespace once the module is loaded.
+        let loaded = Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
+        assert_eq!(f.ct.is_some(), loaded);
+
+        // The root namespace is untouched and this thread never moved.
+        let (root_inode, root) =
+            collect_netns(Path::new("/proc/self/ns/net")).expect("collect self");
+        assert_ne!(root_inode, inode);
+        assert_ne!(root.port_range, (40000, 40009));
+        let here = fs::metadata("/proc/thread-self/ns/net")
+            .expect("stat")
+            .ino();
+        assert_eq!(here, u64::from(root_inode));
+    }
+}

@@ -1,0 +1,479 @@
+//! Node facts as plain data (sysctls per netns, conntrack counters,
+//! NodePorts, middlebox timeouts) and pure parsers for their /proc formats.
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODEPORT_RANGE: (u16, u16) = (30000, 32767);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeFacts {
+    /// Facts per network namespace, keyed by netns inode.
+    pub netns: HashMap<u32, NetnsFacts>,
+    /// The namespace that routes/NATs pod traffic: its conntrack is on every
+    /// pod's path.
+    pub node_netns: Option<u32>,
+    /// Known NodePorts -> "namespace/name:port".
+    pub nodeports: BTreeMap<u16, String>,
+    pub nodeport_range: (u16, u16),
+    /// kube-proxy IPVS TCP timeout (`ipvsadm -l --timeout`).
+    pub ipvs_tcp_timeout_s: Option<u64>,
+    /// Idle timeout of an SDN / load balancer on the path (`--middlebox-timeout`).
+    pub middlebox_timeout_s: Option<u64>,
+}
+
+impl Default for NodeFacts {
+    fn default() -> Self {
+        Self {
+            netns: HashMap::new(),
+            node_netns: None,
+            nodeports: BTreeMap::new(),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
+            ipvs_tcp_timeout_s: None,
+            middlebox_timeout_s: None,
+        }
+    }
+}
+
+/// The shortest idle timeout on a namespace's path and where it comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathTimeout {
+    pub secs: u64,
+    /// "conntrack:node", "conntrack:netns", "ipvs" or "middlebox".
+    pub source: &'static str,
+}
+
+impl PathTimeout {
+    /// How people call it in a sentence.
+    pub fn describe(&self) -> String {
+        let what = match self.source {
+            "conntrack:node" => "node conntrack established",
+            "conntrack:netns" => "conntrack established",
+            "ipvs" => "IPVS",
+            _ => "middlebox",
+        };
+        format!("{} s {what} timeout", self.secs)
+    }
+}
+
+impl NodeFacts {
+    /// Minimum over the conntrack established timeouts of the node namespace
+    /// and of `netns`, the IPVS timeout and the middlebox timeout.
+    pub fn path_timeout(&self, netns: u32) -> Option<PathTimeout> {
+        let ct_timeout = |ns: u32| {
+            self.netns
+                .get(&ns)
+                .and_then(|f| f.ct.as_ref())
+                .map(|ct| ct.established_timeout_s)
+        };
+        let mut candidates = Vec::new();
+        if let Some(s) = self.node_netns.and_then(ct_timeout) {
+            candidates.push(PathTimeout {
+                secs: s,
+                source: "conntrack:node",
+            });
+        }
+        if Some(netns) != self.node_netns
+            && let Some(s) = ct_timeout(netns)
+        {
+            candidates.push(PathTimeout {
+                secs: s,
+                source: "conntrack:netns",
+            });
+        }
+        if let Some(s) = self.ipvs_tcp_timeout_s {
+            candidates.push(PathTimeout {
+                secs: s,
+                source: "ipvs",
+            });
+        }
+        if let Some(s) = self.middlebox_timeout_s {
+            candidates.push(PathTimeout {
+                secs: s,
+                source: "middlebox",
+            });
+        }
+        // A zero timeout is a misread, not a path that forgets instantly.
+        candidates
+            .into_iter()
+            .filter(|c| c.secs > 0)
+            .min_by_key(|c| c.secs)
+    }
+
+    pub fn is_nodeport(&self, port: u16) -> bool {
+        self.nodeports.contains_key(&port)
+    }
+
+    pub fn in_nodeport_range(&self, port: u16) -> bool {
+        (self.nodeport_range.0..=self.nodeport_range.1).contains(&port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NetnsFacts {
+    pub keepalive_time_s: u64,
+    pub keepalive_intvl_s: u64,
+    pub keepalive_probes: u64,
+    pub port_range: (u16, u16),
+    pub reserved_ports: Vec<(u16, u16)>,
+    pub tw_reuse: u8,
+    /// None when the conntrack module is not loaded.
+    pub ct: Option<ConntrackFacts>,
+}
+
+impl Default for NetnsFacts {
+    /// Linux defaults.
+    fn default() -> Self {
+        Self {
+            keepalive_time_s: 7200,
+            keepalive_intvl_s: 75,
+            keepalive_probes: 9,
+            port_range: (32768, 60999),
+            reserved_ports: Vec::new(),
+            tw_reuse: 2,
+            ct: None,
+        }
+    }
+}
+
+impl NetnsFacts {
+    /// Ephemeral ports in `ip_local_port_range`.
+    pub fn port_range_size(&self) -> u32 {
+        range_len(self.port_range)
+    }
+
+    pub fn is_reserved(&self, port: u16) -> bool {
+        self.reserved_ports
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&port))
+    }
+
+    /// Reserved ports that fall inside the ephemeral range.
+    pub fn reserved_in_range(&self) -> u32 {
+        count_uncovered(self.port_range, &[])
+            - count_uncovered(self.port_range, &self.reserved_ports)
+    }
+
+    /// Ephemeral ports inside `range` that are not reserved: the ports
+    /// `connect()` may pick there.
+    pub fn unreserved_overlap(&self, range: (u16, u16)) -> u32 {
+        match intersect(self.port_range, range) {
+            Some(r) => count_uncovered(r, &self.reserved_ports),
+            None => 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConntrackFacts {
+    pub established_timeout_s: u64,
+    pub be_liberal: bool,
+    pub loose: bool,
+    pub count: u64,
+    pub max: u64,
+    pub stats: ConntrackStats,
+    /// A rule drops `ctstate INVALID` (from the node's iptables/nft rules;
+    /// the /proc collector cannot see rules and leaves it false).
+    pub invalid_drop_rule: bool,
+}
+
+/// /proc/net/stat/nf_conntrack, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConntrackStats {
+    pub found: u64,
+    pub invalid: u64,
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("expected an integer, found {0:?}")]
+    Integer(String),
+    #[error("expected a port range \"LOW HIGH\", found {0:?}")]
+    PortRange(String),
+    #[error("expected a port list like \"30000-32767,8080\", found {0:?}")]
+    PortList(String),
+    #[error("nf_conntrack stat table has no header or a row of the wrong width")]
+    ConntrackStat,
+}
+
+/// A single-integer sysctl ("7200\n").
+pub fn parse_int<T: std::str::FromStr>(text: &str) -> Result<T, ParseError> {
+    let t = text.trim();
+    t.parse().map_err(|_| ParseError::Integer(t.to_string()))
+}
+
+/// `ip_local_port_range` ("32768\t60999\n").
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), ParseError> {
+    let err = || ParseError::PortRange(text.trim().to_string());
+    let mut it = text.split_whitespace();
+    let lo: u16 = it.next().and_then(|s| s.parse().ok()).ok_or_else(err)?;
+    let hi: u16 = it.next().and_then(|s| s.parse().ok()).ok_or_else(err)?;
+    if it.next().is_some() || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+/// `ip_local_reserved_ports` ("30000-32767,8080\n", or empty).
+pub fn parse_reserved_ports(text: &str) -> Result<Vec<(u16, u16)>, ParseError> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = || ParseError::PortList(t.to_string());
+    t.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (part, part),
+            };
+            let lo: u16 = lo.parse().map_err(|_| err())?;
+            let hi: u16 = hi.parse().map_err(|_| err())?;
+            if lo > hi {
+                return Err(err());
+            }
+            Ok((lo, hi))
+        })
+        .collect()
+}
+
+/// /proc/net/stat/nf_conntrack: a header naming the columns, then one row of
+/// hex numbers per CPU. Columns are found by name because their set changed
+/// between kernels.
+pub fn parse_conntrack_stats(text: &str) -> Result<ConntrackStats, ParseError> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or(ParseError::ConntrackStat)?
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let cols = [
+        col("found"),
+        col("invalid"),
+        col("insert_failed"),
+        col("drop"),
+        col("early_drop"),
+    ];
+    let mut sums = [0u64; 5];
+    for line in lines {
+        let row: Vec<&str> = line.split_whitespace().collect();
+        if row.len() != header.len() {
+            return Err(ParseError::ConntrackStat);
+        }
+        for (sum, c) in sums.iter_mut().zip(cols) {
+            if let Some(i) = c {
+                let v = u64::from_str_radix(row[i], 16).map_err(|_| ParseError::ConntrackStat)?;
+                *sum = sum.saturating_add(v);
+            }
+        }
+    }
+    let [found, invalid, insert_failed, drop, early_drop] = sums;
+    Ok(ConntrackStats {
+        found,
+        invalid,
+        insert_failed,
+        drop,
+        early_drop,
+    })
+}
+
+/// Formats ranges the way `ip_local_reserved_ports` takes them.
+pub fn format_port_list(ranges: &[(u16, u16)]) -> String {
+    merge_ranges(ranges)
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Sorted, with overlapping and adjacent ranges joined.
+pub fn merge_ranges(ranges: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut v: Vec<(u16, u16)> = ranges.iter().copied().filter(|r| r.0 <= r.1).collect();
+    v.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// The ephemeral range to suggest: the larger side clear of the NodePort
+/// range (ports >= 1024), if it holds more ports than `current`.
+pub fn wider_range(current: (u16, u16), nodeports: (u16, u16)) -> Option<(u16, u16)> {
+    let above = (nodeports.1 < u16::MAX).then(|| (nodeports.1 + 1, u16::MAX));
+    let below = (nodeports.0 > 1025).then(|| (1024, nodeports.0 - 1));
+    [above, below]
+        .into_iter()
+        .flatten()
+        .max_by_key(|r| range_len(*r))
+        .filter(|r| range_len(*r) > range_len(current))
+}
+
+pub fn intersect(a: (u16, u16), b: (u16, u16)) -> Option<(u16, u16)> {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    (lo <= hi).then_some((lo, hi))
+}
+
+fn range_len((lo, hi): (u16, u16)) -> u32 {
+    if lo > hi {
+        0
+    } else {
+        u32::from(hi) - u32::from(lo) + 1
+    }
+}
+
+/// Ports of `range` not covered by any of `holes`.
+fn count_uncovered(range: (u16, u16), holes: &[(u16, u16)]) -> u32 {
+    let covered: u32 = merge_ranges(holes)
+        .iter()
+        .filter_map(|&h| intersect(range, h))
+        .map(range_len)
+        .sum();
+    range_len(range) - covered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Captured from a 6.18 kernel with two CPUs (values edited to be non-zero).
+    const STAT_618: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000007  00000000 0000000a 00000000 00000002 00000000 00000000 00000000 00000000 00000001 00000010 00000003 00000000  00000000 00000000 00000000 00000000
+00000007  00000001 00000005 00000000 000000ff 00000000 00000000 00000000 00000000 00000000 00000001 00000000 00000000  00000000 00000000 00000000 00000000
+";
+
+    // Older layout (4.x/5.x): different column set.
+    const STAT_OLD: &str = "\
+entries  searched found new invalid ignore delete delete_list insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+000001b4  00000000 00000000 00000000 00000004 0000125a 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000031
+";
+
+    #[test]
+    fn conntrack_stats_sums_cpus_by_column_name() {
+        assert_eq!(
+            parse_conntrack_stats(STAT_618),
+            Ok(ConntrackStats {
+                found: 0xf,
+                invalid: 0x101,
+                insert_failed: 1,
+                drop: 0x11,
+                early_drop: 3,
+            })
+        );
+        assert_eq!(parse_conntrack_stats(STAT_OLD).map(|s| s.invalid), Ok(4));
+    }
+
+    #[test]
+    fn conntrack_stats_rejects_garbage() {
+        assert_eq!(parse_conntrack_stats(""), Err(ParseError::ConntrackStat));
+        assert_eq!(
+            parse_conntrack_stats("entries invalid\n0000 zz\n"),
+            Err(ParseError::ConntrackStat)
+        );
+        assert_eq!(
+            parse_conntrack_stats("entries invalid\n0000\n"),
+            Err(ParseError::ConntrackStat)
+        );
+    }
+
+    #[test]
+    fn sysctl_values() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Ok((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Ok((1024, 65535)));
+        assert!(parse_port_range("60999 32768").is_err());
+        assert!(parse_port_range("32768").is_err());
+        assert!(parse_port_range("1 2 3").is_err());
+        assert_eq!(
+            parse_reserved_ports("30000-32767,8080\n"),
+            Ok(vec![(30000, 32767), (8080, 8080)])
+        );
+        assert_eq!(parse_reserved_ports("\n"), Ok(vec![]));
+        assert!(parse_reserved_ports("9-1").is_err());
+        assert!(parse_reserved_ports("x").is_err());
+        assert_eq!(parse_int::<u64>("7200\n"), Ok(7200));
+        assert_eq!(parse_int::<u8>("2\n"), Ok(2));
+        assert!(parse_int::<u8>("300").is_err());
+    }
+
+    #[test]
+    fn port_arithmetic() {
+        let ns = NetnsFacts {
+            port_range: (1024, 65535),
+            reserved_ports: vec![(30000, 30999), (8080, 8080), (31000, 31009)],
+            ..NetnsFacts::default()
+        };
+        assert_eq!(ns.port_range_size(), 64512);
+        assert_eq!(ns.reserved_in_range(), 1011);
+        assert!(ns.is_reserved(31005) && !ns.is_reserved(31010));
+        assert_eq!(ns.unreserved_overlap((30000, 32767)), 2768 - 1010);
+        assert_eq!(NetnsFacts::default().unreserved_overlap((30000, 32767)), 0);
+        assert_eq!(
+            wider_range((40000, 40999), (30000, 32767)),
+            Some((32768, 65535))
+        );
+        assert_eq!(wider_range((32768, 65535), (30000, 32767)), None);
+        assert_eq!(wider_range((1024, 65535), (30000, 32767)), None);
+        assert_eq!(
+            wider_range((50000, 50100), (40000, 65000)),
+            Some((1024, 39999))
+        );
+        assert_eq!(
+            format_port_list(&[(31000, 31009), (8080, 8080), (30000, 30999)]),
+            "8080,30000-31009"
+        );
+    }
+
+    #[test]
+    fn path_timeout_is_the_minimum_with_its_source() {
+        let ct = |secs| NetnsFacts {
+            ct: Some(ConntrackFacts {
+                established_timeout_s: secs,
+                ..ConntrackFacts::default()
+            }),
+            ..NetnsFacts::default()
+        };
+        let mut f = NodeFacts {
+            node_netns: Some(1),
+            ipvs_tcp_timeout_s: Some(900),
+            ..NodeFacts::default()
+        };
+        f.netns.insert(1, ct(432000));
+        f.netns.insert(2, ct(600));
+        assert_eq!(
+            f.path_timeout(2),
+            Some(PathTimeout {
+                secs: 600,
+                source: "conntrack:netns"
+            })
+        );
+        assert_eq!(f.path_timeout(3).map(|t| t.source), Some("ipvs"));
+        f.middlebox_timeout_s = Some(60);
+        assert_eq!(
+            f.path_timeout(2).map(|t| t.describe()).as_deref(),
+            Some("60 s middlebox timeout")
+        );
+        f.netns.insert(1, ct(5));
+        assert_eq!(
+            f.path_timeout(2).map(|t| (t.secs, t.source)),
+            Some((5, "conntrack:node"))
+        );
+        assert_eq!(NodeFacts::default().path_timeout(1), None);
+    }
+}

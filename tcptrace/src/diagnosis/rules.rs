@@ -1,0 +1,784 @@
+//! The rules: events + per-socket history + node facts -> verdicts.
+//! Pure: time comes from events and `tick(now)`, facts are passed in.
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::json;
+
+use super::{
+    Cause, Confidence, Verdict,
+    causes::{
+        Candidate, CtTrend, bind_conflict, conntrack_invalid, idle_cause, idle_timeout,
+        nodeport_collision, obj, port_exhaustion, table_full, verdict, who,
+    },
+    facts::{ConntrackFacts, ConntrackStats, NodeFacts},
+};
+use crate::model::{Endpoint, Event, EventKind, IdentityLevel, TcpDetail};
+
+#[derive(Clone, Debug)]
+pub struct DiagnoserConfig {
+    /// A verdict key is emitted at most once per interval.
+    pub reemit_interval: Duration,
+    /// Sockets with history kept; the least recently seen are evicted.
+    pub max_socks: usize,
+    /// Aggregated verdict keys kept; the least recently seen are evicted.
+    pub max_keys: usize,
+    /// Data retransmits of one connection within `storm_window` that make a storm.
+    pub storm_retransmits: usize,
+    pub storm_window: Duration,
+    /// How far apart a reset pair, a packet drop and a counter rise may be.
+    pub correlation_window: Duration,
+    /// Socket history and verdict keys unseen for this long are forgotten.
+    pub state_ttl: Duration,
+}
+
+impl Default for DiagnoserConfig {
+    fn default() -> Self {
+        Self {
+            reemit_interval: Duration::from_secs(10),
+            max_socks: 16384,
+            max_keys: 4096,
+            storm_retransmits: 5,
+            storm_window: Duration::from_secs(10),
+            correlation_window: Duration::from_secs(30),
+            state_ttl: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Data retransmits of an ESTABLISHED socket this many times in a row with
+/// an idle path make a black hole "likely" before the socket times out.
+const BLACK_HOLE_RETRANSMITS: u32 = 3;
+/// Bounds of the short correlation queues.
+const MAX_RECENT: usize = 1024;
+
+#[derive(Default)]
+pub struct Diagnoser {
+    cfg: DiagnoserConfig,
+    socks: HashMap<String, SockState>,
+    aggs: HashMap<AggKey, Agg>,
+    /// RSTs sent for segments that had no socket (NO_SOCKET).
+    resets_sent: VecDeque<Event>,
+    /// RSTs received on ESTABLISHED sockets, not explained by an idle path,
+    /// waiting for the RST that caused them.
+    resets_awaiting_pair: VecDeque<Event>,
+    /// conntrack_invalid verdicts from a reset pair, waiting for the invalid
+    /// counter to confirm them.
+    pairs_awaiting_counter: VecDeque<(Event, Event)>,
+    /// SYNs dropped by a full conntrack table: (the drop, its verdict).
+    full_table_drops: VecDeque<(Event, Verdict)>,
+    prev_ct: HashMap<u32, ConntrackStats>,
+    /// Latest non-zero conntrack counter deltas per netns.
+    trends: HashMap<u32, CtTrend>,
+}
+
+#[derive(Default)]
+struct SockState {
+    last: Option<SystemTime>,
+    syn_retrans: u32,
+    syn_sent: bool,
+    established: bool,
+    /// Data retransmits of the current streak, and the socket detail at its
+    /// first one (the idle time before the failure).
+    streak: u32,
+    streak_start: Option<TcpDetail>,
+    recent_retrans: VecDeque<SystemTime>,
+    storm_flagged: bool,
+    /// Set once a cause explained this connection; later events of it only
+    /// confirm (or add nothing).
+    concluded: Option<(Cause, Confidence)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AggKey {
+    owner: String,
+    cause: Cause,
+    dst: String,
+}
+
+struct Agg {
+    v: Verdict,
+    last_emitted: SystemTime,
+    pending: bool,
+}
+
+impl Diagnoser {
+    pub fn new(cfg: DiagnoserConfig) -> Self {
+        Self {
+            cfg,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds one event; returns the verdicts due now.
+    pub fn observe(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Verdict> {
+        let candidates = self.rules(ev, facts);
+        candidates
+            .into_iter()
+            .filter_map(|c| self.submit(c))
+            .collect()
+    }
+
+    /// Reads counter-based causes from the facts and re-emits aggregated
+    /// verdicts whose interval passed. Call every second or two.
+    pub fn tick(&mut self, now: SystemTime, facts: &NodeFacts) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        for c in self.counter_rules(now, facts) {
+            out.extend(self.submit(c));
+        }
+        let interval = self.cfg.reemit_interval;
+        for a in self.aggs.values_mut() {
+            if a.pending && elapsed(a.last_emitted, now) >= interval {
+                a.pending = false;
+                a.last_emitted = now;
+                a.v.time = now;
+                out.push(a.v.clone());
+            }
+        }
+        self.expire(now);
+        out
+    }
+
+    fn rules(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let key = sock_key(ev);
+        let state = ev.state.as_deref().unwrap_or("");
+        let errno = ev.errno.as_deref().unwrap_or("");
+        match ev.kind {
+            EventKind::StateChange => {
+                let old = ev.old_state.as_deref().unwrap_or("");
+                if state == "SYN_SENT" || state == "SYN_RECV" {
+                    // A new connection, possibly on a reused sock address.
+                    let s = self.sock(&key, ev.time, true);
+                    s.syn_sent = state == "SYN_SENT";
+                    return vec![];
+                }
+                let s = self.sock(&key, ev.time, false);
+                if state == "ESTABLISHED" {
+                    s.established = true;
+                    s.syn_sent = false;
+                }
+                if old == "SYN_SENT"
+                    && state == "CLOSE"
+                    && s.syn_retrans > 0
+                    && s.concluded.is_none()
+                {
+                    return self.syn_failed(&key, ev, facts);
+                }
+                vec![]
+            }
+            EventKind::Retransmit if state == "SYN_SENT" => {
+                let s = self.sock(&key, ev.time, false);
+                s.syn_sent = true;
+                s.syn_retrans += 1;
+                if s.syn_retrans == 1
+                    && s.concluded.is_none()
+                    && let Some(c) = nodeport_collision(ev, facts, 1)
+                {
+                    self.conclude(&key, &c);
+                    return vec![c];
+                }
+                vec![]
+            }
+            EventKind::Retransmit if state == "ESTABLISHED" => {
+                self.data_retransmit(&key, ev, facts)
+            }
+            EventKind::ResetReceived if state == "SYN_SENT" => self.refused(&key, ev, "reset"),
+            EventKind::ResetReceived if state == "ESTABLISHED" => {
+                self.reset_established(&key, ev, facts)
+            }
+            EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
+                self.reset_sent(ev, facts)
+            }
+            EventKind::SocketError if errno == "ECONNREFUSED" => self.refused(&key, ev, "errno"),
+            EventKind::SocketError if errno == "ETIMEDOUT" => self.timed_out(&key, ev, facts),
+            EventKind::Drop => self.netfilter_drop(ev, facts),
+            EventKind::ConnectError if errno == "EADDRNOTAVAIL" => {
+                vec![port_exhaustion(ev, facts, Confidence::Certain)]
+            }
+            EventKind::BindError if errno == "EADDRINUSE" => {
+                // bind() to port 0 fails with EADDRINUSE when no ephemeral
+                // port is left (what nc reports), not on a conflict.
+                if ev.src.port == 0 {
+                    vec![port_exhaustion(ev, facts, Confidence::Likely)]
+                } else {
+                    vec![bind_conflict(ev, facts)]
+                }
+            }
+            _ => vec![],
+        }
+    }
+
+    /// History of a socket; `fresh` starts a new connection's history.
+    fn sock(&mut self, key: &str, time: SystemTime, fresh: bool) -> &mut SockState {
+        if !self.socks.contains_key(key) && self.socks.len() >= self.cfg.max_socks {
+            evict_oldest(&mut self.socks, |s| s.last);
+        }
+        let s = self.socks.entry(key.to_string()).or_default();
+        if fresh {
+            *s = SockState::default();
+        }
+        s.last = Some(time);
+        s
+    }
+
+    fn conclude(&mut self, key: &str, c: &Candidate) {
+        if let Some(s) = self.socks.get_mut(key) {
+            s.concluded = Some((c.v.cause, c.v.confidence));
+        }
+    }
+
+    fn refused(&mut self, key: &str, ev: &Event, via: &str) -> Vec<Candidate> {
+        let s = self.sock(key, ev.time, false);
+        if s.concluded.is_some() {
+            return vec![];
+        }
+        let svc = ev
+            .dst
+            .service
+            .as_ref()
+            .map(|s| {
+                format!(
+                    " (Service {}/{}: check its endpoints and targetPort)",
+                    s.namespace, s.name
+                )
+            })
+            .unwrap_or_default();
+        let c = Candidate {
+            v: verdict(
+                ev,
+                Cause::ConnectionRefused,
+                Confidence::Certain,
+                format!("{}: connection to {} refused", who(ev), ev.dst),
+                obj(json!({ "dst": ev.dst.to_string(), "via": via })),
+                format!(
+                    "nothing accepts connections on {}: check that the server listens on port {}{svc}",
+                    ev.dst, ev.dst.port
+                ),
+            ),
+            occurrence: true,
+        };
+        self.conclude(key, &c);
+        vec![c]
+    }
+
+    /// A connect that got no answer: a NodePort collision, a full conntrack
+    /// table on the path, or a plain SYN timeout.
+    fn syn_failed(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let retrans = self.socks.get(key).map_or(0, |s| s.syn_retrans);
+        let window = self.cfg.correlation_window;
+        let c = if let Some(c) = nodeport_collision(ev, facts, retrans) {
+            c
+        } else if let Some((_, full)) = self
+            .full_table_drops
+            .iter()
+            .rev()
+            .find(|(d, _)| same_conn(d, ev) && within(d.time, ev.time, window))
+        {
+            let mut v = verdict(
+                ev,
+                Cause::ConntrackTableFull,
+                full.confidence,
+                String::new(),
+                full.evidence.clone(),
+                full.fix.clone(),
+            );
+            v.summary = format!(
+                "{}: connect to {} timed out because the conntrack table on the path is full and dropped its SYN",
+                who(ev),
+                ev.dst
+            );
+            v.evidence.insert("syn_retransmits".into(), json!(retrans));
+            Candidate {
+                v,
+                occurrence: true,
+            }
+        } else {
+            Candidate {
+                v: verdict(
+                    ev,
+                    Cause::SynTimeout,
+                    Confidence::Certain,
+                    format!(
+                        "{}: connect to {} timed out after {retrans} SYN retransmits",
+                        who(ev),
+                        ev.dst
+                    ),
+                    obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans })),
+                    format!(
+                        "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
+                        ev.dst
+                    ),
+                ),
+                occurrence: true,
+            }
+        };
+        self.conclude(key, &c);
+        vec![c]
+    }
+
+    fn data_retransmit(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let window = self.cfg.storm_window;
+        let storm_n = self.cfg.storm_retransmits;
+        let s = self.sock(key, ev.time, false);
+        s.established = true;
+        // The peer was heard from since the streak began: a new streak.
+        let restart = match (&s.streak_start, &ev.tcp) {
+            (Some(first), Some(now)) => now.idle_ms < first.idle_ms,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if restart {
+            s.streak = 0;
+            s.streak_start = ev.tcp.clone();
+        }
+        s.streak += 1;
+        s.recent_retrans.push_back(ev.time);
+        while s.recent_retrans.len() > storm_n.max(1) * 4
+            || s.recent_retrans
+                .front()
+                .is_some_and(|&t| elapsed(t, ev.time) > window)
+        {
+            s.recent_retrans.pop_front();
+        }
+        let idle = s
+            .streak_start
+            .as_ref()
+            .and_then(|t| idle_cause(t, ev.netns, facts));
+        if let Some((tcp, timeout)) = idle {
+            if s.streak == BLACK_HOLE_RETRANSMITS && s.concluded.is_none() {
+                let c = idle_timeout(
+                    ev,
+                    &tcp,
+                    timeout,
+                    facts,
+                    "black_hole",
+                    Confidence::Likely,
+                    s.streak,
+                );
+                s.concluded = Some((c.v.cause, c.v.confidence));
+                return vec![c];
+            }
+            return vec![];
+        }
+        if s.recent_retrans.len() >= storm_n && !s.storm_flagged {
+            s.storm_flagged = true;
+            let n = s.recent_retrans.len();
+            let tcp = ev.tcp.as_ref();
+            return vec![Candidate {
+                v: verdict(
+                    ev,
+                    Cause::RetransmitStorm,
+                    Confidence::Likely,
+                    format!(
+                        "{}: {n} retransmits within {} s on the connection to {}",
+                        who(ev),
+                        window.as_secs(),
+                        ev.dst
+                    ),
+                    obj(json!({
+                        "dst": ev.dst.to_string(),
+                        "retransmits": n,
+                        "window_s": window.as_secs(),
+                        "srtt_us": tcp.map(|t| t.srtt_us),
+                        "total_retrans": tcp.map(|t| t.total_retrans),
+                    })),
+                    format!(
+                        "packets to or from {} are being lost: check interface drops and errors (ip -s link), MTU mismatches and congestion on the path",
+                        ev.dst
+                    ),
+                ),
+                occurrence: true,
+            }];
+        }
+        vec![]
+    }
+
+    fn timed_out(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let s = self.sock(key, ev.time, false);
+        match s.concluded {
+            // The black hole "likely" is now certain: same occurrence.
+            Some((Cause::IdleTimeout, Confidence::Likely)) => {
+                let Some((tcp, timeout)) = s
+                    .streak_start
+                    .as_ref()
+                    .and_then(|t| idle_cause(t, ev.netns, facts))
+                else {
+                    return vec![];
+                };
+                let n = s.streak;
+                s.concluded = Some((Cause::IdleTimeout, Confidence::Certain));
+                let mut c = idle_timeout(
+                    ev,
+                    &tcp,
+                    timeout,
+                    facts,
+                    "black_hole",
+                    Confidence::Certain,
+                    n,
+                );
+                c.occurrence = false;
+                vec![c]
+            }
+            Some(_) => vec![],
+            None if (s.syn_sent && !s.established) || state_is(ev, "SYN_SENT") => {
+                self.syn_failed(key, ev, facts)
+            }
+            None if !s.established && !state_is(ev, "ESTABLISHED") => vec![],
+            None => {
+                // Without the retransmits, the idle time at the error also
+                // counts the retransmission period: only possible.
+                let (start, confidence) = match &s.streak_start {
+                    Some(t) => (Some(t.clone()), Confidence::Certain),
+                    None => (ev.tcp.clone(), Confidence::Possible),
+                };
+                let n = s.streak;
+                match start.as_ref().and_then(|t| idle_cause(t, ev.netns, facts)) {
+                    Some((tcp, timeout)) => {
+                        let c = idle_timeout(ev, &tcp, timeout, facts, "black_hole", confidence, n);
+                        self.conclude(key, &c);
+                        vec![c]
+                    }
+                    None => vec![],
+                }
+            }
+        }
+    }
+
+    fn reset_established(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        if self.sock(key, ev.time, false).concluded.is_some() {
+            return vec![];
+        }
+        // An idle path that forgot the connection explains the reset first.
+        if let Some((tcp, timeout)) = ev.tcp.as_ref().and_then(|t| idle_cause(t, ev.netns, facts)) {
+            let c = idle_timeout(ev, &tcp, timeout, facts, "reset", Confidence::Certain, 0);
+            self.conclude(key, &c);
+            return vec![c];
+        }
+        let window = self.cfg.correlation_window;
+        prune(&mut self.resets_sent, ev.time, window);
+        let pair = self
+            .resets_sent
+            .iter()
+            .rev()
+            .find(|s| same_conn(s, ev))
+            .cloned();
+        let invalid = self.invalid_rise(facts, ev.time);
+        let c = match (pair, invalid) {
+            (Some(sent), _) => {
+                if invalid.is_none() {
+                    push_bounded(&mut self.pairs_awaiting_counter, (ev.clone(), sent.clone()));
+                }
+                conntrack_invalid(ev, Some(&sent), invalid, facts)
+            }
+            (None, _) => {
+                push_bounded(&mut self.resets_awaiting_pair, ev.clone());
+                if invalid.is_none() {
+                    return vec![];
+                }
+                conntrack_invalid(ev, None, invalid, facts)
+            }
+        };
+        self.conclude(key, &c);
+        vec![c]
+    }
+
+    fn reset_sent(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let window = self.cfg.correlation_window;
+        prune(&mut self.resets_awaiting_pair, ev.time, window);
+        push_bounded(&mut self.resets_sent, ev.clone());
+        // The reset may be reported after the one it caused.
+        let Some(i) = self
+            .resets_awaiting_pair
+            .iter()
+            .position(|r| same_conn(r, ev))
+        else {
+            return vec![];
+        };
+        let Some(received) = self.resets_awaiting_pair.remove(i) else {
+            return vec![];
+        };
+        let invalid = self.invalid_rise(facts, ev.time);
+        if invalid.is_none() {
+            push_bounded(
+                &mut self.pairs_awaiting_counter,
+                (received.clone(), ev.clone()),
+            );
+        }
+        let key = sock_key(&received);
+        // Already reported on the counter alone: this confirms it.
+        let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
+        let mut c = conntrack_invalid(&received, Some(ev), invalid, facts);
+        c.occurrence = !known;
+        self.conclude(&key, &c);
+        vec![c]
+    }
+
+    /// The node's invalid counter rose near `time`.
+    fn invalid_rise(&self, facts: &NodeFacts, time: SystemTime) -> Option<u64> {
+        let t = self.trends.get(&facts.node_netns?)?;
+        (t.invalid > 0 && within(t.at, time, self.cfg.correlation_window)).then_some(t.invalid)
+    }
+
+    fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        if ev.reason.as_deref() != Some("NETFILTER_DROP") || !is_bare_syn(ev.tcp_flags.as_deref()) {
+            return vec![];
+        }
+        let netns = if facts.netns.get(&ev.netns).is_some_and(|f| f.ct.is_some()) {
+            Some(ev.netns)
+        } else {
+            facts.node_netns
+        };
+        let Some((ns, ct)) = netns.and_then(|ns| Some((ns, facts.netns.get(&ns)?.ct.as_ref()?)))
+        else {
+            return vec![];
+        };
+        let trend = self
+            .trends
+            .get(&ns)
+            .filter(|t| within(t.at, ev.time, self.cfg.correlation_window))
+            .copied();
+        let c = match table_full(ev, ct, trend, facts, ns) {
+            Some(v) => v,
+            None => return vec![],
+        };
+        if self.full_table_drops.len() >= MAX_RECENT {
+            self.full_table_drops.pop_front();
+        }
+        self.full_table_drops.push_back((ev.clone(), c.clone()));
+        vec![Candidate {
+            v: c,
+            occurrence: true,
+        }]
+    }
+
+    /// Counter deltas between ticks: table-full drops on their own, and the
+    /// invalid counter confirming reset pairs.
+    fn counter_rules(&mut self, now: SystemTime, facts: &NodeFacts) -> Vec<Candidate> {
+        self.prev_ct.retain(|ns, _| facts.netns.contains_key(ns));
+        let mut nss: Vec<(&u32, &ConntrackFacts)> = facts
+            .netns
+            .iter()
+            .filter_map(|(ns, f)| Some((ns, f.ct.as_ref()?)))
+            .collect();
+        nss.sort_by_key(|(ns, _)| **ns);
+        let mut out = Vec::new();
+        for (&ns, ct) in nss {
+            let Some(prev) = self.prev_ct.insert(ns, ct.stats) else {
+                continue;
+            };
+            let t = CtTrend {
+                at: now,
+                invalid: ct.stats.invalid.saturating_sub(prev.invalid),
+                drop: ct.stats.drop.saturating_sub(prev.drop),
+                early_drop: ct.stats.early_drop.saturating_sub(prev.early_drop),
+                insert_failed: ct.stats.insert_failed.saturating_sub(prev.insert_failed),
+            };
+            if t.invalid + t.drop + t.early_drop + t.insert_failed == 0 {
+                continue;
+            }
+            self.trends.insert(ns, t);
+            if t.drop > 0 {
+                let mut ev = Event::new(
+                    now,
+                    EventKind::Drop,
+                    Endpoint::unspecified(),
+                    Endpoint::unspecified(),
+                    ns,
+                );
+                ev.identity_level = IdentityLevel::Netns;
+                if let Some(v) = table_full(&ev, ct, Some(t), facts, ns) {
+                    out.push(Candidate {
+                        v,
+                        occurrence: true,
+                    });
+                }
+            }
+        }
+        let window = self.cfg.correlation_window;
+        if let Some(delta) = self.invalid_rise(facts, now) {
+            for (rr, sent) in std::mem::take(&mut self.pairs_awaiting_counter) {
+                if within(rr.time, now, window) {
+                    let mut c = conntrack_invalid(&rr, Some(&sent), Some(delta), facts);
+                    c.occurrence = false;
+                    out.push(c);
+                }
+            }
+            let waiting: Vec<Event> = self.resets_awaiting_pair.iter().cloned().collect();
+            for rr in waiting {
+                let key = sock_key(&rr);
+                let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
+                if !known && within(rr.time, now, window) {
+                    let c = conntrack_invalid(&rr, None, Some(delta), facts);
+                    self.conclude(&key, &c);
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
+    /// Aggregates a candidate; returns it when its key is due.
+    fn submit(&mut self, c: Candidate) -> Option<Verdict> {
+        let Candidate { v, occurrence } = c;
+        let now = v.time;
+        let key = AggKey {
+            owner: match &v.pod {
+                Some(p) => format!("pod:{}", p.uid),
+                None => format!("netns:{}", v.netns),
+            },
+            cause: v.cause,
+            dst: v.dst.to_string(),
+        };
+        if !self.aggs.contains_key(&key) {
+            if self.aggs.len() >= self.cfg.max_keys {
+                evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen));
+            }
+            self.aggs.insert(
+                key,
+                Agg {
+                    v: v.clone(),
+                    last_emitted: v.time,
+                    pending: false,
+                },
+            );
+            return Some(v);
+        }
+        let a = self.aggs.get_mut(&key)?;
+        if occurrence {
+            a.v.count += 1;
+        }
+        a.v.last_seen = a.v.last_seen.max(v.last_seen);
+        a.v.first_seen = a.v.first_seen.min(v.first_seen);
+        if v.confidence >= a.v.confidence {
+            let (count, first, last) = (a.v.count, a.v.first_seen, a.v.last_seen);
+            a.v = Verdict {
+                count,
+                first_seen: first,
+                last_seen: last,
+                ..v
+            };
+        }
+        a.pending = true;
+        if elapsed(a.last_emitted, now) >= self.cfg.reemit_interval {
+            a.pending = false;
+            a.last_emitted = now;
+            a.v.time = now;
+            return Some(a.v.clone());
+        }
+        None
+    }
+
+    fn expire(&mut self, now: SystemTime) {
+        let ttl = self.cfg.state_ttl;
+        self.socks
+            .retain(|_, s| s.last.is_some_and(|t| elapsed(t, now) <= ttl));
+        self.aggs
+            .retain(|_, a| a.pending || elapsed(a.v.last_seen, now) <= ttl);
+        let window = self.cfg.correlation_window;
+        prune(&mut self.resets_sent, now, window);
+        prune(&mut self.resets_awaiting_pair, now, window);
+        self.pairs_awaiting_counter
+            .retain(|(rr, _)| within(rr.time, now, window));
+        self.full_table_drops
+            .retain(|(d, _)| within(d.time, now, window));
+        self.trends.retain(|_, t| within(t.at, now, window));
+    }
+}
+
+fn state_is(ev: &Event, name: &str) -> bool {
+    ev.state.as_deref() == Some(name) || ev.old_state.as_deref() == Some(name)
+}
+
+/// Sockets without a kernel address are grouped by namespace and 4-tuple.
+fn sock_key(ev: &Event) -> String {
+    match &ev.sock {
+        Some(s) => s.clone(),
+        None => format!("{}/{}/{}", ev.netns, ev.src, ev.dst),
+    }
+}
+
+/// Both events concern the same pair of endpoints, in either direction.
+fn same_conn(a: &Event, b: &Event) -> bool {
+    let ep = |e: &Endpoint| (e.ip, e.port);
+    (ep(&a.src) == ep(&b.src) && ep(&a.dst) == ep(&b.dst))
+        || (ep(&a.src) == ep(&b.dst) && ep(&a.dst) == ep(&b.src))
+}
+
+fn is_bare_syn(flags: Option<&str>) -> bool {
+    let Some(f) = flags else { return false };
+    let mut it = f.split('|').map(str::trim);
+    it.clone().any(|x| x == "SYN") && !it.any(|x| x == "ACK")
+}
+
+fn elapsed(from: SystemTime, to: SystemTime) -> Duration {
+    to.duration_since(from).unwrap_or(Duration::ZERO)
+}
+
+fn within(a: SystemTime, b: SystemTime, window: Duration) -> bool {
+    elapsed(a, b).max(elapsed(b, a)) <= window
+}
+
+fn prune(q: &mut VecDeque<Event>, now: SystemTime, window: Duration) {
+    q.retain(|e| within(e.time, now, window));
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() >= MAX_RECENT {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+/// Drops the least recently seen eighth of a full map.
+fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    last: impl Fn(&V) -> Option<SystemTime>,
+) {
+    let mut by_age: Vec<(Option<SystemTime>, K)> =
+        map.iter().map(|(k, v)| (last(v), k.clone())).collect();
+    by_age.sort_by_key(|(t, _)| *t);
+    let n = (map.len() / 8).max(1);
+    for (_, k) in by_age.into_iter().take(n) {
+        map.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    #[test]
+    fn memory_stays_bounded() {
+        let mut d = Diagnoser::new(DiagnoserConfig {
+            max_socks: 64,
+            max_keys: 16,
+            ..DiagnoserConfig::default()
+        });
+        let facts = NodeFacts::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut emitted = 0;
+        for i in 0..10_000u32 {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let time = t0 + Duration::from_millis(u64::from(i));
+            let mut ev = Event::new(
+                time,
+                EventKind::SocketError,
+                Endpoint::new(ip, 1),
+                Endpoint::new(ip, 80),
+                7,
+            );
+            ev.sock = Some(format!("{i:x}"));
+            ev.errno = Some("ECONNREFUSED".into());
+            emitted += d.observe(&ev, &facts).len();
+            assert!(d.socks.len() <= 64 && d.aggs.len() <= 16, "at {i}");
+        }
+        // Every destination is new, so each is reported once.
+        assert_eq!(emitted, 10_000);
+        d.tick(t0 + Duration::from_secs(3600), &facts);
+        assert!(d.socks.is_empty() && d.aggs.is_empty());
+    }
+}

@@ -1,0 +1,825 @@
+//! Recorded event sequences -> the exact verdicts they must produce.
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::json;
+
+use super::{
+    Cause::{self, *},
+    Confidence::{self, *},
+    Diagnoser, DiagnoserConfig, Verdict,
+    facts::{ConntrackFacts, NetnsFacts, NodeFacts},
+};
+use crate::model::{Endpoint, Event, EventKind, IdentityLevel, PodRef, TcpDetail};
+
+const NODE: u32 = 1;
+const CLIENT: u32 = 10;
+const SERVER: u32 = 11;
+// Client pod, server pod, a ClusterIP and the node's address.
+const P: &str = "10.244.1.5:40000";
+const B: &str = "10.244.2.9:8080";
+const SVC: &str = "10.96.0.10:80";
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(ms)
+}
+
+fn ep(s: &str) -> Endpoint {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Endpoint::new(a.ip(), a.port()),
+        Err(e) => panic!("bad endpoint {s}: {e}"),
+    }
+}
+
+/// Builder for recorded events.
+struct E(Box<Event>);
+
+fn ev(ms: u64, kind: EventKind, netns: u32, src: &str, dst: &str) -> E {
+    let mut e = Event::new(at(ms), kind, ep(src), ep(dst), netns);
+    if netns == CLIENT || netns == SERVER {
+        let name = if netns == CLIENT { "client" } else { "server" };
+        e.pod = Some(PodRef {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            container: None,
+        });
+        e.identity_level = IdentityLevel::Pod;
+        e.comm = Some(name.into());
+        e.pid = Some(1000 + netns);
+    }
+    E(Box::new(e))
+}
+
+impl E {
+    fn sock(mut self, s: &str) -> Self {
+        self.0.sock = Some(s.into());
+        self
+    }
+    fn state(mut self, s: &str) -> Self {
+        self.0.state = Some(s.into());
+        self
+    }
+    fn from(mut self, s: &str) -> Self {
+        self.0.old_state = Some(s.into());
+        self
+    }
+    fn errno(mut self, s: &str) -> Self {
+        self.0.errno = Some(s.into());
+        self
+    }
+    fn reason(mut self, s: &str) -> Self {
+        self.0.reason = Some(s.into());
+        self
+    }
+    fn flags(mut self, s: &str) -> Self {
+        self.0.tcp_flags = Some(s.into());
+        self
+    }
+    fn tcp(mut self, idle_ms: u64, keepalive: bool, keepalive_time_ms: u64) -> Self {
+        self.0.tcp = Some(TcpDetail {
+            idle_ms,
+            since_send_ms: 0,
+            keepalive,
+            keepalive_time_ms,
+            srtt_us: 300,
+            total_retrans: 0,
+        });
+        self
+    }
+}
+
+enum Step {
+    Ev(E),
+    /// Changes the facts (counters) before the next step.
+    Facts(fn(&mut NodeFacts)),
+    Tick(u64),
+}
+use Step::*;
+
+use crate::model::EventKind::{
+    BindError, ConnectError, Drop, ResetReceived, ResetSent, Retransmit, SocketError, StateChange,
+};
+
+/// Node netns 1 (routes and NATs, conntrack on), client pod 10, server pod 11.
+fn facts() -> NodeFacts {
+    let ct = |count| {
+        Some(ConntrackFacts {
+            established_timeout_s: 432000,
+            count,
+            max: 1000,
+            ..ConntrackFacts::default()
+        })
+    };
+    let mut f = NodeFacts {
+        node_netns: Some(NODE),
+        ipvs_tcp_timeout_s: Some(900),
+        ..NodeFacts::default()
+    };
+    f.nodeports.insert(31000, "default/web:80".into());
+    f.netns.insert(
+        NODE,
+        NetnsFacts {
+            port_range: (1024, 65535),
+            ct: ct(100),
+            ..NetnsFacts::default()
+        },
+    );
+    f.netns.insert(
+        CLIENT,
+        NetnsFacts {
+            port_range: (40000, 40009),
+            ..NetnsFacts::default()
+        },
+    );
+    f.netns.insert(SERVER, NetnsFacts::default());
+    f
+}
+
+fn node_ct(f: &mut NodeFacts) -> &mut ConntrackFacts {
+    match f.netns.get_mut(&NODE).and_then(|n| n.ct.as_mut()) {
+        Some(ct) => ct,
+        None => panic!("node conntrack missing"),
+    }
+}
+
+fn run(mut f: NodeFacts, steps: Vec<Step>) -> Vec<Verdict> {
+    let mut d = Diagnoser::new(DiagnoserConfig::default());
+    let mut out = Vec::new();
+    for step in steps {
+        match step {
+            Ev(e) => out.extend(d.observe(&e.0, &f)),
+            Facts(change) => change(&mut f),
+            Tick(ms) => out.extend(d.tick(at(ms), &f)),
+        }
+    }
+    out
+}
+
+fn causes(v: &[Verdict]) -> Vec<(Cause, Confidence, u64)> {
+    v.iter().map(|v| (v.cause, v.confidence, v.count)).collect()
+}
+
+/// A client connection to the Service that got established.
+fn connected(sock: &str) -> Vec<Step> {
+    vec![
+        Ev(ev(0, StateChange, CLIENT, P, SVC)
+            .sock(sock)
+            .from("CLOSE")
+            .state("SYN_SENT")),
+        Ev(ev(1, StateChange, CLIENT, P, SVC)
+            .sock(sock)
+            .from("SYN_SENT")
+            .state("ESTABLISHED")),
+    ]
+}
+
+#[test]
+fn idle_timeout_reset_after_ipvs_forgot_the_connection() {
+    let mut steps = connected("s1");
+    steps.extend([
+        Ev(ev(1_200_000, ResetReceived, CLIENT, P, SVC)
+            .sock("s1")
+            .state("ESTABLISHED")
+            .tcp(1_200_000, false, 7_200_000)),
+        Ev(ev(1_200_001, StateChange, CLIENT, P, SVC)
+            .sock("s1")
+            .from("ESTABLISHED")
+            .state("CLOSE")),
+        Ev(ev(1_200_001, SocketError, CLIENT, P, SVC)
+            .sock("s1")
+            .state("CLOSE")
+            .errno("ECONNRESET")),
+        Tick(1_230_000),
+    ]);
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(IdleTimeout, Certain, 1)]);
+    let e = &v[0].evidence;
+    assert_eq!(e["idle_ms"], json!(1_200_000));
+    assert_eq!(e["keepalive"], json!(false));
+    assert_eq!(e["keepalive_time_ms"], json!(7_200_000));
+    assert_eq!(e["timeout_s"], json!(900));
+    assert_eq!(e["timeout_source"], json!("ipvs"));
+    assert_eq!(e["shape"], json!("reset"));
+    assert_eq!(
+        v[0].fix,
+        "enable SO_KEEPALIVE and set net.ipv4.tcp_keepalive_time=450 (below the 900 s IPVS timeout) in the network namespace of pod default/client"
+    );
+    assert_eq!(
+        v[0].summary,
+        "pod default/client: connection to 10.96.0.10:80 was idle 1200 s, longer than the 900 s IPVS timeout, and was reset"
+    );
+    assert_eq!(v[0].pod.as_ref().map(|p| p.name.as_str()), Some("client"));
+    assert_eq!(
+        (v[0].netns, v[0].pid, v[0].comm.as_deref()),
+        (CLIENT, Some(1010), Some("client"))
+    );
+}
+
+fn black_hole(keepalive: bool) -> Vec<Step> {
+    let mut steps = connected("s2");
+    // RTO doubling after a 61 s quiet period; the peer is never heard again.
+    for (i, ms) in [61_200u64, 61_600, 62_400, 64_000, 67_200]
+        .into_iter()
+        .enumerate()
+    {
+        let idle = 61_000 + 200 * (1 << i);
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock("s2")
+            .state("ESTABLISHED")
+            .tcp(idle, keepalive, 30_000)));
+    }
+    steps.push(Ev(ev(80_000, StateChange, CLIENT, P, SVC)
+        .sock("s2")
+        .from("ESTABLISHED")
+        .state("CLOSE")));
+    steps.push(Ev(ev(80_000, SocketError, CLIENT, P, SVC)
+        .sock("s2")
+        .state("CLOSE")
+        .errno("ETIMEDOUT")));
+    steps.push(Tick(95_000));
+    steps
+}
+
+#[test]
+fn idle_timeout_black_hole_is_likely_then_certain() {
+    let mut f = facts();
+    f.middlebox_timeout_s = Some(60);
+    let v = run(f, black_hole(false));
+    assert_eq!(
+        causes(&v),
+        vec![(IdleTimeout, Likely, 1), (IdleTimeout, Certain, 1)]
+    );
+    let e = &v[1].evidence;
+    assert_eq!(e["idle_ms"], json!(61_200));
+    assert_eq!(e["timeout_s"], json!(60));
+    assert_eq!(e["timeout_source"], json!("middlebox"));
+    assert_eq!(e["shape"], json!("black_hole"));
+    assert_eq!(e["retransmits"], json!(5));
+    assert_eq!(
+        v[1].fix,
+        "enable SO_KEEPALIVE and set net.ipv4.tcp_keepalive_time=30 (below the 60 s middlebox timeout) in the network namespace of pod default/client"
+    );
+}
+
+#[test]
+fn timeout_without_retransmit_history_is_only_possible() {
+    let mut f = facts();
+    f.middlebox_timeout_s = Some(60);
+    let mut steps = connected("s2");
+    steps.push(Ev(ev(900_000, SocketError, CLIENT, P, SVC)
+        .sock("s2")
+        .state("ESTABLISHED")
+        .errno("ETIMEDOUT")
+        .tcp(900_000, false, 7_200_000)));
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(IdleTimeout, Possible, 1)]);
+    assert_eq!(v[0].evidence["retransmits"], json!(0));
+}
+
+#[test]
+fn node_conntrack_timeout_is_a_path_timeout() {
+    let mut f = facts();
+    f.ipvs_tcp_timeout_s = None;
+    node_ct(&mut f).established_timeout_s = 5;
+    let mut steps = connected("s1");
+    steps.push(Ev(ev(9_000, ResetReceived, CLIENT, P, SVC)
+        .sock("s1")
+        .state("ESTABLISHED")
+        .tcp(8_000, false, 7_200_000)));
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(IdleTimeout, Certain, 1)]);
+    assert_eq!(v[0].evidence["timeout_source"], json!("conntrack:node"));
+    assert_eq!(
+        v[0].fix,
+        "enable SO_KEEPALIVE and set net.ipv4.tcp_keepalive_time=4 (below the 5 s node conntrack established timeout) in the network namespace of pod default/client"
+    );
+}
+
+#[test]
+fn keepalive_client_on_the_same_path_is_healthy() {
+    let mut f = facts();
+    f.middlebox_timeout_s = Some(60);
+    // The same retransmits and reset, but a 30 s keepalive keeps the 60 s
+    // path alive: no idle_timeout (and three retransmits are no storm).
+    let mut steps = black_hole(true);
+    steps.truncate(5);
+    steps.push(Ev(ev(70_000, ResetReceived, CLIENT, P, SVC)
+        .sock("s2")
+        .state("ESTABLISHED")
+        .tcp(70_000, true, 30_000)));
+    steps.push(Tick(90_000));
+    assert_eq!(causes(&run(f, steps)), vec![]);
+}
+
+/// The server's connection is killed by a reset the client sent for a
+/// segment that escaped reverse NAT (kubernetes #74839).
+fn invalid_pair(received_first: bool) -> Vec<Step> {
+    let sent = Ev(ev(1_000, ResetSent, CLIENT, P, B)
+        .reason("NO_SOCKET")
+        .flags("RST"));
+    let received = Ev(ev(1_001, ResetReceived, SERVER, B, P)
+        .sock("srv")
+        .state("ESTABLISHED")
+        .tcp(40, false, 7_200_000));
+    if received_first {
+        vec![received, sent]
+    } else {
+        vec![sent, received]
+    }
+}
+
+#[test]
+fn conntrack_invalid_reset_pair_confirmed_by_the_counter() {
+    let mut steps = vec![Tick(0)];
+    steps.extend(invalid_pair(false));
+    steps.extend([
+        Facts(|f| node_ct(f).stats.invalid += 2),
+        Tick(2_000),
+        Tick(12_000),
+        Tick(13_000),
+    ]);
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ConntrackInvalid, Likely, 1),
+            (ConntrackInvalid, Certain, 1)
+        ]
+    );
+    let e = &v[1].evidence;
+    assert_eq!(e["invalid_delta"], json!(2));
+    assert_eq!(e["be_liberal"], json!(false));
+    assert_eq!(e["invalid_drop_rule"], json!(false));
+    assert_eq!(e["reset_pair"], json!(true));
+    assert_eq!(e["tuple"], json!("10.244.2.9:8080 <-> 10.244.1.5:40000"));
+    assert_eq!(v[0].evidence["invalid_delta"], json!(null));
+    assert_eq!(v[1].pod.as_ref().map(|p| p.name.as_str()), Some("server"));
+    assert_eq!(
+        v[1].fix,
+        "sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=1 on the node, or iptables -t filter -I INPUT -m conntrack --ctstate INVALID -j DROP"
+    );
+}
+
+#[test]
+fn conntrack_invalid_certain_at_once_when_the_counter_rose_first() {
+    let mut steps = vec![Tick(0), Facts(|f| node_ct(f).stats.invalid += 1), Tick(900)];
+    steps.extend(invalid_pair(false));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Certain, 1)]);
+    assert_eq!(v[0].evidence["invalid_delta"], json!(1));
+}
+
+#[test]
+fn conntrack_invalid_reset_reported_before_its_cause() {
+    // The server's reset arrives first: likely on the counter alone, then
+    // the client's RST confirms the same occurrence.
+    let mut steps = vec![Tick(0), Facts(|f| node_ct(f).stats.invalid += 1), Tick(900)];
+    steps.extend(invalid_pair(true));
+    steps.extend([Tick(5_000), Tick(12_000)]);
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ConntrackInvalid, Likely, 1),
+            (ConntrackInvalid, Certain, 1)
+        ]
+    );
+    assert_eq!(v[1].evidence["reset_pair"], json!(true));
+    // Without the counter, the pair alone is likely.
+    let v = run(facts(), invalid_pair(true));
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Likely, 1)]);
+    assert_eq!(
+        v[0].evidence["reset_sent_by"],
+        json!("10.244.1.5:40000 (netns 10)")
+    );
+}
+
+#[test]
+fn conntrack_invalid_counter_and_unpaired_reset_is_likely() {
+    let steps = vec![
+        Tick(0),
+        Ev(ev(500, ResetReceived, SERVER, B, P)
+            .sock("srv")
+            .state("ESTABLISHED")
+            .tcp(40, false, 7_200_000)),
+        Facts(|f| node_ct(f).stats.invalid += 3),
+        Tick(1_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Likely, 1)]);
+    assert_eq!(v[0].evidence["reset_pair"], json!(false));
+    assert_eq!(v[0].evidence["invalid_delta"], json!(3));
+}
+
+#[test]
+fn below_window_segment_without_reset_is_nothing() {
+    // conntrack may count it, but nothing was reset.
+    let mut steps = vec![
+        Tick(0),
+        Facts(|f| node_ct(f).stats.invalid += 1),
+        Tick(1_000),
+    ];
+    steps.extend(connected("s1"));
+    steps.push(Tick(12_000));
+    assert_eq!(causes(&run(facts(), steps)), vec![]);
+    // A plain application reset with no pair and no counter rise is nothing too.
+    let steps = vec![
+        Ev(ev(500, ResetReceived, SERVER, B, P)
+            .sock("srv")
+            .state("ESTABLISHED")
+            .tcp(40, false, 7_200_000)),
+        Tick(40_000),
+    ];
+    assert_eq!(causes(&run(facts(), steps)), vec![]);
+}
+
+#[test]
+fn idle_timeout_takes_priority_over_a_reset_pair() {
+    let steps = vec![
+        Ev(ev(1_000, ResetSent, NODE, SVC, P)
+            .reason("NO_SOCKET")
+            .flags("RST")),
+        Ev(ev(1_001, ResetReceived, CLIENT, P, SVC)
+            .sock("s1")
+            .state("ESTABLISHED")
+            .tcp(1_000_000, false, 7_200_000)),
+    ];
+    assert_eq!(
+        causes(&run(facts(), steps)),
+        vec![(IdleTimeout, Certain, 1)]
+    );
+}
+
+#[test]
+fn conntrack_table_full_drops_syns_and_the_client_times_out() {
+    let mut f = facts();
+    node_ct(&mut f).count = 995;
+    let s = "10.244.1.5:40001";
+    let steps = vec![
+        Tick(0),
+        Ev(ev(0, StateChange, CLIENT, s, SVC)
+            .sock("s3")
+            .from("CLOSE")
+            .state("SYN_SENT")),
+        Ev(ev(1, Drop, NODE, s, SVC)
+            .reason("NETFILTER_DROP")
+            .flags("SYN")),
+        Ev(ev(1_000, Retransmit, CLIENT, s, SVC)
+            .sock("s3")
+            .state("SYN_SENT")),
+        Ev(ev(1_001, Drop, NODE, s, SVC)
+            .reason("NETFILTER_DROP")
+            .flags("SYN")),
+        Facts(|f| node_ct(f).stats.drop += 2),
+        Tick(2_000),
+        Ev(ev(3_000, Retransmit, CLIENT, s, SVC)
+            .sock("s3")
+            .state("SYN_SENT")),
+        Ev(ev(7_000, StateChange, CLIENT, s, SVC)
+            .sock("s3")
+            .from("SYN_SENT")
+            .state("CLOSE")),
+        Ev(ev(7_000, SocketError, CLIENT, s, SVC)
+            .sock("s3")
+            .state("CLOSE")
+            .errno("ETIMEDOUT")),
+        Tick(12_000),
+    ];
+    let v = run(f, steps);
+    let who: Vec<(Cause, Confidence, u64, u32, String)> = v
+        .iter()
+        .map(|v| (v.cause, v.confidence, v.count, v.netns, v.dst.to_string()))
+        .collect();
+    assert_eq!(
+        who,
+        vec![
+            (ConntrackTableFull, Certain, 1, NODE, SVC.to_string()),
+            (
+                ConntrackTableFull,
+                Certain,
+                1,
+                NODE,
+                "0.0.0.0:0".to_string()
+            ),
+            (ConntrackTableFull, Certain, 1, CLIENT, SVC.to_string()),
+            (ConntrackTableFull, Certain, 2, NODE, SVC.to_string()),
+        ]
+    );
+    let e = &v[2].evidence;
+    assert_eq!(
+        (e["count"].clone(), e["max"].clone()),
+        (json!(995), json!(1000))
+    );
+    assert_eq!(e["syn_retransmits"], json!(2));
+    assert_eq!(v[1].evidence["drop_delta"], json!(2));
+    assert_eq!(v[1].evidence["early_drop_delta"], json!(0));
+    assert_eq!(v[1].evidence["insert_failed_delta"], json!(0));
+    assert_eq!(
+        v[0].fix,
+        "sysctl -w net.netfilter.nf_conntrack_max=2000 on the node; shorten net.netfilter.nf_conntrack_tcp_timeout_established (now 432000 s); find the top talkers with conntrack -L"
+    );
+    assert!(v.iter().all(|v| v.cause != SynTimeout));
+}
+
+#[test]
+fn syn_drop_without_table_pressure_is_not_table_full() {
+    let steps = vec![
+        Tick(0),
+        Ev(ev(1, Drop, NODE, P, SVC)
+            .reason("NETFILTER_DROP")
+            .flags("SYN")),
+        Ev(ev(2, Drop, NODE, P, SVC)
+            .reason("NETFILTER_DROP")
+            .flags("ACK|PSH")),
+        Tick(2_000),
+    ];
+    assert_eq!(causes(&run(facts(), steps)), vec![]);
+}
+
+#[test]
+fn early_drop_alone_makes_table_full_likely() {
+    let steps = vec![
+        Tick(0),
+        Facts(|f| node_ct(f).stats.early_drop += 4),
+        Tick(1_000),
+        Ev(ev(1_500, Drop, NODE, P, SVC)
+            .reason("NETFILTER_DROP")
+            .flags("SYN")),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackTableFull, Likely, 1)]);
+    assert_eq!(v[0].evidence["early_drop_delta"], json!(4));
+}
+
+#[test]
+fn port_exhaustion_aggregates_repeats() {
+    let mut steps: Vec<Step> = (0..3)
+        .map(
+            |i| Ev(ev(i * 1_000, ConnectError, CLIENT, "10.244.1.5:0", SVC).errno("EADDRNOTAVAIL")),
+        )
+        .collect();
+    steps.push(Tick(5_000));
+    steps.push(Tick(11_000));
+    steps.push(Tick(30_000));
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![(PortExhaustion, Certain, 1), (PortExhaustion, Certain, 3)]
+    );
+    let e = &v[1].evidence;
+    assert_eq!(e["dst"], json!(SVC));
+    assert_eq!(e["port_range"], json!("40000-40009"));
+    assert_eq!(e["port_range_size"], json!(10));
+    assert_eq!(e["reserved_in_range"], json!(0));
+    assert_eq!(e["tw_reuse"], json!(2));
+    assert_eq!((v[1].first_seen, v[1].last_seen), (at(0), at(2_000)));
+    assert_eq!(
+        v[1].fix,
+        "widen net.ipv4.ip_local_port_range to \"32768 65535\" (32768 ports, clear of the NodePort range 30000-32767; now 40000-40009 = 10 ports) in the network namespace of pod default/client; reuse connections to 10.96.0.10:80 (connection pooling, HTTP keep-alive); set net.ipv4.tcp_tw_reuse=1"
+    );
+}
+
+#[test]
+fn bind_failures() {
+    // nc binds port 0 first and reports "Address in use" when the range is exhausted.
+    let v = run(
+        facts(),
+        vec![Ev(
+            ev(0, BindError, CLIENT, "0.0.0.0:0", "0.0.0.0:0").errno("EADDRINUSE")
+        )],
+    );
+    assert_eq!(causes(&v), vec![(PortExhaustion, Likely, 1)]);
+
+    let v = run(
+        facts(),
+        vec![Ev(
+            ev(0, BindError, SERVER, "0.0.0.0:45000", "0.0.0.0:0").errno("EADDRINUSE")
+        )],
+    );
+    assert_eq!(causes(&v), vec![(BindConflict, Certain, 1)]);
+    assert_eq!(v[0].evidence["port"], json!(45000));
+    assert_eq!(v[0].evidence["in_ephemeral_range"], json!(true));
+    assert_eq!(
+        v[0].fix,
+        "another socket holds 0.0.0.0:45000: find it with ss -tanp 'sport = :45000', pick another port, or set SO_REUSEADDR if a closing connection (TIME_WAIT) holds it; port 45000 is inside ip_local_port_range 32768-60999, so outgoing connections can take it: sysctl -w net.ipv4.ip_local_reserved_ports=45000 in the network namespace of pod default/server"
+    );
+}
+
+/// kubelet on the node (host network) health-checking a pod.
+fn kubelet_connect(sport: u16, netns: u32) -> Vec<Step> {
+    let src = format!("192.168.66.27:{sport}");
+    let src = src.as_str();
+    let dst = "10.244.1.7:80";
+    vec![
+        Ev(ev(0, StateChange, netns, src, dst)
+            .sock("k")
+            .from("CLOSE")
+            .state("SYN_SENT")),
+        Ev(ev(1_000, Retransmit, netns, src, dst)
+            .sock("k")
+            .state("SYN_SENT")
+            .flags("SYN")),
+        Ev(ev(3_000, Retransmit, netns, src, dst)
+            .sock("k")
+            .state("SYN_SENT")
+            .flags("SYN")),
+        Ev(ev(7_000, StateChange, netns, src, dst)
+            .sock("k")
+            .from("SYN_SENT")
+            .state("CLOSE")),
+        Ev(ev(7_000, SocketError, netns, src, dst)
+            .sock("k")
+            .state("CLOSE")
+            .errno("ETIMEDOUT")),
+        Tick(20_000),
+    ]
+}
+
+#[test]
+fn nodeport_collision_when_the_source_port_is_a_nodeport() {
+    let v = run(facts(), kubelet_connect(31000, NODE));
+    assert_eq!(causes(&v), vec![(NodeportCollision, Certain, 1)]);
+    assert_eq!(v[0].evidence["src_port"], json!(31000));
+    assert_eq!(v[0].evidence["nodeport"], json!("default/web:80"));
+    assert_eq!(v[0].evidence["port_range"], json!("1024-65535"));
+    assert_eq!(
+        v[0].fix,
+        "sysctl -w net.ipv4.ip_local_reserved_ports=31000 on the node (or reserve the whole NodePort range 30000-32767)"
+    );
+}
+
+#[test]
+fn nodeport_collision_possible_inside_an_overlapping_range() {
+    let mut f = facts();
+    if let Some(n) = f.netns.get_mut(&NODE) {
+        n.reserved_ports = vec![(8080, 8080)];
+    }
+    let v = run(f, kubelet_connect(30500, NODE));
+    assert_eq!(causes(&v), vec![(NodeportCollision, Possible, 1)]);
+    assert_eq!(
+        v[0].fix,
+        "sysctl -w net.ipv4.ip_local_reserved_ports=8080,30000-32767 on the node"
+    );
+}
+
+#[test]
+fn syn_timeout_never_nodeport_collision_without_overlap() {
+    let mut f = facts();
+    if let Some(n) = f.netns.get_mut(&NODE) {
+        n.port_range = (32768, 60999);
+    }
+    // Retransmits that then connect: nothing.
+    let mut steps = kubelet_connect(30500, NODE);
+    steps.truncate(3);
+    steps.push(Ev(ev(
+        4_000,
+        StateChange,
+        NODE,
+        "192.168.66.27:30500",
+        "10.244.1.7:80",
+    )
+    .sock("k")
+    .from("SYN_SENT")
+    .state("ESTABLISHED")));
+    steps.push(Tick(20_000));
+    assert_eq!(causes(&run(f.clone(), steps)), vec![]);
+    // Retransmits that time out: syn_timeout only.
+    let v = run(f, kubelet_connect(30500, NODE));
+    assert_eq!(causes(&v), vec![(SynTimeout, Certain, 1)]);
+    assert_eq!(v[0].evidence["syn_retransmits"], json!(2));
+    assert_eq!(v[0].evidence["dst"], json!("10.244.1.7:80"));
+    // A pod's source port cannot hit a NodePort rule: syn_timeout, not a collision.
+    let v = run(facts(), kubelet_connect(31000, CLIENT));
+    assert_eq!(causes(&v), vec![(SynTimeout, Certain, 1)]);
+}
+
+#[test]
+fn refused_connect_is_only_connection_refused() {
+    let s = "10.244.1.5:40001";
+    let steps = vec![
+        Ev(ev(0, StateChange, CLIENT, s, SVC)
+            .sock("r")
+            .from("CLOSE")
+            .state("SYN_SENT")),
+        Ev(ev(1_000, Retransmit, CLIENT, s, SVC)
+            .sock("r")
+            .state("SYN_SENT")
+            .flags("SYN")),
+        Ev(ev(1_001, ResetReceived, CLIENT, s, SVC)
+            .sock("r")
+            .state("SYN_SENT")
+            .tcp(5_000_000, false, 7_200_000)),
+        Ev(ev(1_001, StateChange, CLIENT, s, SVC)
+            .sock("r")
+            .from("SYN_SENT")
+            .state("CLOSE")),
+        Ev(ev(1_001, SocketError, CLIENT, s, SVC)
+            .sock("r")
+            .state("CLOSE")
+            .errno("ECONNREFUSED")),
+        Tick(30_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
+    assert_eq!(v[0].evidence["via"], json!("reset"));
+    assert_eq!(
+        v[0].fix,
+        "nothing accepts connections on 10.96.0.10:80: check that the server listens on port 80"
+    );
+    // Refused without a reset event (errno only) is the same cause.
+    let v = run(
+        facts(),
+        vec![Ev(ev(0, SocketError, CLIENT, s, SVC)
+            .sock("r2")
+            .state("CLOSE")
+            .errno("ECONNREFUSED"))],
+    );
+    assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
+}
+
+#[test]
+fn refused_connects_never_flood() {
+    let mut steps = Vec::new();
+    for i in 0..100u64 {
+        let sock = format!("r{i}");
+        steps.push(Ev(ev(i * 50, ResetReceived, CLIENT, P, SVC)
+            .sock(&sock)
+            .state("SYN_SENT")));
+        steps.push(Ev(ev(i * 50, SocketError, CLIENT, P, SVC)
+            .sock(&sock)
+            .errno("ECONNREFUSED")));
+    }
+    steps.extend([Tick(6_000), Tick(11_000), Tick(12_000), Tick(25_000)]);
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ConnectionRefused, Certain, 1),
+            (ConnectionRefused, Certain, 100)
+        ]
+    );
+}
+
+#[test]
+fn retransmit_storm_on_a_busy_connection() {
+    let mut steps = connected("s4");
+    for i in 0..6u64 {
+        steps.push(Ev(ev(10_000 + i * 500, Retransmit, CLIENT, P, SVC)
+            .sock("s4")
+            .state("ESTABLISHED")
+            .tcp(30 + i, false, 7_200_000)));
+    }
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(RetransmitStorm, Likely, 1)]);
+    assert_eq!(v[0].evidence["retransmits"], json!(5));
+    assert_eq!(v[0].evidence["window_s"], json!(10));
+    // Four retransmits, or five spread over more than 10 s, are not a storm.
+    let mut steps = connected("s4");
+    for i in 0..5u64 {
+        steps.push(Ev(ev(10_000 + i * 3_000, Retransmit, CLIENT, P, SVC)
+            .sock("s4")
+            .state("ESTABLISHED")
+            .tcp(30, false, 7_200_000)));
+    }
+    assert_eq!(causes(&run(facts(), steps)), vec![]);
+}
+
+#[test]
+fn verdicts_serialize_with_stable_names() {
+    let v = run(
+        facts(),
+        vec![Ev(
+            ev(0, ConnectError, CLIENT, "10.244.1.5:0", SVC).errno("EADDRNOTAVAIL")
+        )],
+    );
+    let j = serde_json::to_value(&v[0]).expect("serialize");
+    assert_eq!(j["cause"], json!("port_exhaustion"));
+    assert_eq!(j["confidence"], json!("certain"));
+    assert_eq!(j["identity_level"], json!("pod"));
+    assert_eq!(j["time"], json!("2023-11-14T22:13:20.000000Z"));
+    for c in [
+        IdleTimeout,
+        ConntrackInvalid,
+        ConntrackTableFull,
+        PortExhaustion,
+        BindConflict,
+        NodeportCollision,
+        ConnectionRefused,
+        SynTimeout,
+        RetransmitStorm,
+    ] {
+        assert_eq!(
+            serde_json::to_value(c).expect("serialize"),
+            json!(c.as_str())
+        );
+    }
+    for c in [Possible, Likely, Certain] {
+        assert_eq!(
+            serde_json::to_value(c).expect("serialize"),
+            json!(c.as_str())
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Node facts for diagnosis: finds the node's network namespaces and reads
+//! each one's sysctls and conntrack state, on a background thread.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use crate::diagnosis::{NodeFacts, collect_netns};
+
+/// At most this many namespaces are read per refresh.
+const MAX_NAMESPACES: usize = 1024;
+
+/// A network namespace found on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub inode: u32,
+    /// A file that refers to it (/run/netns/NAME or /proc/PID/ns/net).
+    pub path: PathBuf,
+    /// Its `ip netns` name, if it has one.
+    pub name: Option<String>,
+}
+
+/// Named namespaces first (their names are useful), then one process per
+/// remaining namespace. Unreadable entries are skipped: processes come and go.
+pub fn discover_namespaces(host_root: &Path) -> Vec<Namespace> {
+    let mut found: BTreeMap<u32, Namespace> = BTreeMap::new();
+    if let Ok(dir) = fs::read_dir(host_root.join("run/netns")) {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if let Ok(meta) = fs::metadata(&path) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                found.entry(meta.ino() as u32).or_insert(Namespace {
+                    inode: meta.ino() as u32,
+                    path,
+                    name: Some(name),
+                });
+            }
+        }
+    }
+    if let Ok(dir) = fs::read_dir(host_root.join("proc")) {
+        for entry in dir.flatten() {
+            if found.len() >= MAX_NAMESPACES {
+                break;
+            }
+            let file_name = entry.file_name();
+            if !file_name
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let path = entry.path().join("ns/net");
+            if let Ok(meta) = fs::metadata(&path) {
+                found.entry(meta.ino() as u32).or_insert(Namespace {
+                    inode: meta.ino() as u32,
+                    path,
+                    name: None,
+                });
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+/// What the refresher needs to know besides the namespaces themselves.
+#[derive(Clone, Debug)]
+pub struct FactsConfig {
+    pub host_root: PathBuf,
+    /// The namespace that routes and NATs pod traffic (default: the host's).
+    pub node_netns: PathBuf,
+    pub middlebox_timeout_s: Option<u64>,
+    pub nodeports: BTreeMap<u16, String>,
+}
+
+/// Reads every namespace's facts once. Errors for single namespaces (a pod
+/// that just exited) are skipped.
+pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
+    let mut facts = NodeFacts {
+        middlebox_timeout_s: cfg.middlebox_timeout_s,
+        nodeports: cfg.nodeports.clone(),
+        ..NodeFacts::default()
+    };
+    if let Ok((inode, node)) = collect_netns(&cfg.node_netns) {
+        facts.node_netns = Some(inode);
+        facts.netns.insert(inode, node);
+    }
+    let mut names = HashMap::new();
+    for ns in discover_namespaces(&cfg.host_root) {
+        if let Some(name) = &ns.name {
+            names.insert(ns.inode, name.clone());
+        }
+        if facts.netns.contains_key(&ns.inode) {
+            continue;
+        }
+        if let Ok((inode, f)) = collect_netns(&ns.path) {
+            facts.netns.insert(inode, f);
+        }
+    }
+    facts.ipvs_tcp_timeout_s = ipvs_tcp_timeout(&cfg.host_root);
+    (facts, names)
+}
+
+/// IPVS's TCP established timeout, when IPVS is loaded.
+fn ipvs_tcp_timeout(host_root: &Path) -> Option<u64> {
+    let text =
+        fs::read_to_string(host_root.join("proc/sys/net/ipv4/vs/timeout_established")).ok()?;
+    text.trim().parse().ok()
+}
+
+/// A background refresher: collects every `interval`, or at once when woken
+/// (an event came from a namespace it has not read yet).
+pub struct Refresher {
+    pub updates: mpsc::Receiver<(NodeFacts, HashMap<u32, String>)>,
+    wake: mpsc::Sender<()>,
+}
+
+impl Refresher {
+    pub fn start(cfg: FactsConfig, interval: Duration) -> std::io::Result<Self> {
+        let (tx, updates) = mpsc::channel();
+        let (wake, woken) = mpsc::channel::<()>();
+        thread::Builder::new()
+            .name("tcptrace-facts".into())
+            .spawn(move || {
+                loop {
+                    if tx.send(collect(&cfg)).is_err() {
+                        return;
+                    }
+                    match woken.recv_timeout(interval) {
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Several wake-ups coalesce into one refresh.
+                            while woken.try_recv().is_ok() {}
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })?;
+        Ok(Self { updates, wake })
+    }
+
+    pub fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+
+    /// The newest facts collected since the last call, if any.
+    pub fn latest(&self) -> Option<(NodeFacts, HashMap<u32, String>)> {
+        self.updates.try_iter().last()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovers_named_and_process_namespaces_under_a_host_root() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("run/netns")).unwrap();
+        fs::create_dir_all(root.path().join("proc/42/ns")).unwrap();
+        fs::create_dir_all(root.path().join("proc/self/ns")).unwrap();
+        fs::write(root.path().join("run/netns/blue"), b"").unwrap();
+        fs::write(root.path().join("proc/42/ns/net"), b"").unwrap();
+        fs::write(root.path().join("proc/self/ns/net"), b"").unwrap();
+        let found = discover_namespaces(root.path());
+        assert_eq!(found.len(), 2, "{found:?}");
+        let blue = found
+            .iter()
+            .find(|n| n.name.as_deref() == Some("blue"))
+            .unwrap();
+        assert_eq!(blue.path, root.path().join("run/netns/blue"));
+        let proc42 = found.iter().find(|n| n.name.is_none()).unwrap();
+        assert_eq!(proc42.path, root.path().join("proc/42/ns/net"));
+    }
+}
