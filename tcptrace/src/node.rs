@@ -121,6 +121,8 @@ pub struct Refresher {
 }
 
 impl Refresher {
+    /// Starts refreshing; the first collection happens after `interval`
+    /// (or a wake-up), the caller having collected once itself.
     pub fn start(cfg: FactsConfig, interval: Duration) -> std::io::Result<Self> {
         let (tx, updates) = mpsc::channel();
         let (wake, woken) = mpsc::channel::<()>();
@@ -128,15 +130,15 @@ impl Refresher {
             .name("tcptrace-facts".into())
             .spawn(move || {
                 loop {
-                    if tx.send(collect(&cfg)).is_err() {
-                        return;
-                    }
                     match woken.recv_timeout(interval) {
                         Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
                             // Several wake-ups coalesce into one refresh.
                             while woken.try_recv().is_ok() {}
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    if tx.send(collect(&cfg)).is_err() {
+                        return;
                     }
                 }
             })?;

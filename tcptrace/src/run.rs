@@ -39,6 +39,7 @@ fn options(args: &TraceArgs) -> TracerOptions {
         all_states: args.all_states,
         syscall_hooks: !args.no_syscall_hooks,
         ignore_self: true,
+        btf_path: args.btf.clone(),
     }
 }
 
@@ -112,12 +113,37 @@ struct Tally {
 }
 
 async fn trace(args: TraceArgs) -> Result<()> {
+    // Handlers first: a stop requested while loading is honoured cleanly.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut tracer = Tracer::load(&options(&args))?;
     for p in &tracer.probes {
         if let ProbeState::Unavailable(why) = &p.state {
             eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
         }
     }
+    let mut ring = tracer.events()?;
+    let mut sink = NdjsonWriter::new(io::stdout().lock());
+    let mut tally = Tally::default();
+    let mut pipeline = Pipeline::new(DiagnoserConfig::default());
+    // The first facts are read before tracing is announced, so the first
+    // events are already named and diagnosed with them.
+    let facts_cfg = facts_config(&args.node);
+    let (facts, names) = node::collect(&facts_cfg);
+    pipeline.set_facts(facts, names);
+    let refresher = Refresher::start(
+        facts_cfg,
+        Duration::from_secs_f64(args.facts_interval.max(0.5)),
+    )
+    .context("starting the node facts reader")?;
+    let mut tick = tokio::time::interval(TICK);
+    let started = Instant::now();
+    let deadline = args
+        .duration
+        .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
+    let mut stats_tick =
+        tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
+    stats_tick.tick().await;
     let attached = tracer
         .probes
         .iter()
@@ -127,25 +153,6 @@ async fn trace(args: TraceArgs) -> Result<()> {
         "tcptrace: tracing, {attached} of {} hooks attached",
         tracer.probes.len()
     );
-    let mut ring = tracer.events()?;
-    let mut sink = NdjsonWriter::new(io::stdout().lock());
-    let mut tally = Tally::default();
-    let refresher = Refresher::start(
-        facts_config(&args.node),
-        Duration::from_secs_f64(args.facts_interval.max(0.5)),
-    )
-    .context("starting the node facts reader")?;
-    let mut pipeline = Pipeline::new(DiagnoserConfig::default());
-    let mut tick = tokio::time::interval(TICK);
-    let started = Instant::now();
-    let deadline = args
-        .duration
-        .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut stats_tick =
-        tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
-    stats_tick.tick().await;
 
     loop {
         tokio::select! {
@@ -207,6 +214,9 @@ fn drain(
     sink: &mut NdjsonWriter<impl io::Write>,
     tally: &mut Tally,
 ) -> Result<usize> {
+    if let Some((facts, names)) = stages.refresher.latest() {
+        stages.pipeline.set_facts(facts, names);
+    }
     let mut n = 0;
     while n < DRAIN_BATCH {
         let Some(item) = ring.next() else { break };

@@ -194,3 +194,26 @@ pub fn show(events: &[Event]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The tcptrace binary under test: $TCPTRACE_BIN (set by `cargo xtask
+/// test`), else the workspace's debug build.
+pub fn tcptrace_bin() -> PathBuf {
+    std::env::var_os("TCPTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/tcptrace"
+            ))
+        })
+}
+
+/// Validator for the committed NDJSON schema.
+pub fn schema_validator() -> jsonschema::Validator {
+    let text = include_str!("../../tcptrace/schema/tcptrace.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).expect("schema is JSON");
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles")
+}

@@ -4,7 +4,7 @@ pub mod decode;
 pub mod offsets;
 
 use std::{
-    path::Path,
+    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
@@ -57,6 +57,8 @@ pub struct TracerOptions {
     pub syscall_hooks: bool,
     /// Drop events about tcptrace's own sockets (off only for in-process tests).
     pub ignore_self: bool,
+    /// Kernel BTF to read types from.
+    pub btf_path: PathBuf,
 }
 
 impl Default for TracerOptions {
@@ -66,6 +68,7 @@ impl Default for TracerOptions {
             all_states: false,
             syscall_hooks: true,
             ignore_self: true,
+            btf_path: PathBuf::from(BTF_PATH),
         }
     }
 }
@@ -185,7 +188,7 @@ impl Tracer {
     /// reported in `probes`, never fatal; failing to load the object is.
     pub fn load(opts: &TracerOptions) -> Result<Self> {
         require_privileges()?;
-        let btf = KernelBtf::load(Path::new(BTF_PATH))?;
+        let btf = KernelBtf::load(&opts.btf_path)?;
         let names = KernelNames::from_btf(&btf);
         let cfg = kernel_config(&btf, &names, opts)?;
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones

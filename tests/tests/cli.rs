@@ -1,0 +1,228 @@
+//! The tcptrace binary as a user runs it: NDJSON for a caused failure,
+//! clean stops, a closed pipe, and one clear sentence when it cannot run.
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+use tcptrace_tests::{Netns, schema_validator, tcptrace_bin};
+
+/// A running tcptrace whose stderr is watched for the readiness line.
+struct Running {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+fn start(args: &[&str]) -> Running {
+    let mut child = Command::new(tcptrace_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcptrace");
+    let (tx, stderr) = mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let running = Running { child, stderr };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match running.stderr.recv_timeout(left) {
+            Ok(line) if line.starts_with("tcptrace: tracing,") => return running,
+            Ok(_) => continue,
+            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
+        }
+    }
+}
+
+impl Running {
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) for exit; returns the exit code and stdout lines.
+    fn finish(mut self) -> (i32, Vec<String>) {
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (
+                    status.code().unwrap_or(-1),
+                    out.lines().map(str::to_string).collect(),
+                );
+            }
+            assert!(Instant::now() < deadline, "tcptrace did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_all(lines: &[String]) -> Vec<Value> {
+    let validator = schema_validator();
+    lines
+        .iter()
+        .map(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            if let Err(e) = validator.validate(&v) {
+                panic!("record violates the schema: {e}\n{l}");
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
+    let ns = Netns::new("cli").unwrap();
+    ns.exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP",
+    ])
+    .unwrap();
+    let tracer = start(&["--format", "json", "--stats-interval", "0.5"]);
+    ns.run("tt-cli-client", || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 81));
+        TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).unwrap_err()
+    })
+    .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    tracer.signal(Signal::SIGINT);
+    let (code, lines) = tracer.finish();
+    assert_eq!(code, 0);
+    let records = parse_all(&lines);
+
+    let netns = u64::from(ns.inode());
+    let retransmit = records
+        .iter()
+        .find(|r| r["type"] == "event" && r["kind"] == "retransmit" && r["netns"] == netns)
+        .unwrap_or_else(|| panic!("no retransmit record in:\n{}", lines.join("\n")));
+    assert_eq!(
+        retransmit["dst"],
+        serde_json::json!({"ip": "127.0.0.1", "port": 81})
+    );
+    assert_eq!(retransmit["state"], "SYN_SENT");
+    assert_eq!(retransmit["tcp_flags"], "SYN");
+    assert_eq!(retransmit["comm"], "tt-cli-client");
+    assert_eq!(retransmit["netns_name"], ns.name.as_str());
+    // The connect timed out after its SYN retransmits: a verdict says so.
+    assert!(
+        records
+            .iter()
+            .any(|r| r["type"] == "verdict" && r["cause"] == "syn_timeout" && r["netns"] == netns),
+        "no syn_timeout verdict:\n{}",
+        lines.join("\n")
+    );
+    let last = records.last().unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["final"].as_bool()),
+        (Some("stats"), Some(true))
+    );
+    assert!(last["seen"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn duration_and_sigterm_stop_cleanly_with_final_stats() {
+    let started = Instant::now();
+    let (code, lines) = start(&["--duration", "1"]).finish();
+    assert_eq!(code, 0);
+    assert!(started.elapsed() < Duration::from_secs(25));
+    let records = parse_all(&lines);
+    assert_eq!(records.last().unwrap()["final"], true);
+
+    let tracer = start(&[]);
+    tracer.signal(Signal::SIGTERM);
+    let (code, lines) = tracer.finish();
+    assert_eq!(code, 0);
+    assert_eq!(parse_all(&lines).last().unwrap()["final"], true);
+}
+
+#[test]
+fn closed_pipe_ends_quietly() {
+    let mut tracer = start(&["--stats-interval", "0.2"]);
+    drop(tracer.child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = tracer.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcptrace kept running with no reader"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let complaints: Vec<String> = tracer.stderr.try_iter().collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
+fn one_sentence(args: &[&str], as_nobody: bool) -> (i32, String) {
+    let bin = tcptrace_bin();
+    let out = if as_nobody {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(args)
+            .output()
+    } else {
+        Command::new(&bin).args(args).output()
+    }
+    .expect("running tcptrace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn without_root_it_says_what_is_missing() {
+    let (code, stderr) = one_sentence(&["--duration", "1"], true);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr,
+        "tcptrace: tcptrace needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load its BPF programs\n"
+    );
+}
+
+#[test]
+fn without_btf_it_says_what_is_missing() {
+    let (code, stderr) = one_sentence(&["--btf", "/nonexistent/vmlinux", "--duration", "1"], false);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr,
+        "tcptrace: BTF not found at /nonexistent/vmlinux: tcptrace needs a kernel built with CONFIG_DEBUG_INFO_BTF\n"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, stderr) = one_sentence(&["--ring-buffer-size", "5000"], false);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not a power of two"), "{stderr}");
+}
