@@ -43,7 +43,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub host_root: PathBuf,
     /// The network namespace that routes and NATs pod traffic, as a file
-    /// (default: the host's, <host-root>/proc/1/ns/net).
+    /// (default: tcptrace's own; an agent runs with the host's network).
     #[arg(long, value_name = "FILE")]
     pub node_netns: Option<PathBuf>,
     /// Idle timeout of a middlebox on the path (an SDN or load balancer)
@@ -59,7 +59,7 @@ impl NodeArgs {
     pub fn node_netns(&self) -> PathBuf {
         self.node_netns
             .clone()
-            .unwrap_or_else(|| self.host_root.join("proc/1/ns/net"))
+            .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"))
     }
 }
 
@@ -109,6 +109,10 @@ pub struct TraceArgs {
     /// Seconds between reads of the node facts (sysctls, conntrack).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub facts_interval: f64,
+    /// Report only this node's pods: the cgroup v2 path of the node (e.g. a
+    /// kind node container's `/system.slice/docker-<id>.scope`).
+    #[arg(long, value_name = "CGROUP")]
+    pub node_scope: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -155,6 +159,9 @@ mod tests {
             vec![(30080, "default/web:http".into()), (31000, String::new())]
         );
         assert!(Cli::try_parse_from(["tcptrace", "--nodeport", "http"]).is_err());
-        assert_eq!(cli.trace.node.node_netns(), PathBuf::from("/proc/1/ns/net"));
+        assert_eq!(
+            cli.trace.node.node_netns(),
+            PathBuf::from("/proc/self/ns/net")
+        );
     }
 }

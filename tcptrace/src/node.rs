@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use crate::diagnosis::{NodeFacts, collect_netns};
+use crate::{
+    attribution::{ServiceMap, collect_services},
+    diagnosis::{NodeFacts, collect_netns},
+};
 
 /// At most this many namespaces are read per refresh.
 const MAX_NAMESPACES: usize = 1024;
@@ -75,15 +78,20 @@ pub struct FactsConfig {
     /// The namespace that routes and NATs pod traffic (default: the host's).
     pub node_netns: PathBuf,
     pub middlebox_timeout_s: Option<u64>,
+    /// NodePorts given on the command line; kube-proxy's are added.
     pub nodeports: BTreeMap<u16, String>,
 }
 
 /// Reads every namespace's facts once. Errors for single namespaces (a pod
-/// that just exited) are skipped.
-pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
+/// that just exited) are skipped. `services` adds kube-proxy's NodePorts.
+pub fn collect(cfg: &FactsConfig, services: &ServiceMap) -> (NodeFacts, HashMap<u32, String>) {
+    let mut nodeports = cfg.nodeports.clone();
+    for (port, svc) in services.nodeports() {
+        nodeports.entry(port).or_insert_with(|| service_name(svc));
+    }
     let mut facts = NodeFacts {
         middlebox_timeout_s: cfg.middlebox_timeout_s,
-        nodeports: cfg.nodeports.clone(),
+        nodeports,
         ..NodeFacts::default()
     };
     if let Ok((inode, node)) = collect_netns(&cfg.node_netns) {
@@ -106,6 +114,23 @@ pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
     (facts, names)
 }
 
+fn service_name(svc: &crate::model::ServiceRef) -> String {
+    match &svc.port_name {
+        Some(port) => format!("{}/{}:{port}", svc.namespace, svc.name),
+        None => format!("{}/{}", svc.namespace, svc.name),
+    }
+}
+
+/// kube-proxy's Services in the node namespace. A failure (the namespace
+/// file is gone) yields an empty map with the reason as a warning.
+pub fn services(cfg: &FactsConfig) -> ServiceMap {
+    collect_services(Some(&cfg.node_netns)).unwrap_or_else(|e| {
+        let mut empty = ServiceMap::default();
+        empty.warnings.push(format!("reading kube-proxy rules: {e:#}"));
+        empty
+    })
+}
+
 /// IPVS's TCP established timeout, when IPVS is loaded.
 fn ipvs_tcp_timeout(host_root: &Path) -> Option<u64> {
     let text =
@@ -113,22 +138,37 @@ fn ipvs_tcp_timeout(host_root: &Path) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// Service rules change rarely and cost a few process runs to read.
+const SERVICES_EVERY: u32 = 6;
+
+/// One refresh: the facts, and the Services when they were re-read.
+pub struct Update {
+    pub facts: NodeFacts,
+    pub services: Option<ServiceMap>,
+}
+
 /// A background refresher: collects every `interval`, or at once when woken
 /// (an event came from a namespace it has not read yet).
 pub struct Refresher {
-    pub updates: mpsc::Receiver<(NodeFacts, HashMap<u32, String>)>,
+    updates: mpsc::Receiver<Update>,
     wake: mpsc::Sender<()>,
 }
 
 impl Refresher {
     /// Starts refreshing; the first collection happens after `interval`
     /// (or a wake-up), the caller having collected once itself.
-    pub fn start(cfg: FactsConfig, interval: Duration) -> std::io::Result<Self> {
+    pub fn start(
+        cfg: FactsConfig,
+        interval: Duration,
+        services: ServiceMap,
+    ) -> std::io::Result<Self> {
         let (tx, updates) = mpsc::channel();
         let (wake, woken) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("tcptrace-facts".into())
             .spawn(move || {
+                let mut services = services;
+                let mut round = 0u32;
                 loop {
                     match woken.recv_timeout(interval) {
                         Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -137,7 +177,21 @@ impl Refresher {
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
-                    if tx.send(collect(&cfg)).is_err() {
+                    round += 1;
+                    let fresh = round
+                        .is_multiple_of(SERVICES_EVERY)
+                        .then(|| self::services(&cfg));
+                    if let Some(fresh) = &fresh {
+                        services = fresh.clone();
+                    }
+                    let (facts, _) = collect(&cfg, &services);
+                    if tx
+                        .send(Update {
+                            facts,
+                            services: fresh,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -149,9 +203,9 @@ impl Refresher {
         let _ = self.wake.send(());
     }
 
-    /// The newest facts collected since the last call, if any.
-    pub fn latest(&self) -> Option<(NodeFacts, HashMap<u32, String>)> {
-        self.updates.try_iter().last()
+    /// Updates collected since the last call, oldest first.
+    pub fn updates(&self) -> impl Iterator<Item = Update> + '_ {
+        self.updates.try_iter()
     }
 }
 

@@ -1,22 +1,23 @@
 //! Decoded events -> naming -> diagnosis -> records for the sinks. No I/O:
 //! node facts arrive as data from the refresher.
 use std::{
-    collections::{HashMap, HashSet},
-    time::SystemTime,
+    collections::HashSet,
+    time::{Instant, SystemTime},
 };
 
 use crate::{
+    attribution::{Attributor, ServiceMap},
     diagnosis::{Diagnoser, DiagnoserConfig, NodeFacts},
-    model::{Event, IdentityLevel, Record},
+    model::{Event, Record},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
 const MAX_PENDING_NETNS: usize = 4096;
 
 pub struct Pipeline {
+    attributor: Attributor,
     diagnoser: Diagnoser,
     facts: NodeFacts,
-    netns_names: HashMap<u32, String>,
     /// Namespaces seen in events but not yet in the facts.
     unknown_netns: HashSet<u32>,
 }
@@ -29,31 +30,42 @@ pub struct Processed {
 }
 
 impl Pipeline {
-    pub fn new(cfg: DiagnoserConfig) -> Self {
+    pub fn new(attributor: Attributor, cfg: DiagnoserConfig) -> Self {
         Self {
+            attributor,
             diagnoser: Diagnoser::new(cfg),
             facts: NodeFacts::default(),
-            netns_names: HashMap::new(),
             unknown_netns: HashSet::new(),
         }
     }
 
-    pub fn set_facts(&mut self, facts: NodeFacts, netns_names: HashMap<u32, String>) {
+    pub fn set_facts(&mut self, facts: NodeFacts) {
         self.unknown_netns.retain(|n| !facts.netns.contains_key(n));
         self.facts = facts;
-        self.netns_names = netns_names;
+    }
+
+    pub fn set_services(&mut self, services: ServiceMap) {
+        self.attributor.set_services(services);
+    }
+
+    /// Warnings from attribution (missing tools, unreadable rules), once each.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        self.attributor.take_warnings()
     }
 
     pub fn facts(&self) -> &NodeFacts {
         &self.facts
     }
 
+    /// Names, scopes and diagnoses one event. Out-of-scope events (another
+    /// node's, with --node-scope) produce no records.
     pub fn event(&mut self, mut ev: Event) -> Processed {
-        if let Some(name) = self.netns_names.get(&ev.netns) {
-            ev.netns_name = Some(name.clone());
-            if ev.identity_level == IdentityLevel::Netns {
-                ev.identity_level = IdentityLevel::NetnsName;
-            }
+        self.attributor.attribute(&mut ev);
+        if !self.attributor.in_scope(&ev) {
+            return Processed {
+                records: Vec::new(),
+                needs_facts: false,
+            };
         }
         let needs_facts = ev.netns != 0
             && !self.facts.netns.contains_key(&ev.netns)
@@ -70,6 +82,7 @@ impl Pipeline {
     }
 
     pub fn tick(&mut self, now: SystemTime) -> Vec<Record> {
+        self.attributor.refresh(Instant::now());
         self.diagnoser
             .tick(now, &self.facts)
             .into_iter()
@@ -85,10 +98,13 @@ mod tests {
         time::{Duration, UNIX_EPOCH},
     };
 
+    use std::{fs, os::unix::fs::MetadataExt as _};
+
     use super::*;
     use crate::{
+        attribution::AttributionConfig,
         diagnosis::{Cause, NetnsFacts},
-        model::{Endpoint, EventKind},
+        model::{Endpoint, EventKind, IdentityLevel},
     };
 
     fn connect_error(netns: u32) -> Event {
@@ -107,12 +123,19 @@ mod tests {
 
     #[test]
     fn names_the_namespace_and_asks_for_facts_once() {
-        let mut p = Pipeline::new(DiagnoserConfig::default());
-        p.set_facts(
-            NodeFacts::default(),
-            HashMap::from([(7, "pod-a".to_string())]),
-        );
-        let first = p.event(connect_error(7));
+        // A host root whose only namespace is the named netns "pod-a".
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("run/netns")).unwrap();
+        fs::write(root.path().join("run/netns/pod-a"), b"").unwrap();
+        let inode = fs::metadata(root.path().join("run/netns/pod-a"))
+            .unwrap()
+            .ino() as u32;
+        let attributor = Attributor::new(AttributionConfig {
+            host_root: root.path().to_path_buf(),
+            ..AttributionConfig::default()
+        });
+        let mut p = Pipeline::new(attributor, DiagnoserConfig::default());
+        let first = p.event(connect_error(inode));
         assert!(first.needs_facts);
         let Record::Event(ev) = &first.records[0] else {
             panic!("event first")
@@ -127,11 +150,11 @@ mod tests {
             })
             .collect();
         assert_eq!(verdicts, vec![Cause::PortExhaustion]);
-        assert!(!p.event(connect_error(7)).needs_facts, "asked once");
+        assert!(!p.event(connect_error(inode)).needs_facts, "asked once");
 
         let mut facts = NodeFacts::default();
-        facts.netns.insert(7, NetnsFacts::default());
-        p.set_facts(facts, HashMap::new());
-        assert!(!p.event(connect_error(7)).needs_facts);
+        facts.netns.insert(inode, NetnsFacts::default());
+        p.set_facts(facts);
+        assert!(!p.event(connect_error(inode)).needs_facts);
     }
 }

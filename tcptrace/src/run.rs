@@ -10,6 +10,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    attribution::{AttributionConfig, Attributor, NodeScope},
     bpf::{ProbeState, ProbeStatus, Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
@@ -54,7 +55,8 @@ fn facts_config(node: &NodeArgs) -> FactsConfig {
 
 fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
     crate::bpf::require_privileges()?;
-    let (facts, names) = node::collect(&facts_config(node));
+    let cfg = facts_config(node);
+    let (facts, names) = node::collect(&cfg, &node::services(&cfg));
     let findings = audit(&facts, &names);
     match format {
         TableFormat::Json => {
@@ -125,15 +127,23 @@ async fn trace(args: TraceArgs) -> Result<()> {
     let mut ring = tracer.events()?;
     let mut sink = NdjsonWriter::new(io::stdout().lock());
     let mut tally = Tally::default();
-    let mut pipeline = Pipeline::new(DiagnoserConfig::default());
+    let attributor = Attributor::new(AttributionConfig {
+        host_root: args.node.host_root.clone(),
+        node_scope: args.node_scope.clone().map(NodeScope::CgroupPrefix),
+        ..AttributionConfig::default()
+    });
+    let mut pipeline = Pipeline::new(attributor, DiagnoserConfig::default());
     // The first facts are read before tracing is announced, so the first
     // events are already named and diagnosed with them.
     let facts_cfg = facts_config(&args.node);
-    let (facts, names) = node::collect(&facts_cfg);
-    pipeline.set_facts(facts, names);
+    let services = node::services(&facts_cfg);
+    let (facts, _) = node::collect(&facts_cfg, &services);
+    pipeline.set_facts(facts);
+    pipeline.set_services(services.clone());
     let refresher = Refresher::start(
         facts_cfg,
         Duration::from_secs_f64(args.facts_interval.max(0.5)),
+        services,
     )
     .context("starting the node facts reader")?;
     let mut tick = tokio::time::interval(TICK);
@@ -166,8 +176,9 @@ async fn trace(args: TraceArgs) -> Result<()> {
                 sink.flush()?;
             }
             _ = tick.tick() => {
-                if let Some((facts, names)) = refresher.latest() {
-                    pipeline.set_facts(facts, names);
+                apply_updates(&refresher, &mut pipeline);
+                for warning in pipeline.take_warnings() {
+                    eprintln!("tcptrace: warning: {warning}");
                 }
                 for record in pipeline.tick(SystemTime::now()) {
                     sink.write(&record)?;
@@ -201,6 +212,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+fn apply_updates(refresher: &Refresher, pipeline: &mut Pipeline) {
+    for update in refresher.updates() {
+        pipeline.set_facts(update.facts);
+        if let Some(services) = update.services {
+            pipeline.set_services(services);
+        }
+    }
+}
+
 /// The stages a ring-buffer record passes through.
 struct Stages<'a> {
     tracer: &'a mut Tracer,
@@ -214,9 +234,7 @@ fn drain(
     sink: &mut NdjsonWriter<impl io::Write>,
     tally: &mut Tally,
 ) -> Result<usize> {
-    if let Some((facts, names)) = stages.refresher.latest() {
-        stages.pipeline.set_facts(facts, names);
-    }
+    apply_updates(stages.refresher, stages.pipeline);
     let mut n = 0;
     while n < DRAIN_BATCH {
         let Some(item) = ring.next() else { break };
