@@ -126,7 +126,9 @@ fn service_name(svc: &crate::model::ServiceRef) -> String {
 pub fn services(cfg: &FactsConfig) -> ServiceMap {
     collect_services(Some(&cfg.node_netns)).unwrap_or_else(|e| {
         let mut empty = ServiceMap::default();
-        empty.warnings.push(format!("reading kube-proxy rules: {e:#}"));
+        empty
+            .warnings
+            .push(format!("reading kube-proxy rules: {e:#}"));
         empty
     })
 }
