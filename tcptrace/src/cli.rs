@@ -26,6 +26,13 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = TableFormat::Table)]
         format: TableFormat,
     },
+    /// Drive the TUI from a recorded NDJSON stream ("-" reads stdin).
+    Replay {
+        file: PathBuf,
+        /// Playback speed relative to the recording (default: as fast as possible).
+        #[arg(long, value_parser = parse_speed)]
+        speed: Option<f64>,
+    },
     /// Check every network namespace on the node for the risks tcptrace
     /// diagnoses, before they fail.
     Audit {
@@ -63,6 +70,14 @@ impl NodeArgs {
     }
 }
 
+fn parse_speed(s: &str) -> Result<f64, String> {
+    let speed: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !speed.is_finite() || speed < 0.0 {
+        return Err(format!("{s} is not a speed (use a positive number)"));
+    }
+    Ok(speed)
+}
+
 fn parse_nodeport(s: &str) -> Result<(u16, String), String> {
     let (port, service) = s.split_once('=').unwrap_or((s, ""));
     let port: u16 = port
@@ -73,6 +88,10 @@ fn parse_nodeport(s: &str) -> Result<(u16, String), String> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// The live TUI when stdout is a terminal, NDJSON otherwise.
+    Auto,
+    /// The live TUI.
+    Tui,
     /// NDJSON: one JSON object per line.
     Json,
 }
@@ -86,7 +105,7 @@ pub enum TableFormat {
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Output format.
-    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
     pub format: OutputFormat,
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_name = "SECS")]

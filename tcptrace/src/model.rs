@@ -240,6 +240,9 @@ pub struct Stats {
     pub lost: u64,
     /// Records this process could not decode.
     pub malformed: u64,
+    /// Records a slow reader (the TUI) could not take.
+    #[serde(default)]
+    pub sink_dropped: u64,
     pub hooks: Vec<HookStats>,
     /// True on the last stats record, written at exit.
     #[serde(default)]

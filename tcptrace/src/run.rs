@@ -1,22 +1,25 @@
 //! The trace pipeline: ring buffer -> decode -> sinks, with periodic stats,
 //! a clean stop on Ctrl-C, SIGTERM or --duration, and a final drain.
 use std::{
-    io,
+    io::{self, IsTerminal as _},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     attribution::{AttributionConfig, Attributor, NodeScope},
     bpf::{ProbeState, ProbeStatus, Tracer, TracerOptions},
-    cli::{Cli, Command, NodeArgs, TableFormat, TraceArgs},
+    cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
     model::{Record, Stats},
     node::{self, FactsConfig, Refresher},
-    output::NdjsonWriter,
+    output::{ChannelSink, NdjsonWriter, Sink},
     pipeline::Pipeline,
 };
 
@@ -30,6 +33,9 @@ pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Probes { format }) => probes(&cli.trace, format),
         Some(Command::Audit { format, node }) => audit_node(&node, format),
+        Some(Command::Replay { file, speed }) => {
+            crate::tui::run_replay(&file, speed, crate::tui::Header::default()).await
+        }
         None => trace(cli.trace).await,
     }
 }
@@ -91,10 +97,7 @@ pub fn probe_table(probes: &[ProbeStatus]) -> String {
         "HOOK", "KERNEL HOOK", "TIER", "STATE"
     );
     for p in probes {
-        let tier = match p.tier {
-            crate::bpf::Tier::Tracepoint => "tracepoint",
-            crate::bpf::Tier::RawTracepoint => "raw_tracepoint",
-        };
+        let tier = p.tier.as_str();
         let state = match &p.state {
             ProbeState::Attached => "attached".to_string(),
             ProbeState::Disabled(why) => format!("disabled ({why})"),
@@ -114,95 +117,174 @@ struct Tally {
     malformed: u64,
 }
 
+/// Records the TUI may lag behind before new ones are counted as dropped.
+const TUI_QUEUE: usize = 65_536;
+
 async fn trace(args: TraceArgs) -> Result<()> {
     // Handlers first: a stop requested while loading is honoured cleanly.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut tracer = Tracer::load(&options(&args))?;
-    for p in &tracer.probes {
-        if let ProbeState::Unavailable(why) = &p.state {
-            eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
-        }
-    }
-    let mut ring = tracer.events()?;
-    let mut sink = NdjsonWriter::new(io::stdout().lock());
-    let mut tally = Tally::default();
-    let attributor = Attributor::new(AttributionConfig {
-        host_root: args.node.host_root.clone(),
-        node_scope: args.node_scope.clone().map(NodeScope::CgroupPrefix),
-        ..AttributionConfig::default()
-    });
-    let mut pipeline = Pipeline::new(attributor, DiagnoserConfig::default());
-    // The first facts are read before tracing is announced, so the first
-    // events are already named and diagnosed with them.
-    let facts_cfg = facts_config(&args.node);
-    let services = node::services(&facts_cfg);
-    let (facts, _) = node::collect(&facts_cfg, &services);
-    pipeline.set_facts(facts);
-    pipeline.set_services(services.clone());
-    let refresher = Refresher::start(
-        facts_cfg,
-        Duration::from_secs_f64(args.facts_interval.max(0.5)),
-        services,
-    )
-    .context("starting the node facts reader")?;
-    let mut tick = tokio::time::interval(TICK);
-    let started = Instant::now();
-    let deadline = args
-        .duration
-        .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
-    let mut stats_tick =
-        tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
-    stats_tick.tick().await;
-    let attached = tracer
-        .probes
-        .iter()
-        .filter(|p| p.state == ProbeState::Attached)
-        .count();
-    eprintln!(
-        "tcptrace: tracing, {attached} of {} hooks attached",
-        tracer.probes.len()
-    );
-
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting for events")?;
-                let mut stages = Stages { tracer: &mut tracer, pipeline: &mut pipeline, refresher: &refresher };
-                let drained = drain(guard.get_inner_mut(), &mut stages, &mut sink, &mut tally)?;
-                if drained < DRAIN_BATCH {
-                    guard.clear_ready();
-                }
-                sink.flush()?;
-            }
-            _ = tick.tick() => {
-                apply_updates(&refresher, &mut pipeline);
-                for warning in pipeline.take_warnings() {
-                    eprintln!("tcptrace: warning: {warning}");
-                }
-                for record in pipeline.tick(SystemTime::now()) {
-                    sink.write(&record)?;
-                }
-                sink.flush()?;
-            }
-            _ = stats_tick.tick() => {
-                sink.write(&stats(&tracer, &tally, started, false)?)?;
-                sink.flush()?;
-            }
-            _ = sleep_until(deadline) => break,
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-    }
-    // Whatever the kernel produced before we stopped is still delivered.
-    let mut stages = Stages {
-        tracer: &mut tracer,
-        pipeline: &mut pipeline,
-        refresher: &refresher,
+    let mut signals = Signals {
+        term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
     };
-    while drain(ring.get_mut(), &mut stages, &mut sink, &mut tally)? == DRAIN_BATCH {}
-    sink.write(&stats(&tracer, &tally, started, true)?)?;
-    sink.flush()
+    let tui = match args.format {
+        OutputFormat::Tui => true,
+        OutputFormat::Json => false,
+        OutputFormat::Auto => io::stdout().is_terminal(),
+    };
+    let mut session = Session::start(&args)?;
+    if !tui {
+        session.announce();
+        let mut sink = NdjsonWriter::new(io::stdout().lock());
+        return session.run(&args, &mut sink, &mut signals).await;
+    }
+    let header = crate::tui::Header::local(session.probe_tiers());
+    let (tx, rx) = tokio::sync::mpsc::channel(TUI_QUEUE);
+    let mut sink = ChannelSink::new(tx);
+    // Whichever ends first ends both: quitting the UI stops tracing; a
+    // tracing error closes the UI (restoring the terminal) and is reported.
+    tokio::select! {
+        traced = session.run(&args, &mut sink, &mut signals) => traced,
+        shown = crate::tui::run_live(rx, header) => shown,
+    }
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+/// A loaded tracer and the stages its records pass through.
+struct Session {
+    tracer: Tracer,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pipeline: Pipeline,
+    refresher: Refresher,
+    tally: Tally,
+}
+
+impl Session {
+    fn start(args: &TraceArgs) -> Result<Self> {
+        let mut tracer = Tracer::load(&options(args))?;
+        for p in &tracer.probes {
+            if let ProbeState::Unavailable(why) = &p.state {
+                eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
+            }
+        }
+        let ring = tracer.events()?;
+        let attributor = Attributor::new(AttributionConfig {
+            host_root: args.node.host_root.clone(),
+            node_scope: args.node_scope.clone().map(NodeScope::CgroupPrefix),
+            ..AttributionConfig::default()
+        });
+        let mut pipeline = Pipeline::new(attributor, DiagnoserConfig::default());
+        // The first facts are read before tracing is announced, so the first
+        // events are already named and diagnosed with them.
+        let facts_cfg = facts_config(&args.node);
+        let services = node::services(&facts_cfg);
+        let (facts, _) = node::collect(&facts_cfg, &services);
+        pipeline.set_facts(facts);
+        pipeline.set_services(services.clone());
+        let refresher = Refresher::start(
+            facts_cfg,
+            Duration::from_secs_f64(args.facts_interval.max(0.5)),
+            services,
+        )
+        .context("starting the node facts reader")?;
+        Ok(Self {
+            tracer,
+            ring,
+            pipeline,
+            refresher,
+            tally: Tally::default(),
+        })
+    }
+
+    /// (hook, tier) of every attached hook, for the TUI header.
+    fn probe_tiers(&self) -> Vec<(String, String)> {
+        self.tracer
+            .probes
+            .iter()
+            .filter(|p| p.state == ProbeState::Attached)
+            .map(|p| (p.hook.to_string(), p.tier.as_str().to_string()))
+            .collect()
+    }
+
+    /// Tells a person (or a test) on stderr that tracing is live.
+    fn announce(&self) {
+        let attached = self
+            .tracer
+            .probes
+            .iter()
+            .filter(|p| p.state == ProbeState::Attached)
+            .count();
+        eprintln!(
+            "tcptrace: tracing, {attached} of {} hooks attached",
+            self.tracer.probes.len()
+        );
+    }
+
+    async fn run(
+        &mut self,
+        args: &TraceArgs,
+        sink: &mut impl Sink,
+        signals: &mut Signals,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        let started = Instant::now();
+        let deadline = args
+            .duration
+            .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
+        let mut stats_tick =
+            tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
+        stats_tick.tick().await;
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for events")?;
+                    let mut stages = Stages {
+                        tracer: &mut self.tracer,
+                        pipeline: &mut self.pipeline,
+                        refresher: &self.refresher,
+                        tally: &mut self.tally,
+                    };
+                    let drained = drain(guard.get_inner_mut(), &mut stages, sink)?;
+                    if drained < DRAIN_BATCH {
+                        guard.clear_ready();
+                    }
+                    sink.flush()?;
+                }
+                _ = tick.tick() => {
+                    apply_updates(&self.refresher, &mut self.pipeline);
+                    for warning in self.pipeline.take_warnings() {
+                        eprintln!("tcptrace: warning: {warning}");
+                    }
+                    for record in self.pipeline.tick(SystemTime::now()) {
+                        sink.write(&record)?;
+                    }
+                    sink.flush()?;
+                }
+                _ = stats_tick.tick() => {
+                    let record = stats(&self.tracer, &self.tally, sink.dropped(), started, false)?;
+                    sink.write(&record)?;
+                    sink.flush()?;
+                }
+                _ = sleep_until(deadline) => break,
+                _ = signals.term.recv() => break,
+                _ = signals.int.recv() => break,
+            }
+        }
+        // Whatever the kernel produced before we stopped is still delivered.
+        let mut stages = Stages {
+            tracer: &mut self.tracer,
+            pipeline: &mut self.pipeline,
+            refresher: &self.refresher,
+            tally: &mut self.tally,
+        };
+        while drain(self.ring.get_mut(), &mut stages, sink)? == DRAIN_BATCH {}
+        let record = stats(&self.tracer, &self.tally, sink.dropped(), started, true)?;
+        sink.write(&record)?;
+        sink.flush()
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -226,13 +308,13 @@ struct Stages<'a> {
     tracer: &'a mut Tracer,
     pipeline: &'a mut Pipeline,
     refresher: &'a Refresher,
+    tally: &'a mut Tally,
 }
 
 fn drain(
     ring: &mut RingBuf<MapData>,
     stages: &mut Stages<'_>,
-    sink: &mut NdjsonWriter<impl io::Write>,
-    tally: &mut Tally,
+    sink: &mut impl Sink,
 ) -> Result<usize> {
     apply_updates(stages.refresher, stages.pipeline);
     let mut n = 0;
@@ -250,8 +332,8 @@ fn drain(
                 }
             }
             Err(e) => {
-                tally.malformed += 1;
-                if tally.malformed == 1 {
+                stages.tally.malformed += 1;
+                if stages.tally.malformed == 1 {
                     eprintln!("tcptrace: skipping malformed record: {e}");
                 }
             }
@@ -260,7 +342,13 @@ fn drain(
     Ok(n)
 }
 
-fn stats(tracer: &Tracer, tally: &Tally, started: Instant, last: bool) -> Result<Record> {
+fn stats(
+    tracer: &Tracer,
+    tally: &Tally,
+    sink_dropped: u64,
+    started: Instant,
+    last: bool,
+) -> Result<Record> {
     let hooks = tracer.hook_stats()?;
     Ok(Record::Stats(Stats {
         time: SystemTime::now(),
@@ -268,6 +356,7 @@ fn stats(tracer: &Tracer, tally: &Tally, started: Instant, last: bool) -> Result
         seen: hooks.iter().map(|h| h.seen).sum(),
         lost: hooks.iter().map(|h| h.lost).sum(),
         malformed: tally.malformed,
+        sink_dropped,
         hooks,
         r#final: last,
     }))

@@ -81,6 +81,15 @@ pub enum Tier {
     RawTracepoint,
 }
 
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Tracepoint => "tracepoint",
+            Tier::RawTracepoint => "raw_tracepoint",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
 pub enum ProbeState {

@@ -2,6 +2,64 @@
 use std::io::{self, Write};
 
 use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::model::Record;
+
+/// Where records go: stdout as NDJSON, or the live TUI.
+pub trait Sink {
+    fn write(&mut self, record: &Record) -> anyhow::Result<()>;
+    /// Makes written records visible to the reader.
+    fn flush(&mut self) -> anyhow::Result<()>;
+    /// Records the reader could not take (it fell behind), so far.
+    fn dropped(&self) -> u64 {
+        0
+    }
+}
+
+impl<W: Write> Sink for NdjsonWriter<W> {
+    fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+        NdjsonWriter::write(self, record)
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        NdjsonWriter::flush(self)
+    }
+}
+
+/// Feeds the TUI. Never blocks tracing: when the UI is this far behind,
+/// records are counted as dropped (and shown in stats) instead.
+pub struct ChannelSink {
+    tx: mpsc::Sender<Record>,
+    dropped: u64,
+}
+
+impl ChannelSink {
+    pub fn new(tx: mpsc::Sender<Record>) -> Self {
+        Self { tx, dropped: 0 }
+    }
+}
+
+impl Sink for ChannelSink {
+    fn write(&mut self, record: &Record) -> anyhow::Result<()> {
+        match self.tx.try_send(record.clone()) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped += 1;
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(anyhow::Error::new(SinkClosed)),
+        }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
 
 /// Writes one JSON object per line. A closed pipe is reported as
 /// [`SinkClosed`] so the caller can end quietly.
@@ -48,7 +106,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::model::{Record, Stats};
+    use crate::model::Stats;
 
     struct ClosedPipe;
     impl Write for ClosedPipe {
@@ -67,6 +125,7 @@ mod tests {
             seen: 3,
             lost: 0,
             malformed: 0,
+            sink_dropped: 0,
             hooks: vec![],
             r#final: true,
         })
@@ -85,8 +144,21 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(
             lines[0],
-            r#"{"type":"stats","time":"1970-01-01T00:00:01.000000Z","uptime_s":1.5,"seen":3,"lost":0,"malformed":0,"hooks":[],"final":true}"#
+            r#"{"type":"stats","time":"1970-01-01T00:00:01.000000Z","uptime_s":1.5,"seen":3,"lost":0,"malformed":0,"sink_dropped":0,"hooks":[],"final":true}"#
         );
+    }
+
+    #[test]
+    fn channel_sink_counts_what_a_slow_reader_misses_and_stops_when_it_quits() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut sink = ChannelSink::new(tx);
+        Sink::write(&mut sink, &stats()).unwrap();
+        Sink::write(&mut sink, &stats()).unwrap();
+        assert_eq!(sink.dropped(), 1);
+        assert_eq!(rx.try_recv().unwrap(), stats());
+        drop(rx);
+        let err = Sink::write(&mut sink, &stats()).unwrap_err();
+        assert!(err.is::<SinkClosed>());
     }
 
     #[test]

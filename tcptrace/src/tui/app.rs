@@ -1,0 +1,772 @@
+//! Incident state: everything the TUI shows, built from records, keys and
+//! clock ticks. No I/O here: `App::handle` is the only way in and
+//! `render::render` only reads.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    diagnosis::{Cause, Verdict},
+    model::{Event, EventKind, PodRef, Record},
+};
+
+use super::{
+    board::{Board, Key as RowKey, Label, Pair, Row, Spark, Subject},
+    input::Key,
+};
+
+/// Events kept for the live feed.
+pub const FEED_CAP: usize = 500;
+/// Connections whose last events are kept for the detail pane.
+const CONN_CAP: usize = 4_096;
+/// Events kept per connection.
+const CONN_EVENTS: usize = 6;
+
+/// Facts about the node the caller knows before the first record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub node: String,
+    pub kernel: String,
+    /// Live probe tiers as (hook, tier), e.g. ("tcp_retransmit_skb", "tracepoint").
+    pub probes: Vec<(String, String)>,
+}
+
+impl Header {
+    /// This machine's host name and kernel release, for a live session.
+    pub fn local(probes: Vec<(String, String)>) -> Self {
+        let read = |path| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        Self {
+            node: read("/proc/sys/kernel/hostname"),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            probes,
+        }
+    }
+}
+
+pub enum AppInput {
+    Record(Record),
+    Key(Key),
+    /// The current time: ages and sparklines move with it.
+    Tick(SystemTime),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sort {
+    Recency,
+    Count,
+}
+
+/// Which pane the movement keys act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Focus {
+    Board,
+    /// The detail pane when it is open, else the feed.
+    Bottom,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Typing the filter text.
+    Filter,
+    Help,
+}
+
+fn subject_label(pod: Option<&PodRef>, netns_name: Option<&str>, netns: u32) -> String {
+    match (pod, netns_name) {
+        (Some(p), _) => format!("{}/{}", p.namespace, p.name),
+        (None, Some(name)) => format!("netns {name}"),
+        (None, None) => format!("netns {netns}"),
+    }
+}
+
+/// A connection as far as the detail pane can tell: source ip, destination.
+type ConnKey = (IpAddr, IpAddr, u16);
+
+struct Conn {
+    events: VecDeque<Arc<Event>>,
+    touched: u64,
+}
+
+pub struct App {
+    pub(super) header: Header,
+    /// The newest time seen in records or ticks.
+    pub(super) now: SystemTime,
+    pub(super) events: u64,
+    pub(super) events_with_pod: u64,
+    pub(super) verdicts: u64,
+    /// Input lines that were not a record (replay).
+    pub(super) invalid: u64,
+    pub(super) stats: Option<crate::model::Stats>,
+    /// Events per second, all kinds.
+    pub(super) rate: Spark,
+    /// Set when the input has ended ("replay finished").
+    pub(super) input_note: Option<String>,
+    board: Board,
+    /// Newest first.
+    pub(super) feed: VecDeque<Arc<Event>>,
+    conns: HashMap<ConnKey, Conn>,
+    conn_touch: u64,
+    pub(super) sort: Sort,
+    pub(super) focus: Focus,
+    pub(super) mode: Mode,
+    pub(super) detail_open: bool,
+    pub(super) filter: String,
+    /// Row id the user picked; `None` follows the top row.
+    selected: Option<u64>,
+    pub(super) feed_scroll: usize,
+    pub(super) detail_scroll: u16,
+    pub(super) paused: bool,
+    quit: bool,
+}
+
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+enum Move {
+    By(isize),
+    First,
+    Last,
+}
+
+impl App {
+    pub fn new(header: Header) -> Self {
+        Self {
+            header,
+            now: UNIX_EPOCH,
+            events: 0,
+            events_with_pod: 0,
+            verdicts: 0,
+            invalid: 0,
+            stats: None,
+            rate: Spark::new(),
+            input_note: None,
+            board: Board::default(),
+            conn_touch: 0,
+            feed: VecDeque::with_capacity(FEED_CAP + 1),
+            conns: HashMap::new(),
+            sort: Sort::Recency,
+            focus: Focus::Board,
+            mode: Mode::Normal,
+            detail_open: false,
+            filter: String::new(),
+            selected: None,
+            feed_scroll: 0,
+            detail_scroll: 0,
+            paused: false,
+            quit: false,
+        }
+    }
+
+    pub fn handle(&mut self, input: AppInput) {
+        match input {
+            AppInput::Record(record) => self.ingest(record),
+            AppInput::Key(key) => self.key(key),
+            AppInput::Tick(t) => self.advance(t),
+        }
+    }
+
+    /// Counts an input line that was not a record.
+    pub fn invalid_line(&mut self) {
+        self.invalid += 1;
+    }
+
+    /// Notes that no more records will come, with why.
+    pub fn end_input(&mut self, note: impl Into<String>) {
+        self.input_note = Some(note.into());
+    }
+
+    pub fn should_quit(&self) -> bool {
+        self.quit
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn board_len(&self) -> usize {
+        self.board.len()
+    }
+
+    fn advance(&mut self, t: SystemTime) {
+        self.now = self.now.max(t);
+    }
+
+    fn ingest(&mut self, record: Record) {
+        match record {
+            Record::Event(e) => self.ingest_event(e),
+            Record::Verdict(v) => self.ingest_verdict(v),
+            Record::Stats(s) => {
+                self.advance(s.time);
+                self.stats = Some(s);
+            }
+        }
+    }
+
+    fn ingest_event(&mut self, event: Box<Event>) {
+        self.advance(event.time);
+        self.events += 1;
+        if event.pod.is_some() {
+            self.events_with_pod += 1;
+        }
+        self.rate.add(unix_secs(event.time), 1);
+        let event: Arc<Event> = Arc::from(event);
+        if event.kind != EventKind::StateChange {
+            self.count_event(&event);
+        }
+        self.remember_connection(&event);
+        if !self.paused {
+            self.feed.push_front(event);
+            self.feed.truncate(FEED_CAP);
+        }
+    }
+
+    fn count_event(&mut self, e: &Event) {
+        let pair = Pair {
+            subject: Subject::of(e.pod.as_ref(), e.netns),
+            dst: (e.dst.ip, e.dst.port),
+        };
+        let key = RowKey {
+            pair,
+            label: Label::Kind(e.kind),
+        };
+        let slot = match self.board.find(key) {
+            Some(slot) => slot,
+            None => self.board.insert(
+                key,
+                subject_label(e.pod.as_ref(), e.netns_name.as_deref(), e.netns),
+                e.src.clone(),
+                e.dst.clone(),
+                e.time,
+            ),
+        };
+        self.board.touch(slot);
+        let sec = unix_secs(e.time);
+        let Some(row) = self.board.row_mut(slot) else {
+            return;
+        };
+        row.count += 1;
+        row.last_seen = row.last_seen.max(e.time);
+        row.spark.add(sec, 1);
+        if row.src.ip != e.src.ip || row.src.port != e.src.port {
+            row.src = e.src.clone();
+        }
+        if !row.explained_by.is_empty() {
+            // The explaining cause rows show the rate of these events.
+            for cause_slot in self.board.causes_of(pair) {
+                if let Some(cause_row) = self.board.row_mut(cause_slot) {
+                    cause_row.spark.add(sec, 1);
+                    cause_row.spark_from_events = true;
+                }
+            }
+        }
+    }
+
+    fn ingest_verdict(&mut self, v: Box<Verdict>) {
+        self.advance(v.time);
+        self.verdicts += 1;
+        let pair = Pair {
+            subject: Subject::of(v.pod.as_ref(), v.netns),
+            dst: (v.dst.ip, v.dst.port),
+        };
+        let key = RowKey {
+            pair,
+            label: Label::Cause(v.cause),
+        };
+        let slot = match self.board.find(key) {
+            Some(slot) => slot,
+            None => {
+                let slot = self.board.insert(
+                    key,
+                    subject_label(v.pod.as_ref(), v.netns_name.as_deref(), v.netns),
+                    v.src.clone(),
+                    v.dst.clone(),
+                    v.first_seen,
+                );
+                self.explain_events(pair, v.cause, slot);
+                slot
+            }
+        };
+        self.board.touch(slot);
+        let Some(row) = self.board.row_mut(slot) else {
+            return;
+        };
+        let before = row.count;
+        row.count = row.verdict_count.update(v.first_seen, v.count);
+        if !row.spark_from_events {
+            row.spark
+                .add(unix_secs(v.last_seen), row.count.saturating_sub(before));
+        }
+        row.first_seen = row.first_seen.min(v.first_seen);
+        row.last_seen = row.last_seen.max(v.last_seen);
+        row.confidence = Some(v.confidence);
+        row.src = v.src.clone();
+        row.verdict = Some(v);
+    }
+
+    /// Hides the event rows of `pair` behind the new cause row `into` and
+    /// carries their rate over to its sparkline.
+    fn explain_events(&mut self, pair: Pair, cause: Cause, into: usize) {
+        let mut spark = Spark::new();
+        let mut any = false;
+        for kind in EventKind::ALL {
+            let key = RowKey {
+                pair,
+                label: Label::Kind(kind),
+            };
+            if let Some(row) = self.board.find(key).and_then(|s| self.board.row_mut(s)) {
+                row.explained_by.push(cause);
+                spark.merge(&row.spark);
+                any = true;
+            }
+        }
+        if let Some(row) = self.board.row_mut(into).filter(|_| any) {
+            row.spark.merge(&spark);
+            row.spark_from_events = true;
+        }
+    }
+
+    fn remember_connection(&mut self, e: &Arc<Event>) {
+        self.conn_touch += 1;
+        let key = (e.src.ip, e.dst.ip, e.dst.port);
+        if !self.conns.contains_key(&key) && self.conns.len() >= CONN_CAP {
+            let mut touched: Vec<u64> = self.conns.values().map(|c| c.touched).collect();
+            let (_, &mut keep_from, _) = touched.select_nth_unstable(CONN_CAP / 10);
+            self.conns.retain(|_, c| c.touched >= keep_from);
+        }
+        let conn = self.conns.entry(key).or_insert_with(|| Conn {
+            events: VecDeque::with_capacity(CONN_EVENTS + 1),
+            touched: 0,
+        });
+        conn.touched = self.conn_touch;
+        conn.events.push_front(Arc::clone(e));
+        conn.events.truncate(CONN_EVENTS);
+    }
+
+    /// The last events of the row's connection, newest first. A verdict with
+    /// a source port names one connection; other rows match any port.
+    pub(crate) fn connection_events(&self, row: &Row) -> Vec<&Event> {
+        let port = if row.verdict.is_some() {
+            row.src.port
+        } else {
+            0
+        };
+        self.conns
+            .get(&(row.src.ip, row.dst.ip, row.dst.port))
+            .map(|c| {
+                c.events
+                    .iter()
+                    .filter(|e| port == 0 || e.src.port == port)
+                    .map(|e| &**e)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn filter_terms(&self) -> Vec<String> {
+        self.filter
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .collect()
+    }
+
+    /// Board rows after the filter, in display order. Event rows whose pod and
+    /// destination have a verdict are left out: the verdict explains them.
+    pub(crate) fn visible_rows(&self) -> Vec<&Row> {
+        let terms = self.filter_terms();
+        let mut rows: Vec<&Row> = self
+            .board
+            .rows()
+            .filter(|r| r.explained_by.is_empty())
+            .filter(|r| terms.iter().all(|t| r.haystack.contains(t.as_str())))
+            .collect();
+        match self.sort {
+            Sort::Recency => {
+                rows.sort_by(|a, b| (b.last_seen, b.count, a.id).cmp(&(a.last_seen, a.count, b.id)))
+            }
+            Sort::Count => {
+                rows.sort_by(|a, b| (b.count, b.last_seen, a.id).cmp(&(a.count, a.last_seen, b.id)))
+            }
+        }
+        rows
+    }
+
+    /// Index of the selected row in `rows` (the top row unless the user
+    /// picked one that is still visible).
+    pub(crate) fn selected_index(&self, rows: &[&Row]) -> Option<usize> {
+        if rows.is_empty() {
+            return None;
+        }
+        Some(
+            self.selected
+                .and_then(|id| rows.iter().position(|r| r.id == id))
+                .unwrap_or(0),
+        )
+    }
+
+    /// Feed events that pass the filter, newest first.
+    pub(crate) fn visible_feed(&self) -> Vec<&Event> {
+        let terms = self.filter_terms();
+        self.feed
+            .iter()
+            .map(|e| &**e)
+            .filter(|e| {
+                terms.is_empty() || {
+                    let text = event_haystack(e);
+                    terms.iter().all(|t| text.contains(t.as_str()))
+                }
+            })
+            .collect()
+    }
+
+    fn key(&mut self, key: Key) {
+        if key == Key::CtrlC {
+            self.quit = true;
+            return;
+        }
+        match self.mode {
+            Mode::Help => self.mode = Mode::Normal,
+            Mode::Filter => match key {
+                Key::Char(c) => self.filter.push(c),
+                Key::Backspace => {
+                    self.filter.pop();
+                }
+                Key::Enter => self.mode = Mode::Normal,
+                Key::Esc => {
+                    self.filter.clear();
+                    self.mode = Mode::Normal;
+                }
+                other => self.navigate(other),
+            },
+            Mode::Normal => match key {
+                Key::Char('q') => self.quit = true,
+                Key::Char('?') => self.mode = Mode::Help,
+                Key::Char('/') => self.mode = Mode::Filter,
+                Key::Char('s') => {
+                    self.sort = match self.sort {
+                        Sort::Recency => Sort::Count,
+                        Sort::Count => Sort::Recency,
+                    }
+                }
+                Key::Char('p') => self.paused = !self.paused,
+                Key::Tab => {
+                    self.focus = match self.focus {
+                        Focus::Board => Focus::Bottom,
+                        Focus::Bottom => Focus::Board,
+                    }
+                }
+                Key::Enter if self.focus == Focus::Board => {
+                    let rows = self.visible_rows();
+                    if let Some(i) = self.selected_index(&rows) {
+                        self.selected = Some(rows[i].id);
+                        self.detail_open = !self.detail_open;
+                        self.detail_scroll = 0;
+                    }
+                }
+                Key::Esc if self.detail_open => {
+                    self.detail_open = false;
+                    self.focus = Focus::Board;
+                }
+                Key::Esc => self.filter.clear(),
+                other => self.navigate(other),
+            },
+        }
+    }
+
+    fn navigate(&mut self, key: Key) {
+        let step = match key {
+            Key::Up | Key::Char('k') => Move::By(-1),
+            Key::Down | Key::Char('j') => Move::By(1),
+            Key::PageUp => Move::By(-10),
+            Key::PageDown => Move::By(10),
+            Key::Home => Move::First,
+            Key::End => Move::Last,
+            _ => return,
+        };
+        let moved = |cur: usize, len: usize| match step {
+            Move::By(d) => cur.saturating_add_signed(d).min(len.saturating_sub(1)),
+            Move::First => 0,
+            Move::Last => len.saturating_sub(1),
+        };
+        match (self.focus, self.detail_open) {
+            (Focus::Board, _) => {
+                let rows = self.visible_rows();
+                if let Some(cur) = self.selected_index(&rows) {
+                    self.selected = Some(rows[moved(cur, rows.len())].id);
+                    self.detail_scroll = 0;
+                }
+            }
+            (Focus::Bottom, true) => {
+                self.detail_scroll = moved(self.detail_scroll.into(), usize::from(u16::MAX))
+                    .try_into()
+                    .unwrap_or(u16::MAX);
+            }
+            (Focus::Bottom, false) => {
+                self.feed_scroll = moved(self.feed_scroll, self.feed.len());
+            }
+        }
+    }
+}
+
+/// Lowercase text of an event the filter matches against.
+fn event_haystack(e: &Event) -> String {
+    let mut s = format!("{} {} {}", e.kind.as_str(), e.src, e.dst);
+    if let Some(p) = &e.pod {
+        s.push_str(&format!(" {}/{}", p.namespace, p.name));
+    }
+    for extra in [&e.netns_name, &e.comm, &e.errno, &e.reason, &e.state]
+        .into_iter()
+        .flatten()
+    {
+        s.push(' ');
+        s.push_str(extra);
+    }
+    s.to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tui::board::{BOARD_CAP, SPARK_SECS};
+    use crate::{
+        model::Endpoint,
+        tui::testdata::{at, ep, event, header, pod},
+    };
+
+    fn failure(ms: u64, pod_name: &str, port: u16) -> Record {
+        Record::Event(Box::new(event(
+            ms,
+            EventKind::ResetReceived,
+            Some(pod("ns", pod_name)),
+            ep("10.0.0.1", 40000),
+            ep("10.0.0.2", port),
+        )))
+    }
+
+    fn press(app: &mut App, keys: &[Key]) {
+        for &k in keys {
+            app.handle(AppInput::Key(k));
+        }
+    }
+
+    fn subjects(app: &App) -> Vec<String> {
+        app.visible_rows()
+            .iter()
+            .map(|r| r.subject.clone())
+            .collect()
+    }
+
+    fn selected(app: &App) -> Option<String> {
+        let rows = app.visible_rows();
+        app.selected_index(&rows).map(|i| rows[i].subject.clone())
+    }
+
+    /// a: 3 events (oldest), b: 1 event (newest).
+    fn two_rows() -> App {
+        let mut app = App::new(header());
+        for ms in [0, 1, 2] {
+            app.handle(AppInput::Record(failure(ms, "a", 80)));
+        }
+        app.handle(AppInput::Record(failure(5_000, "b", 443)));
+        app
+    }
+
+    #[test]
+    fn selection_moves_and_stays_on_its_row() {
+        let mut app = two_rows();
+        assert_eq!(selected(&app).as_deref(), Some("ns/b"));
+        press(&mut app, &[Key::Char('j'), Key::Down, Key::Down]);
+        assert_eq!(selected(&app).as_deref(), Some("ns/a"));
+        // A newer event moves row a to the top; the selection follows it.
+        app.handle(AppInput::Record(failure(9_000, "a", 80)));
+        assert_eq!(subjects(&app), ["ns/a", "ns/b"]);
+        assert_eq!(selected(&app).as_deref(), Some("ns/a"));
+        press(&mut app, &[Key::End, Key::Char('k'), Key::Up]);
+        assert_eq!(selected(&app).as_deref(), Some("ns/a"));
+    }
+
+    #[test]
+    fn sort_toggles_between_recency_and_count() {
+        let mut app = two_rows();
+        assert_eq!(subjects(&app), ["ns/b", "ns/a"]);
+        press(&mut app, &[Key::Char('s')]);
+        assert_eq!(app.sort, Sort::Count);
+        assert_eq!(subjects(&app), ["ns/a", "ns/b"]);
+        press(&mut app, &[Key::Char('s')]);
+        assert_eq!(subjects(&app), ["ns/b", "ns/a"]);
+    }
+
+    #[test]
+    fn filter_matches_pod_cause_and_port_and_esc_clears_it() {
+        let mut app = two_rows();
+        press(
+            &mut app,
+            &[
+                Key::Char('/'),
+                Key::Char('4'),
+                Key::Char('4'),
+                Key::Char('3'),
+            ],
+        );
+        assert_eq!(app.mode, Mode::Filter);
+        assert_eq!(subjects(&app), ["ns/b"]);
+        // Typed q and j are text while filtering, not commands.
+        press(
+            &mut app,
+            &[
+                Key::Backspace,
+                Key::Backspace,
+                Key::Backspace,
+                Key::Char('q'),
+            ],
+        );
+        assert!(!app.should_quit());
+        assert_eq!(app.filter, "q");
+        assert!(subjects(&app).is_empty());
+        press(&mut app, &[Key::Backspace]);
+        for c in "reset_received ns/a".chars() {
+            press(&mut app, &[Key::Char(c)]);
+        }
+        press(&mut app, &[Key::Enter]);
+        assert_eq!(app.mode, Mode::Normal);
+        assert_eq!(subjects(&app), ["ns/a"]);
+        press(&mut app, &[Key::Esc]);
+        assert_eq!(app.filter, "");
+        assert_eq!(subjects(&app).len(), 2);
+    }
+
+    #[test]
+    fn pause_freezes_the_feed_but_not_the_counts() {
+        let mut app = two_rows();
+        press(&mut app, &[Key::Char('p')]);
+        app.handle(AppInput::Record(failure(6_000, "b", 443)));
+        assert_eq!(app.feed.len(), 4);
+        assert_eq!(app.events(), 5);
+        assert_eq!(app.visible_rows()[0].count, 2);
+        press(&mut app, &[Key::Char('p')]);
+        app.handle(AppInput::Record(failure(7_000, "b", 443)));
+        assert_eq!(app.feed.len(), 5);
+    }
+
+    #[test]
+    fn enter_tab_help_and_quit() {
+        let mut app = App::new(header());
+        press(&mut app, &[Key::Enter]);
+        assert!(!app.detail_open, "nothing to show without rows");
+        let mut app = two_rows();
+        press(&mut app, &[Key::Enter]);
+        assert!(app.detail_open);
+        press(&mut app, &[Key::Tab]);
+        assert_eq!(app.focus, Focus::Bottom);
+        press(&mut app, &[Key::Char('j'), Key::Char('j')]);
+        assert_eq!(app.detail_scroll, 2);
+        press(&mut app, &[Key::Esc]);
+        assert!(!app.detail_open);
+        assert_eq!(app.focus, Focus::Board);
+        press(&mut app, &[Key::Char('?')]);
+        assert_eq!(app.mode, Mode::Help);
+        press(&mut app, &[Key::Char('q')]);
+        assert_eq!(app.mode, Mode::Normal, "any key closes help");
+        assert!(!app.should_quit());
+        press(&mut app, &[Key::Char('q')]);
+        assert!(app.should_quit());
+        let mut app = two_rows();
+        press(&mut app, &[Key::Char('/'), Key::CtrlC]);
+        assert!(app.should_quit(), "Ctrl-C quits even while filtering");
+    }
+
+    #[test]
+    fn verdicts_hide_the_events_they_explain_and_sum_their_counts() {
+        let mut app = two_rows();
+        let mut v = crate::tui::testdata::incident()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::Verdict(v) => Some(v),
+                _ => None,
+            })
+            .expect("the incident has verdicts");
+        v.pod = Some(pod("ns", "a"));
+        v.src = ep("10.0.0.1", 40000);
+        v.dst = ep("10.0.0.2", 80);
+        v.count = 2;
+        v.first_seen = at(0);
+        v.last_seen = at(8_000);
+        app.handle(AppInput::Record(Record::Verdict(v.clone())));
+        // The same aggregate again: an update, not new occurrences.
+        v.count = 3;
+        app.handle(AppInput::Record(Record::Verdict(v.clone())));
+        // A new aggregate adds up.
+        v.first_seen = at(9_000);
+        v.count = 1;
+        app.handle(AppInput::Record(Record::Verdict(v)));
+        let rows = app.visible_rows();
+        let labels: Vec<_> = rows
+            .iter()
+            .map(|r| (r.subject.as_str(), r.label.name(), r.count))
+            .collect();
+        assert_eq!(
+            labels,
+            [("ns/a", "idle_timeout", 4), ("ns/b", "reset_received", 1)]
+        );
+        assert_eq!(app.verdicts, 3);
+        // The verdict's connection events are kept for the detail pane.
+        assert_eq!(app.connection_events(rows[0]).len(), 3);
+    }
+
+    #[test]
+    fn board_and_connections_stay_bounded() {
+        let mut app = App::new(header());
+        let n = BOARD_CAP as u64 + 10;
+        for i in 0..n {
+            let e = event(
+                i,
+                EventKind::Drop,
+                None,
+                Endpoint::new(IpAddr::from([10, 1, (i >> 8) as u8, i as u8]), 1),
+                ep("10.0.0.2", 80),
+            );
+            app.handle(AppInput::Record(Record::Event(Box::new(e))));
+        }
+        assert!(app.board_len() <= BOARD_CAP);
+        assert!(app.conns.len() <= CONN_CAP);
+        assert_eq!(app.feed.len(), FEED_CAP);
+        assert_eq!(app.events(), n);
+        // The newest row survived the eviction.
+        assert_eq!(app.visible_rows()[0].last_seen, at(n - 1));
+    }
+
+    #[test]
+    fn spark_buckets_roll_over_and_ignore_the_too_old() {
+        let mut s = Spark::new();
+        s.add(1_000, 2);
+        s.add(1_000, 1);
+        s.add(1_030, 5);
+        assert_eq!(s.at(1_000), 3);
+        s.add(1_061, 1);
+        assert_eq!(s.at(1_000), 0, "older than 60 s");
+        assert_eq!(s.at(1_030), 5);
+        s.add(1_001, 7);
+        assert_eq!(s.at(1_001), 0);
+        let series = s.series(1_061);
+        assert_eq!(series[SPARK_SECS - 1], 1);
+        assert_eq!(series[SPARK_SECS - 1 - 31], 5);
+        s.add(5_000, 1);
+        assert_eq!(s.series(5_000).iter().sum::<u32>(), 1);
+    }
+
+    #[test]
+    fn ticks_move_the_clock_forward_only() {
+        let mut app = App::new(header());
+        app.handle(AppInput::Tick(at(10_000)));
+        app.handle(AppInput::Tick(at(5_000)));
+        assert_eq!(app.now, at(10_000));
+    }
+}

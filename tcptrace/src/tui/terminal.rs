@@ -1,0 +1,67 @@
+//! Raw mode + alternate screen, restored on every way out: drop (quit,
+//! signal, error) and panic (a hook restores, then runs the previous hook).
+use std::{
+    io::{self, Stdout},
+    sync::{
+        Once,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use crossterm::{
+    cursor::{Hide, Show},
+    execute,
+    terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
+};
+use ratatui::{Terminal, backend::CrosstermBackend};
+
+/// True while the terminal is in raw mode for us.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static PANIC_HOOK: Once = Once::new();
+
+pub(crate) struct TerminalGuard {
+    pub(crate) terminal: Terminal<CrosstermBackend<Stdout>>,
+}
+
+impl TerminalGuard {
+    pub(crate) fn enter() -> anyhow::Result<Self> {
+        PANIC_HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                restore();
+                previous(info);
+            }));
+        });
+        ACTIVE.store(true, Ordering::SeqCst);
+        // From here on a failure restores whatever was already switched.
+        let setup = || -> anyhow::Result<Terminal<CrosstermBackend<Stdout>>> {
+            enable_raw_mode().context("cannot switch the terminal to raw mode")?;
+            execute!(io::stdout(), EnterAlternateScreen, Hide)
+                .context("cannot switch to the alternate screen")?;
+            Terminal::new(CrosstermBackend::new(io::stdout())).context("cannot start the TUI")
+        };
+        match setup() {
+            Ok(terminal) => Ok(Self { terminal }),
+            Err(e) => {
+                restore();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// Leaves raw mode and the alternate screen once; later calls do nothing.
+fn restore() {
+    if ACTIVE.swap(false, Ordering::SeqCst) {
+        // Best effort: nothing better to do if the terminal is gone.
+        let _ = disable_raw_mode();
+        let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
+    }
+}
