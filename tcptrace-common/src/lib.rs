@@ -13,6 +13,18 @@ pub const OWNERS_MAP: &str = "OWNERS";
 pub const LISTENERS_MAP: &str = "LISTENERS";
 /// Hash map: pid_tgid -> [`BindArgs`] between bind() entry and exit.
 pub const BIND_ARGS_MAP: &str = "BIND_ARGS";
+/// Hash map: pid_tgid -> sock pointer between the kprobe and kretprobe.
+pub const HASH_CONNECT_ARGS_MAP: &str = "HASH_CONNECT_ARGS";
+/// Array of one u32: which direct-tier hooks are live ([`direct`] bits),
+/// written by userspace after attaching so fallbacks do not double-report.
+pub const DIRECT_MAP: &str = "DIRECT";
+
+/// Bits of the [`DIRECT_MAP`] value.
+pub mod direct {
+    /// inet_hash_connect is hooked: the tracepoint signature of a failed
+    /// connect without a source port is not reported again.
+    pub const HASH_CONNECT: u32 = 1 << 0;
+}
 /// Name of the read-only global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 
@@ -27,10 +39,14 @@ pub mod hook {
     pub const KFREE_SKB: u32 = 6;
     pub const ENTER_BIND: u32 = 7;
     pub const EXIT_BIND: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Direct tier: inet_hash_connect's result (EADDRNOTAVAIL).
+    pub const HASH_CONNECT_FEXIT: u32 = 9;
+    pub const HASH_CONNECT_KPROBE: u32 = 10;
+    pub const HASH_CONNECT_KRETPROBE: u32 = 11;
+    pub const COUNT: u32 = 12;
 
-    /// (program name in the ELF, tracepoint category, tracepoint name);
-    /// category `raw_tp` marks a raw tracepoint.
+    /// (program name in the ELF, kind, kernel hook). Kinds: a tracepoint
+    /// category, `raw_tp`, `fexit`, `kprobe` or `kretprobe`.
     pub const PROGRAMS: [(&str, &str, &str); COUNT as usize] = [
         ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
@@ -41,6 +57,9 @@ pub mod hook {
         ("kfree_skb", "skb", "kfree_skb"),
         ("sys_enter_bind", "syscalls", "sys_enter_bind"),
         ("sys_exit_bind", "syscalls", "sys_exit_bind"),
+        ("inet_hash_connect_fexit", "fexit", "inet_hash_connect"),
+        ("inet_hash_connect_entry", "kprobe", "inet_hash_connect"),
+        ("inet_hash_connect_return", "kretprobe", "inet_hash_connect"),
     ];
 }
 

@@ -1,6 +1,6 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, ListenKey, Owner};
 
@@ -23,6 +23,20 @@ pub static LISTENERS: LruHashMap<ListenKey, Owner> = LruHashMap::with_max_entrie
 /// pid_tgid -> sockaddr given to bind(), until it returns.
 #[map(name = "BIND_ARGS")]
 pub static BIND_ARGS: HashMap<u64, BindArgs> = HashMap::with_max_entries(4096, 0);
+
+/// pid_tgid -> sock pointer, from inet_hash_connect's kprobe to its kretprobe.
+#[map(name = "HASH_CONNECT_ARGS")]
+pub static HASH_CONNECT_ARGS: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Direct-tier hooks that are live (`tcptrace_common::direct` bits).
+#[map(name = "DIRECT")]
+pub static DIRECT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether a direct-tier hook reports `bit` already.
+#[inline(always)]
+pub fn direct_live(bit: u32) -> bool {
+    DIRECT.get(0).is_some_and(|v| v & bit != 0)
+}
 
 /// Set by userspace before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]

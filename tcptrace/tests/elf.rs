@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use aya_obj::{Object, ProgramSection};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tcptrace_common::{
-    BIND_ARGS_MAP, CONFIG_GLOBAL, COUNTERS_MAP, EVENTS_MAP, LISTENERS_MAP, OWNERS_MAP, hook,
+    BIND_ARGS_MAP, CONFIG_GLOBAL, COUNTERS_MAP, DIRECT_MAP, EVENTS_MAP, HASH_CONNECT_ARGS_MAP,
+    LISTENERS_MAP, OWNERS_MAP, hook,
 };
 
 #[test]
@@ -15,14 +16,24 @@ fn bpf_object_has_every_program_and_map() {
     let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
     let expected: BTreeSet<&str> = hook::PROGRAMS.iter().map(|(name, _, _)| *name).collect();
     assert_eq!(programs, expected);
-    for (name, category, _) in hook::PROGRAMS {
+    for (name, kind, _) in hook::PROGRAMS {
         let section = &obj.programs[name].section;
-        let raw = category == "raw_tp";
-        match section {
-            ProgramSection::TracePoint => assert!(!raw, "{name} should be a raw tracepoint"),
-            ProgramSection::RawTracePoint => assert!(raw, "{name} should be a tracepoint"),
+        let expected = match kind {
+            "raw_tp" => "raw_tp",
+            "fexit" => "fexit",
+            "kprobe" => "kprobe",
+            "kretprobe" => "kretprobe",
+            _ => "tracepoint",
+        };
+        let actual = match section {
+            ProgramSection::TracePoint => "tracepoint",
+            ProgramSection::RawTracePoint => "raw_tp",
+            ProgramSection::FExit { .. } => "fexit",
+            ProgramSection::KProbe => "kprobe",
+            ProgramSection::KRetProbe => "kretprobe",
             other => panic!("{name}: unexpected section {other:?}"),
-        }
+        };
+        assert_eq!(actual, expected, "{name}");
     }
 
     for map in [

@@ -1,4 +1,5 @@
 mod bind;
+mod direct;
 mod skb;
 mod sock;
 mod tcp;

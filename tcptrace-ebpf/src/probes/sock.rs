@@ -4,11 +4,11 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use tcptrace_common::{Event, ListenKey, hook, kind};
+use tcptrace_common::{Event, ListenKey, direct, hook, kind};
 
 use crate::{
     kernel::{self, field},
-    maps::{LISTENERS, OWNERS, config},
+    maps::{LISTENERS, OWNERS, config, direct_live},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -60,7 +60,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // Failed connect (refused, timed out, or no source port) is always
     // reported; other transitions only on request.
     let failed_connect = old == states.syn_sent && new == states.close;
-    if failed_connect || cfg.all_states != 0 {
+    // Without a source port the direct hook, when live, reported it already.
+    let reported_directly = failed_connect
+        && field::<_, u16>(&ctx, tp.sport) == Some(0)
+        && direct_live(direct::HASH_CONNECT);
+    if (failed_connect && !reported_directly) || cfg.all_states != 0 {
         emit_state_change(&ctx, sk, old, new, failed_connect);
     }
 

@@ -4,20 +4,20 @@ pub mod decode;
 pub mod offsets;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use serde::Serialize;
 use tcptrace_common::{
-    CONFIG_GLOBAL, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, EVENTS_MAP, counter_index,
-    hook,
+    CONFIG_GLOBAL, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, DIRECT_MAP, EVENTS_MAP,
+    counter_index, direct, hook,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -77,6 +77,8 @@ impl Default for TracerOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
+    Fexit,
+    Kprobe,
     Tracepoint,
     RawTracepoint,
 }
@@ -84,6 +86,8 @@ pub enum Tier {
 impl Tier {
     pub fn as_str(self) -> &'static str {
         match self {
+            Tier::Fexit => "fexit",
+            Tier::Kprobe => "kprobe",
             Tier::Tracepoint => "tracepoint",
             Tier::RawTracepoint => "raw_tracepoint",
         }
@@ -115,12 +119,39 @@ pub struct Tracer {
     started: SystemTime,
 }
 
-/// Explains why loading failed in one sentence a user can act on.
+/// An error with its causes, e.g. "error reading X: No such file".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Explains why a program could not be loaded, in words a user can act on.
 fn explain_load_error(e: &ProgramError) -> String {
-    let text = e.to_string();
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
-        "permission denied: run tcptrace as root or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
-            .into()
+    let text = chain(e);
+    let eperm = text.contains("Operation not permitted") || text.contains("EPERM");
+    match (eperm, nix::unistd::geteuid().is_root()) {
+        (true, false) => {
+            "permission denied: run tcptrace as root or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN"
+                .into()
+        }
+        (true, true) => "refused by the kernel (EPERM) although running as root: BPF trampolines \
+                         or this program type are not allowed here (lockdown or kernel config)"
+            .into(),
+        _ => text,
+    }
+}
+
+/// Why attaching failed, with the kernel feature behind the common cases.
+fn explain_attach_error(kind: &str, e: &ProgramError) -> String {
+    let text = chain(e);
+    if matches!(kind, "kprobe" | "kretprobe") && text.contains("kprobe/type") {
+        format!("this kernel has no kprobes (CONFIG_KPROBES off): {text}")
     } else {
         text
     }
@@ -221,25 +252,31 @@ impl Tracer {
                     anyhow!("loading the BPF object: {text}")
                 }
             })?;
-        let mut probes = Vec::new();
-        for (idx, (prog, category, name)) in hook::PROGRAMS.iter().enumerate() {
+        let mut probes: Vec<ProbeStatus> = Vec::new();
+        // Parsed for the fexit tier only, on first use.
+        let mut aya_btf = None;
+        for (idx, (prog, kind, name)) in hook::PROGRAMS.iter().enumerate() {
             let idx = idx as u32;
             let syscall = idx == hook::ENTER_BIND || idx == hook::EXIT_BIND;
-            let raw = *category == "raw_tp";
-            let tier = if raw {
-                Tier::RawTracepoint
-            } else {
-                Tier::Tracepoint
+            let tier = match *kind {
+                "fexit" => Tier::Fexit,
+                "kprobe" | "kretprobe" => Tier::Kprobe,
+                "raw_tp" => Tier::RawTracepoint,
+                _ => Tier::Tracepoint,
             };
-            let tracepoint = if raw {
-                name.to_string()
-            } else {
-                format!("{category}:{name}")
+            let tracepoint = match tier {
+                Tier::RawTracepoint => name.to_string(),
+                _ => format!("{kind}:{name}"),
             };
+            let fexit_live = probes
+                .iter()
+                .any(|p| p.tier == Tier::Fexit && p.state == ProbeState::Attached);
             let state = if syscall && !opts.syscall_hooks {
                 ProbeState::Disabled("--no-syscall-hooks".into())
+            } else if tier == Tier::Kprobe && fexit_live {
+                ProbeState::Disabled("the fexit tier is live".into())
             } else {
-                match attach(&mut ebpf, prog, category, name, raw) {
+                match attach(&mut ebpf, prog, kind, name, &opts.btf_path, &mut aya_btf) {
                     Ok(()) => ProbeState::Attached,
                     Err(e) => ProbeState::Unavailable(e),
                 }
@@ -251,6 +288,7 @@ impl Tracer {
                 state,
             });
         }
+        mark_direct_tier(&mut ebpf, &probes)?;
         if !probes.iter().any(|p| p.state == ProbeState::Attached) {
             let why: Vec<String> = probes
                 .iter()
@@ -326,28 +364,70 @@ impl Tracer {
     }
 }
 
+/// Tells the programs which direct-tier hooks are live, so the tracepoint
+/// fallbacks do not report the same failure twice.
+fn mark_direct_tier(ebpf: &mut Ebpf, probes: &[ProbeStatus]) -> Result<()> {
+    let live = |names: &[&str]| {
+        names.iter().all(|n| {
+            probes
+                .iter()
+                .any(|p| p.hook == *n && p.state == ProbeState::Attached)
+        })
+    };
+    let hash_connect = live(&["inet_hash_connect_fexit"])
+        || live(&["inet_hash_connect_entry", "inet_hash_connect_return"]);
+    let bits = if hash_connect {
+        direct::HASH_CONNECT
+    } else {
+        0
+    };
+    let map = ebpf
+        .map_mut(DIRECT_MAP)
+        .ok_or_else(|| anyhow!("BPF object has no {DIRECT_MAP} map"))?;
+    let mut array = Array::<_, u32>::try_from(map).context("opening the direct-tier map")?;
+    array.set(0, bits, 0).context("writing the direct-tier map")
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     prog: &str,
-    category: &str,
+    kind: &str,
     name: &str,
-    raw: bool,
+    btf_path: &Path,
+    aya_btf: &mut Option<Result<aya::Btf, String>>,
 ) -> Result<(), String> {
     let program = ebpf
         .program_mut(prog)
         .ok_or_else(|| format!("program {prog} missing from the BPF object"))?;
-    if raw {
-        let p: &mut RawTracePoint = program
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
-        p.load().map_err(|e| explain_load_error(&e))?;
-        p.attach(name).map_err(|e| e.to_string())?;
-    } else {
-        let p: &mut TracePoint = program
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
-        p.load().map_err(|e| explain_load_error(&e))?;
-        p.attach(category, name).map_err(|e| e.to_string())?;
+    match kind {
+        "fexit" => {
+            let btf = aya_btf
+                .get_or_insert_with(|| {
+                    aya::Btf::parse_file(btf_path, aya::Endianness::default())
+                        .map_err(|e| format!("reading {}: {e}", btf_path.display()))
+                })
+                .as_ref()
+                .map_err(Clone::clone)?;
+            let p: &mut FExit = program.try_into().map_err(|e: ProgramError| chain(&e))?;
+            p.load(name, btf).map_err(|e| explain_load_error(&e))?;
+            p.attach().map_err(|e| chain(&e))?;
+        }
+        "kprobe" | "kretprobe" => {
+            let p: &mut KProbe = program.try_into().map_err(|e: ProgramError| chain(&e))?;
+            p.load().map_err(|e| explain_load_error(&e))?;
+            p.attach(name, 0)
+                .map_err(|e| explain_attach_error(kind, &e))?;
+        }
+        "raw_tp" => {
+            let p: &mut RawTracePoint = program.try_into().map_err(|e: ProgramError| chain(&e))?;
+            p.load().map_err(|e| explain_load_error(&e))?;
+            p.attach(name).map_err(|e| chain(&e))?;
+        }
+        category => {
+            let p: &mut TracePoint = program.try_into().map_err(|e: ProgramError| chain(&e))?;
+            p.load().map_err(|e| explain_load_error(&e))?;
+            p.attach(category, name).map_err(|e| chain(&e))?;
+        }
     }
     Ok(())
 }
