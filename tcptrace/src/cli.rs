@@ -41,6 +41,17 @@ pub enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Reproduce every failure tcptrace explains in throwaway network
+    /// namespaces and check the verdicts on this kernel (needs root).
+    Selftest {
+        /// Scenarios to run (default: all): port_exhaustion,
+        /// connection_refused, syn_timeout, idle_timeout, nodeport_collision,
+        /// conntrack_invalid, conntrack_table_full.
+        #[arg(value_name = "SCENARIO")]
+        scenarios: Vec<String>,
+        #[arg(long, value_enum, default_value_t = TableFormat::Table)]
+        format: TableFormat,
+    },
 }
 
 /// Where node facts come from.
@@ -132,6 +143,14 @@ pub struct TraceArgs {
     /// kind node container's `/system.slice/docker-<id>.scope`).
     #[arg(long, value_name = "CGROUP")]
     pub node_scope: Option<String>,
+    /// Serve Prometheus metrics on GET /metrics at this address
+    /// (e.g. 127.0.0.1:9464). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics-addr to be a non-loopback address (e.g. 0.0.0.0:9464
+    /// for a Prometheus that scrapes the node).
+    #[arg(long, requires = "metrics_addr")]
+    pub metrics_allow_remote: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }

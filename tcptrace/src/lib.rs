@@ -8,6 +8,8 @@ pub mod attribution;
 pub mod bpf;
 pub mod cli;
 pub mod diagnosis;
+pub mod lab;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod output;

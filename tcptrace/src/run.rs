@@ -14,9 +14,10 @@ use tokio::{
 
 use crate::{
     attribution::{AttributionConfig, Attributor, NodeScope},
-    bpf::{ProbeState, ProbeStatus, Tracer, TracerOptions},
+    bpf::{ProbeState, ProbeStatus, Tier, Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
+    metrics::MeteredSink,
     model::{Record, Stats},
     node::{self, FactsConfig, Refresher},
     output::{ChannelSink, NdjsonWriter, Sink},
@@ -35,6 +36,9 @@ pub async fn main(cli: Cli) -> Result<()> {
         Some(Command::Audit { format, node }) => audit_node(&node, format),
         Some(Command::Replay { file, speed }) => {
             crate::tui::run_replay(&file, speed, crate::tui::Header::default()).await
+        }
+        Some(Command::Selftest { scenarios, format }) => {
+            crate::lab::selftest::main(&scenarios, format)
         }
         None => trace(cli.trace).await,
     }
@@ -72,10 +76,7 @@ fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
             }
             out.flush()
         }
-        TableFormat::Table => {
-            print!("{}", render_table(&findings));
-            Ok(())
-        }
+        TableFormat::Table => crate::output::print(&render_table(&findings)),
     }
 }
 
@@ -84,16 +85,15 @@ fn probes(args: &TraceArgs, format: TableFormat) -> Result<()> {
     match format {
         TableFormat::Json => {
             let text = serde_json::to_string_pretty(&tracer.probes)?;
-            println!("{text}");
+            crate::output::print(&format!("{text}\n"))
         }
-        TableFormat::Table => print!("{}", probe_table(&tracer.probes)),
+        TableFormat::Table => crate::output::print(&probe_table(&tracer.probes)),
     }
-    Ok(())
 }
 
 pub fn probe_table(probes: &[ProbeStatus]) -> String {
     let mut out = format!(
-        "{:<22} {:<32} {:<15} {}\n",
+        "{:<25} {:<32} {:<15} {}\n",
         "HOOK", "KERNEL HOOK", "TIER", "STATE"
     );
     for p in probes {
@@ -104,7 +104,7 @@ pub fn probe_table(probes: &[ProbeStatus]) -> String {
             ProbeState::Unavailable(why) => format!("unavailable: {why}"),
         };
         out.push_str(&format!(
-            "{:<22} {:<32} {:<15} {}\n",
+            "{:<25} {:<32} {:<15} {}\n",
             p.hook, p.tracepoint, tier, state
         ));
     }
@@ -131,20 +131,47 @@ async fn trace(args: TraceArgs) -> Result<()> {
         OutputFormat::Json => false,
         OutputFormat::Auto => io::stdout().is_terminal(),
     };
+    // Bound before loading BPF: a refused or busy address fails fast.
+    let metrics = crate::metrics::start(args.metrics_addr, args.metrics_allow_remote)?;
     let mut session = Session::start(&args)?;
+    if let Some(m) = &metrics {
+        m.set_probes(&session.tracer.probes);
+    }
     if !tui {
         session.announce();
-        let mut sink = NdjsonWriter::new(io::stdout().lock());
+        let mut sink = MeteredSink::new(NdjsonWriter::new(io::stdout().lock()), metrics);
         return session.run(&args, &mut sink, &mut signals).await;
     }
     let header = crate::tui::Header::local(session.probe_tiers());
     let (tx, rx) = tokio::sync::mpsc::channel(TUI_QUEUE);
-    let mut sink = ChannelSink::new(tx);
+    let mut sink = MeteredSink::new(ChannelSink::new(tx), metrics);
     // Whichever ends first ends both: quitting the UI stops tracing; a
     // tracing error closes the UI (restoring the terminal) and is reported.
     tokio::select! {
         traced = session.run(&args, &mut sink, &mut signals) => traced,
         shown = crate::tui::run_live(rx, header) => shown,
+    }
+}
+
+/// Unavailable hooks on stderr; the direct tier, whose absence is expected on
+/// many kernels, in one line.
+fn report_unavailable(probes: &[ProbeStatus]) {
+    let direct = |p: &&ProbeStatus| matches!(p.tier, Tier::Fexit | Tier::Kprobe);
+    for p in probes.iter().filter(|p| !direct(p)) {
+        if let ProbeState::Unavailable(why) = &p.state {
+            eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
+        }
+    }
+    let mut direct_hooks = probes.iter().filter(direct).peekable();
+    if direct_hooks.peek().is_some()
+        && !probes
+            .iter()
+            .filter(direct)
+            .any(|p| p.state == ProbeState::Attached)
+    {
+        eprintln!(
+            "tcptrace: no direct hooks (fexit, kprobe) on this kernel: using tracepoint fallbacks (see `tcptrace probes`)"
+        );
     }
 }
 
@@ -165,11 +192,7 @@ struct Session {
 impl Session {
     fn start(args: &TraceArgs) -> Result<Self> {
         let mut tracer = Tracer::load(&options(args))?;
-        for p in &tracer.probes {
-            if let ProbeState::Unavailable(why) = &p.state {
-                eprintln!("tcptrace: {} ({}) unavailable: {why}", p.hook, p.tracepoint);
-            }
-        }
+        report_unavailable(&tracer.probes);
         let ring = tracer.events()?;
         let attributor = Attributor::new(AttributionConfig {
             host_root: args.node.host_root.clone(),

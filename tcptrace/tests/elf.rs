@@ -42,6 +42,8 @@ fn bpf_object_has_every_program_and_map() {
         OWNERS_MAP,
         LISTENERS_MAP,
         BIND_ARGS_MAP,
+        HASH_CONNECT_ARGS_MAP,
+        DIRECT_MAP,
     ] {
         assert!(
             obj.maps.contains_key(map),

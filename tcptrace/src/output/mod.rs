@@ -6,6 +6,15 @@ use tokio::sync::mpsc;
 
 use crate::model::Record;
 
+/// Prints text to stdout; a closed pipe (`tcptrace probes | head`) is
+/// [`SinkClosed`], not a panic.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(map_io)
+}
+
 /// Where records go: stdout as NDJSON, or the live TUI.
 pub trait Sink {
     fn write(&mut self, record: &Record) -> anyhow::Result<()>;

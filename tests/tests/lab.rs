@@ -1,0 +1,359 @@
+//! Every seed failure reproduced in the lab and diagnosed end to end by the
+//! live pipeline, with its controls; and the selftest cleaning up when
+//! interrupted.
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tcptrace::{
+    diagnosis::{Cause, Verdict},
+    lab::{
+        self,
+        scenarios::{self, CT_TIMEOUT_S, CaseResult, NODEPORTS},
+        selftest::Observer,
+    },
+};
+
+static OBSERVER: OnceLock<Mutex<Observer>> = OnceLock::new();
+
+/// The tracer, loaded once; tests hold it while they run (one at a time).
+fn observer() -> MutexGuard<'static, Observer> {
+    OBSERVER
+        .get_or_init(|| {
+            Mutex::new(Observer::load().expect("loading tcptrace's BPF programs (tests need root)"))
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn run(scenario: &str) -> Vec<CaseResult> {
+    let mut obs = observer();
+    let results = scenarios::run_scenario(&mut obs, scenario);
+    assert!(!results.is_empty(), "no cases for {scenario}");
+    results
+}
+
+fn case<'a>(results: &'a [CaseResult], name: &str) -> &'a CaseResult {
+    let r = results
+        .iter()
+        .find(|r| r.case == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
+    assert_eq!(
+        r.status(),
+        "pass",
+        "{} {}: got {}; {}",
+        r.scenario,
+        r.case,
+        r.got,
+        r.detail
+    );
+    r
+}
+
+/// The one verdict of the expected cause for the case's subject, checked
+/// for its pod (or the node's namespace name).
+fn verdict(r: &CaseResult) -> &Verdict {
+    let m = r.matching();
+    assert!(!m.is_empty(), "{} {}: no verdict", r.scenario, r.case);
+    let v = m[0];
+    eprintln!(
+        "{} {}: {}",
+        r.scenario,
+        r.case,
+        serde_json::to_string(v).unwrap_or_default()
+    );
+    let subject = &r.outcome.as_ref().expect("outcome").subject;
+    match &subject.pod {
+        Some(pod) => {
+            let got = v
+                .pod
+                .as_ref()
+                .map(|p| (p.namespace.as_str(), p.name.as_str(), p.uid.as_str()));
+            assert_eq!(
+                got,
+                Some((pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str())),
+                "{} {}: the verdict names the pod: {v:#?}",
+                r.scenario,
+                r.case
+            );
+        }
+        None => {
+            assert_eq!(v.pod, None);
+            assert_eq!(v.netns_name.as_deref(), Some(subject.netns_name.as_str()));
+        }
+    }
+    if let Some(dst) = &subject.dst {
+        assert_eq!(&v.dst.to_string(), dst, "{v:#?}");
+    }
+    if let Some(svc) = &subject.service {
+        let got = v
+            .dst
+            .service
+            .as_ref()
+            .map(|s| format!("{}/{}", s.namespace, s.name));
+        assert_eq!(got.as_ref(), Some(svc), "the destination's Service: {v:#?}");
+    }
+    v
+}
+
+fn ev<'a>(v: &'a Verdict, key: &str) -> &'a Value {
+    v.evidence
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {:#?}", v.evidence))
+}
+
+fn number(r: &CaseResult, key: &str) -> i64 {
+    r.outcome.as_ref().expect("outcome").subject.numbers[key]
+}
+
+fn assert_control(r: &CaseResult, cause: Cause) {
+    assert_eq!(
+        r.status(),
+        "pass",
+        "{} {}: {}",
+        r.scenario,
+        r.case,
+        r.detail
+    );
+    let o = r.outcome.as_ref().expect("outcome");
+    assert!(
+        !o.verdicts.iter().any(|v| v.cause == cause),
+        "{} {}: {:#?}",
+        r.scenario,
+        r.case,
+        o.verdicts
+    );
+}
+
+#[test]
+fn port_exhaustion_connect_bind_time_wait_and_control() {
+    let rs = run("port_exhaustion");
+    let r = case(&rs, "connect");
+    assert_eq!(number(r, "errno"), 99, "EADDRNOTAVAIL");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::PortExhaustion);
+    assert_eq!(ev(v, "errno"), "EADDRNOTAVAIL");
+    assert_eq!(ev(v, "port_range_size"), 2);
+    assert_eq!(ev(v, "port_range"), "40000-40001");
+
+    let r = case(&rs, "bind");
+    assert_eq!(number(r, "errno"), 98, "EADDRINUSE");
+    let v = verdict(r);
+    assert_eq!(ev(v, "errno"), "EADDRINUSE");
+    assert_eq!(v.src.port, 0, "bind to port 0");
+
+    let r = case(&rs, "time_wait");
+    assert_eq!(number(r, "errno"), 99);
+    let v = verdict(r);
+    assert_eq!(ev(v, "tw_reuse"), 0);
+
+    assert_control(case(&rs, "control_other_dst"), Cause::PortExhaustion);
+}
+
+#[test]
+fn connection_refused_through_a_service() {
+    let rs = run("connection_refused");
+    let r = case(&rs, "refused");
+    assert_eq!(number(r, "errno"), 111, "ECONNREFUSED");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::ConnectionRefused);
+    assert_control(case(&rs, "control_listening"), Cause::ConnectionRefused);
+}
+
+#[test]
+fn syn_timeout_when_the_node_drops_the_syns() {
+    let rs = run("syn_timeout");
+    let v = verdict(case(&rs, "dropped"));
+    assert_eq!(v.cause, Cause::SynTimeout);
+    assert!(ev(v, "syn_retransmits").as_u64() >= Some(1), "{v:#?}");
+    assert_control(case(&rs, "control_reachable"), Cause::SynTimeout);
+}
+
+#[test]
+fn idle_timeout_black_hole_reset_and_keepalive_control() {
+    let rs = run("idle_timeout");
+    for (name, shape) in [("black_hole", "black_hole"), ("reset", "reset")] {
+        let r = case(&rs, name);
+        let v = verdict(r);
+        assert_eq!(v.cause, Cause::IdleTimeout);
+        assert_eq!(ev(v, "shape"), shape);
+        assert_eq!(ev(v, "timeout_s"), CT_TIMEOUT_S);
+        assert_eq!(ev(v, "timeout_source"), "conntrack:node");
+        assert_eq!(ev(v, "keepalive"), false);
+        let idle = ev(v, "idle_ms").as_u64().expect("idle_ms");
+        assert!(idle > CT_TIMEOUT_S * 1000, "{name}: idle {idle} ms");
+        assert!(
+            idle >= number(r, "idle_min_ms") as u64,
+            "{name}: idle {idle} ms"
+        );
+        assert!(idle < 10_000, "{name}: idle {idle} ms");
+    }
+    assert_control(case(&rs, "control_keepalive"), Cause::IdleTimeout);
+}
+
+#[test]
+fn nodeport_collision_with_ipvs_and_its_controls() {
+    let rs = run("nodeport_collision");
+    let v = verdict(case(&rs, "ipvs"));
+    assert_eq!(v.cause, Cause::NodeportCollision);
+    let port = ev(v, "src_port").as_u64().expect("src_port") as u16;
+    assert!(NODEPORTS.contains(&port), "colliding port {port}");
+    assert_eq!(v.src.port, port);
+    let svc = ev(v, "nodeport").as_str().expect("the NodePort's Service");
+    assert!(svc.starts_with("lab/web"), "{svc}");
+    assert!(v.fix.contains("ip_local_reserved_ports"), "{}", v.fix);
+
+    for name in ["control_iptables", "control_reserved"] {
+        let r = case(&rs, name);
+        assert_control(r, Cause::NodeportCollision);
+        let port = number(r, "src_port") as u16;
+        assert_ne!(port, 0);
+        if name == "control_reserved" {
+            assert!(!NODEPORTS.contains(&port), "reserved, yet used {port}");
+        }
+    }
+}
+
+#[test]
+fn conntrack_invalid_beyond_window_and_controls() {
+    let rs = run("conntrack_invalid");
+    let r = &rs[0];
+    if r.skipped.is_some() {
+        eprintln!("skipped: {}", r.detail);
+        return;
+    }
+    let v = verdict(case(&rs, "beyond_window"));
+    assert_eq!(v.cause, Cause::ConntrackInvalid);
+    assert_eq!(ev(v, "reset_pair"), true);
+    assert_control(case(&rs, "control_be_liberal"), Cause::ConntrackInvalid);
+    assert_control(case(&rs, "control_below_window"), Cause::ConntrackInvalid);
+}
+
+#[test]
+fn conntrack_table_full_says_why_it_is_skipped() {
+    let rs = run("conntrack_table_full");
+    assert_eq!(rs[0].status(), "skipped");
+    assert!(
+        rs[0]
+            .skipped
+            .as_deref()
+            .is_some_and(|s| s.contains("nf_conntrack_max"))
+    );
+}
+
+fn tcptrace_bin() -> PathBuf {
+    std::env::var_os("TCPTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tcptrace")
+        })
+}
+
+/// Rules of the root namespace, without counters and comments.
+fn root_rules() -> String {
+    let out = Command::new("iptables-save")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&out)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Processes still in a cgroup of the lab of `pid`.
+fn lab_processes(pid: u32) -> Vec<String> {
+    let needle = format!("{}{pid}-", lab::PREFIX);
+    let mut found = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            if cg.contains(&needle) {
+                found.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn selftest_interrupted_leaves_nothing_behind() {
+    let bin = tcptrace_bin();
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build -p tcptrace first (or set TCPTRACE_BIN)",
+        bin.display()
+    );
+    let rules_before = root_rules();
+    let mut child = Command::new(&bin)
+        .args(["selftest", "idle_timeout", "nodeport_collision"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcptrace selftest");
+    let pid = child.id();
+    // Halfway: labs exist, with pods, rules and connections.
+    let start = Instant::now();
+    let mut saw_lab = false;
+    while start.elapsed() < Duration::from_secs(20) {
+        if !lab::leftovers(pid).is_empty() {
+            saw_lab = true;
+            if start.elapsed() > Duration::from_secs(6) {
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(saw_lab, "the selftest never built a lab");
+    assert!(
+        !lab_processes(pid).is_empty()
+            || lab::leftovers(pid).iter().all(|l| !l.starts_with("cgroup"))
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "selftest did not exit after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(lab::leftovers(pid), Vec::<String>::new());
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let listed = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !listed.contains(&format!("{}{pid}-", lab::PREFIX)),
+        "{listed}"
+    );
+    assert_eq!(lab_processes(pid), Vec::<String>::new());
+    assert_eq!(
+        root_rules(),
+        rules_before,
+        "the root namespace's rules changed"
+    );
+}

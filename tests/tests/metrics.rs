@@ -1,0 +1,243 @@
+//! `--metrics-addr`: the Prometheus endpoint, scraped over loopback with a
+//! real HTTP client while tcptrace sees a real failure (a refused connect in
+//! a private network namespace). The failing process runs in its own cgroup
+//! and tcptrace is scoped to it (`--node-scope`), so other traffic on the
+//! machine cannot change the counts.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::Value;
+use tcptrace_tests::{Netns, tcptrace_bin};
+
+/// A child of the cgroup v2 root, removed when dropped.
+struct Cgroup {
+    /// The cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+    mount: PathBuf,
+    name: String,
+}
+
+/// Where cgroup v2 is mounted, from /proc/self/mounts.
+fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup v2 mount")
+}
+
+impl Cgroup {
+    fn new(name: &str) -> Self {
+        let name = format!("{name}-{}", std::process::id());
+        let cg = Self {
+            mount: cgroup2_mount(),
+            name,
+        };
+        let _ = fs::remove_dir(cg.path());
+        fs::create_dir(cg.path()).expect("creating a cgroup");
+        assert!(cg.path().join("cgroup.procs").is_file(), "not a cgroup v2");
+        cg
+    }
+
+    fn path(&self) -> PathBuf {
+        self.mount.join(&self.name)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(self.path());
+    }
+}
+
+struct Tracing {
+    child: Child,
+    metrics_url: String,
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts tcptrace and waits (bounded) for readiness; the metrics URL comes
+/// from its stderr (port 0: the kernel picks a free one).
+fn start(scope: &str) -> Tracing {
+    let mut child = Command::new(tcptrace_bin())
+        .args(["--format", "json", "--node-scope", scope])
+        .args(["--metrics-addr", "127.0.0.1:0", "--stats-interval", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcptrace");
+    let (tx, rx) = mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut metrics_url = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(url) = line.strip_prefix("tcptrace: metrics on ") {
+                    metrics_url = Some(url.to_string());
+                }
+                if line.starts_with("tcptrace: tracing,") {
+                    break;
+                }
+            }
+            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
+        }
+    }
+    Tracing {
+        child,
+        metrics_url: metrics_url.expect("tcptrace announces its metrics URL"),
+    }
+}
+
+fn scrape(url: &str) -> (String, String) {
+    let mut resp = ureq::get(url).call().expect("GET /metrics");
+    assert_eq!(resp.status(), 200);
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = resp.body_mut().read_to_string().expect("metrics body");
+    (content_type, body)
+}
+
+#[test]
+fn metrics_count_a_refused_connect_exactly() {
+    let ns = Netns::new("metrics").unwrap();
+    let cg = Cgroup::new("tt-metrics");
+    let scope = format!("/{}", cg.name);
+    let tracing = start(&scope);
+
+    // Nothing listens on port 81: the connect is refused. The shell moves
+    // itself into the cgroup first, so the socket's owner is in scope.
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" bash -c 'exec 3<>/dev/tcp/127.0.0.1/81' 2>/dev/null"#,
+            "sh",
+        ])
+        .arg(cg.path())
+        .arg(&ns.name)
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the connect must fail");
+
+    let want = r#"tcptrace_verdicts_total{cause="connection_refused",pod=""} 1"#;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let content_type = loop {
+        let (ct, body) = scrape(&tracing.metrics_url);
+        if body.lines().any(|l| l == want) {
+            break ct;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {want:?} within 15 s in:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    // Stats records (every second) carry the kernel counters; let one pass.
+    thread::sleep(Duration::from_millis(1500));
+    let (_, body) = scrape(&tracing.metrics_url);
+
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let lines: Vec<&str> = body.lines().collect();
+    for line in [
+        want,
+        r#"tcptrace_verdict_occurrences_total{cause="connection_refused",pod=""} 1"#,
+        r#"tcptrace_probe_attached{hook="inet_sock_set_state",tracepoint="sock:inet_sock_set_state",tier="tracepoint"} 1"#,
+        "tcptrace_malformed_records_total 0",
+        "# EOF",
+    ] {
+        assert!(lines.contains(&line), "missing {line:?} in:\n{body}");
+    }
+    // Only this one failure is in scope: no other cause was counted.
+    let verdict_lines: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("tcptrace_verdicts_total{"))
+        .collect();
+    assert_eq!(verdict_lines, vec![&want], "{body}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("tcptrace_lost_events_total{hook=")),
+        "lost events per hook are exported:\n{body}"
+    );
+
+    // The event counters agree with the NDJSON tcptrace printed.
+    kill(Pid::from_raw(tracing.child.id() as i32), Signal::SIGTERM).unwrap();
+    let mut tracing = tracing;
+    let mut out = String::new();
+    tracing
+        .child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for line in out.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if v["type"] == "event" {
+            *kinds
+                .entry(v["kind"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert!(!kinds.is_empty(), "events printed:\n{out}");
+    for (kind, n) in &kinds {
+        let line = format!(r#"tcptrace_events_total{{kind="{kind}",pod=""}} {n}"#);
+        assert!(
+            lines.contains(&line.as_str()),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    let event_series = lines
+        .iter()
+        .filter(|l| l.starts_with("tcptrace_events_total{"))
+        .count();
+    assert_eq!(event_series, kinds.len(), "{body}");
+}
+
+#[test]
+fn metrics_refuse_a_remote_address_without_consent() {
+    let out = Command::new(tcptrace_bin())
+        .args(["--format", "json", "--metrics-addr", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a loopback address: pass --metrics-allow-remote"),
+        "{err}"
+    );
+}
