@@ -84,3 +84,28 @@ fn losses_are_counted_exactly_and_nothing_blocks() {
     );
     assert_eq!(delivered_here + lost, CONNECTS as u64);
 }
+
+/// Events about tcptrace's own sockets are dropped in the kernel; the
+/// socketless reset the kernel answers with is not tcptrace's and stays.
+#[test]
+fn own_sockets_are_ignored() {
+    let mut tracer = Tracer::load(&TracerOptions::default()).unwrap();
+    let mut ring = tracer.ring_buffer().unwrap();
+    let ns = Netns::new("self").unwrap();
+    ns.run("tt-self", || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        TcpStream::connect(addr).unwrap_err()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut kinds = Vec::new();
+    while let Some(item) = ring.next() {
+        let bytes = item.to_vec();
+        drop(item);
+        let ev = tracer.decode(&bytes).unwrap();
+        if ev.netns == ns.inode() {
+            kinds.push((ev.kind, ev.reason.clone()));
+        }
+    }
+    assert_eq!(kinds, vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]);
+}

@@ -31,6 +31,8 @@ use crate::model::{Event, HookStats};
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
 /// Drop reasons reported by default: netfilter and TCP-level drops.
+/// NO_SOCKET is left out: the kernel answers those with a reset, which
+/// `reset_sent` reports already.
 const DROP_REASONS: &[&str] = &[
     "NETFILTER_DROP",
     "TCP_INVALID_SEQUENCE",
@@ -43,7 +45,6 @@ const DROP_REASONS: &[&str] = &[
     "TCP_OVERWINDOW",
     "TCP_FLAGS",
     "SOCKET_BACKLOG",
-    "NO_SOCKET",
 ];
 
 #[derive(Clone, Debug)]
