@@ -147,9 +147,36 @@ async fn trace(args: TraceArgs) -> Result<()> {
     let mut sink = MeteredSink::new(ChannelSink::new(tx), metrics);
     // Whichever ends first ends both: quitting the UI stops tracing; a
     // tracing error closes the UI (restoring the terminal) and is reported.
-    tokio::select! {
+    // Messages would scribble over the TUI: they are printed after it.
+    session.notices.hold = true;
+    let result = tokio::select! {
         traced = session.run(&args, &mut sink, &mut signals) => traced,
         shown = crate::tui::run_live(rx, header) => shown,
+    };
+    for message in session.notices.held.drain(..) {
+        eprintln!("tcptrace: {message}");
+    }
+    result
+}
+
+/// Warnings for the user: printed at once, or held while the TUI owns the
+/// terminal.
+#[derive(Default)]
+struct Notices {
+    hold: bool,
+    held: Vec<String>,
+}
+
+/// At most this many messages wait for the TUI to close.
+const MAX_HELD_NOTICES: usize = 100;
+
+impl Notices {
+    fn warn(&mut self, message: String) {
+        if !self.hold {
+            eprintln!("tcptrace: {message}");
+        } else if self.held.len() < MAX_HELD_NOTICES {
+            self.held.push(message);
+        }
     }
 }
 
@@ -187,6 +214,7 @@ struct Session {
     pipeline: Pipeline,
     refresher: Refresher,
     tally: Tally,
+    notices: Notices,
 }
 
 impl Session {
@@ -219,6 +247,7 @@ impl Session {
             pipeline,
             refresher,
             tally: Tally::default(),
+            notices: Notices::default(),
         })
     }
 
@@ -269,6 +298,7 @@ impl Session {
                         pipeline: &mut self.pipeline,
                         refresher: &self.refresher,
                         tally: &mut self.tally,
+                        notices: &mut self.notices,
                     };
                     let drained = drain(guard.get_inner_mut(), &mut stages, sink)?;
                     if drained < DRAIN_BATCH {
@@ -279,7 +309,7 @@ impl Session {
                 _ = tick.tick() => {
                     apply_updates(&self.refresher, &mut self.pipeline);
                     for warning in self.pipeline.take_warnings() {
-                        eprintln!("tcptrace: warning: {warning}");
+                        self.notices.warn(format!("warning: {warning}"));
                     }
                     for record in self.pipeline.tick(SystemTime::now()) {
                         sink.write(&record)?;
@@ -302,6 +332,7 @@ impl Session {
             pipeline: &mut self.pipeline,
             refresher: &self.refresher,
             tally: &mut self.tally,
+            notices: &mut self.notices,
         };
         while drain(self.ring.get_mut(), &mut stages, sink)? == DRAIN_BATCH {}
         let record = stats(&self.tracer, &self.tally, sink.dropped(), started, true)?;
@@ -332,6 +363,7 @@ struct Stages<'a> {
     pipeline: &'a mut Pipeline,
     refresher: &'a Refresher,
     tally: &'a mut Tally,
+    notices: &'a mut Notices,
 }
 
 fn drain(
@@ -357,7 +389,9 @@ fn drain(
             Err(e) => {
                 stages.tally.malformed += 1;
                 if stages.tally.malformed == 1 {
-                    eprintln!("tcptrace: skipping malformed record: {e}");
+                    stages
+                        .notices
+                        .warn(format!("skipping malformed record: {e}"));
                 }
             }
         }

@@ -691,11 +691,15 @@ fn state_is(ev: &Event, name: &str) -> bool {
     ev.state.as_deref() == Some(name) || ev.old_state.as_deref() == Some(name)
 }
 
-/// Sockets without a kernel address are grouped by namespace and 4-tuple.
+/// One connection's history: the kernel reuses freed sock addresses, so the
+/// key is the address and the 4-tuple (in either direction), or the
+/// namespace and 4-tuple for events without a socket.
 fn sock_key(ev: &Event) -> String {
+    let (a, b) = (ev.src.to_string(), ev.dst.to_string());
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     match &ev.sock {
-        Some(s) => s.clone(),
-        None => format!("{}/{}/{}", ev.netns, ev.src, ev.dst),
+        Some(s) => format!("{s}/{lo}/{hi}"),
+        None => format!("{}/{lo}/{hi}", ev.netns),
     }
 }
 

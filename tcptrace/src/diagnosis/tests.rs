@@ -763,6 +763,37 @@ fn refused_connects_never_flood() {
     );
 }
 
+/// The kernel reuses a freed sock address for the next socket: a second
+/// refused connect on the same address is a new connection, not a repeat.
+#[test]
+fn reused_sock_address_starts_a_new_connection() {
+    let mut steps = Vec::new();
+    for (i, (src, dst)) in [
+        ("10.244.1.5:40001", "10.244.2.9:91"),
+        ("10.244.1.5:40002", "10.244.2.9:92"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t = i as u64 * 100;
+        steps.push(Ev(ev(t, ResetReceived, CLIENT, src, dst)
+            .sock("0xffff0001")
+            .state("SYN_SENT")));
+        steps.push(Ev(ev(t, SocketError, CLIENT, src, dst)
+            .sock("0xffff0001")
+            .errno("ECONNREFUSED")));
+    }
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ConnectionRefused, Certain, 1),
+            (ConnectionRefused, Certain, 1)
+        ]
+    );
+    assert_eq!((v[0].dst.port, v[1].dst.port), (91, 92));
+}
+
 #[test]
 fn retransmit_storm_on_a_busy_connection() {
     let mut steps = connected("s4");
