@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    attribution::{ServiceMap, collect_services},
+    attribution::{ServiceMap, collect_services, run_in_netns},
     diagnosis::{NodeFacts, collect_netns},
 };
 
@@ -94,7 +94,10 @@ pub fn collect(cfg: &FactsConfig, services: &ServiceMap) -> (NodeFacts, HashMap<
         nodeports,
         ..NodeFacts::default()
     };
-    if let Ok((inode, node)) = collect_netns(&cfg.node_netns) {
+    if let Ok((inode, mut node)) = collect_netns(&cfg.node_netns) {
+        if let Some(ct) = node.ct.as_mut() {
+            ct.invalid_drop_rule = drops_invalid(&cfg.node_netns);
+        }
         facts.node_netns = Some(inode);
         facts.netns.insert(inode, node);
     }
@@ -112,6 +115,26 @@ pub fn collect(cfg: &FactsConfig, services: &ServiceMap) -> (NodeFacts, HashMap<
     }
     facts.ipvs_tcp_timeout_s = ipvs_tcp_timeout(&cfg.host_root);
     (facts, names)
+}
+
+/// Whether the namespace's firewall drops packets conntrack marks INVALID
+/// (the other fix for kubernetes #74839), in iptables or nftables rules.
+fn drops_invalid(netns_file: &Path) -> bool {
+    let iptables = run_in_netns(Some(netns_file), "iptables-save", &["-t", "filter"]);
+    let nft = run_in_netns(Some(netns_file), "nft", &["list", "ruleset"]);
+    [iptables, nft]
+        .into_iter()
+        .flatten()
+        .any(|rules| rules.lines().any(is_invalid_drop_rule))
+}
+
+/// `-A FORWARD -m conntrack --ctstate INVALID -j DROP` (iptables-save) or
+/// `ct state invalid drop` (nft list ruleset).
+fn is_invalid_drop_rule(line: &str) -> bool {
+    let line = line.trim();
+    let iptables = line.contains("--ctstate INVALID") && line.ends_with("-j DROP");
+    let nft = line.starts_with("ct state invalid") && line.ends_with("drop");
+    iptables || nft
 }
 
 fn service_name(svc: &crate::model::ServiceRef) -> String {
@@ -214,6 +237,21 @@ impl Refresher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_invalid_drop_rules_of_both_firewalls() {
+        assert!(is_invalid_drop_rule(
+            "-A FORWARD -m conntrack --ctstate INVALID -j DROP"
+        ));
+        assert!(is_invalid_drop_rule("\t\tct state invalid drop"));
+        assert!(!is_invalid_drop_rule(
+            "-A FORWARD -m conntrack --ctstate INVALID -j ACCEPT"
+        ));
+        assert!(!is_invalid_drop_rule(
+            "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        ));
+        assert!(!is_invalid_drop_rule("ct state established,related accept"));
+    }
 
     #[test]
     fn discovers_named_and_process_namespaces_under_a_host_root() {

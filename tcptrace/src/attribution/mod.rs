@@ -15,6 +15,7 @@ mod cgroup;
 mod host;
 mod kubelet;
 mod services;
+pub(crate) use services::run_in_netns;
 
 #[cfg(test)]
 mod root_tests;

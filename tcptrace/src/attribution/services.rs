@@ -351,8 +351,19 @@ pub fn collect_services(netns_file: Option<&Path>) -> anyhow::Result<ServiceMap>
     Ok(map)
 }
 
-/// Runs `tool args` (under `nsenter --net=FILE` when given); the warning on failure.
+/// What a rule tool printed, or a warning that Services from it are unnamed.
 fn run(netns_file: Option<&Path>, tool: &str, args: &[&str]) -> Result<String, String> {
+    run_in_netns(netns_file, tool, args)
+        .map_err(|e| format!("{e}; Services from {tool} will not be named"))
+}
+
+/// Runs `tool args` (under `nsenter --net=FILE` when given) and returns its
+/// output, or why it could not.
+pub(crate) fn run_in_netns(
+    netns_file: Option<&Path>,
+    tool: &str,
+    args: &[&str],
+) -> Result<String, String> {
     let mut cmd = match netns_file {
         Some(f) => {
             let mut c = Command::new("nsenter");
@@ -367,12 +378,12 @@ fn run(netns_file: Option<&Path>, tool: &str, args: &[&str]) -> Result<String, S
         } else {
             tool
         };
-        format!("cannot run {exe}: {e}; Services from {tool} will not be named")
+        format!("cannot run {exe}: {e}")
     })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(format!(
-            "{tool} {} failed ({}): {}; Services from it will not be named",
+            "{tool} {} failed ({}): {}",
             args.join(" "),
             out.status,
             stderr.trim()
