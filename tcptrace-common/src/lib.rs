@@ -15,6 +15,9 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 pub const BIND_ARGS_MAP: &str = "BIND_ARGS";
 /// Hash map: pid_tgid -> sock pointer between the kprobe and kretprobe.
 pub const HASH_CONNECT_ARGS_MAP: &str = "HASH_CONNECT_ARGS";
+/// Per-CPU array of one [`CtAllocArgs`] between the kprobe and kretprobe
+/// of __nf_conntrack_alloc (it runs in softirq, without a sleeping task).
+pub const CT_ALLOC_ARGS_MAP: &str = "CT_ALLOC_ARGS";
 /// Array of one u32: which direct-tier hooks are live ([`direct`] bits),
 /// written by userspace after attaching so fallbacks do not double-report.
 pub const DIRECT_MAP: &str = "DIRECT";
@@ -24,6 +27,14 @@ pub mod direct {
     /// inet_hash_connect is hooked: the tracepoint signature of a failed
     /// connect without a source port is not reported again.
     pub const HASH_CONNECT: u32 = 1 << 0;
+}
+
+/// The arguments of __nf_conntrack_alloc, saved for its kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtAllocArgs {
+    pub net: u64,
+    pub orig: u64,
 }
 /// Name of the read-only global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
@@ -43,7 +54,11 @@ pub mod hook {
     pub const HASH_CONNECT_FEXIT: u32 = 9;
     pub const HASH_CONNECT_KPROBE: u32 = 10;
     pub const HASH_CONNECT_KRETPROBE: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Direct tier: conntrack entry allocation failing (table full).
+    pub const CT_ALLOC_FEXIT: u32 = 12;
+    pub const CT_ALLOC_KPROBE: u32 = 13;
+    pub const CT_ALLOC_KRETPROBE: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// (program name in the ELF, kind, kernel hook). Kinds: a tracepoint
     /// category, `raw_tp`, `fexit`, `kprobe` or `kretprobe`.
@@ -60,6 +75,13 @@ pub mod hook {
         ("inet_hash_connect_fexit", "fexit", "inet_hash_connect"),
         ("inet_hash_connect_entry", "kprobe", "inet_hash_connect"),
         ("inet_hash_connect_return", "kretprobe", "inet_hash_connect"),
+        ("nf_conntrack_alloc_fexit", "fexit", "__nf_conntrack_alloc"),
+        ("nf_conntrack_alloc_entry", "kprobe", "__nf_conntrack_alloc"),
+        (
+            "nf_conntrack_alloc_return",
+            "kretprobe",
+            "__nf_conntrack_alloc",
+        ),
     ];
 }
 
@@ -99,6 +121,8 @@ pub mod flag {
     pub const TCP_FLAGS_KNOWN: u32 = 1 << 3;
     /// `reason` holds a reset reason (tcp_send_reset on kernels that have it).
     pub const REASON_KNOWN: u32 = 1 << 4;
+    /// A drop because conntrack could not allocate an entry (table full).
+    pub const CT_ALLOC_FAILED: u32 = 1 << 5;
 }
 
 pub const AF_INET: u8 = 2;
@@ -289,9 +313,16 @@ pub struct KernelOffsets {
     pub task_nsproxy: u32,
     /// nsproxy.net_ns
     pub nsproxy_net: u32,
+    /// nf_conntrack_tuple.src.u3 / .src.u.all / .src.l3num
+    pub ct_src_addr: u32,
+    pub ct_src_port: u32,
+    pub ct_l3num: u32,
+    /// nf_conntrack_tuple.dst.u3 / .dst.u.all / .dst.protonum
+    pub ct_dst_addr: u32,
+    pub ct_dst_port: u32,
+    pub ct_protonum: u32,
     /// Bit number of SOCK_KEEPOPEN in sk_flags.
     pub keepopen_bit: u32,
-    pub _pad: u32,
 }
 
 pub const KERNEL_ABSENT: u32 = u32::MAX;
@@ -325,8 +356,13 @@ impl KernelOffsets {
         sock_err: KERNEL_ABSENT,
         task_nsproxy: KERNEL_ABSENT,
         nsproxy_net: KERNEL_ABSENT,
+        ct_src_addr: KERNEL_ABSENT,
+        ct_src_port: KERNEL_ABSENT,
+        ct_l3num: KERNEL_ABSENT,
+        ct_dst_addr: KERNEL_ABSENT,
+        ct_dst_port: KERNEL_ABSENT,
+        ct_protonum: KERNEL_ABSENT,
         keepopen_bit: KERNEL_ABSENT,
-        _pad: 0,
     };
 }
 
@@ -394,6 +430,9 @@ impl Config {
         exit_bind: TracepointOffsets::NONE,
     };
 }
+
+const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
+const _: () = assert!(size_of::<Config>() == 72 + size_of::<KernelOffsets>() + 8 * 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -2,7 +2,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, ListenKey, Owner};
+use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, CtAllocArgs, ListenKey, Owner};
 
 /// Failure events for userspace. Its size is set at load time.
 #[map(name = "EVENTS")]
@@ -27,6 +27,10 @@ pub static BIND_ARGS: HashMap<u64, BindArgs> = HashMap::with_max_entries(4096, 0
 /// pid_tgid -> sock pointer, from inet_hash_connect's kprobe to its kretprobe.
 #[map(name = "HASH_CONNECT_ARGS")]
 pub static HASH_CONNECT_ARGS: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// __nf_conntrack_alloc's arguments, from its kprobe to its kretprobe.
+#[map(name = "CT_ALLOC_ARGS")]
+pub static CT_ALLOC_ARGS: PerCpuArray<CtAllocArgs> = PerCpuArray::with_max_entries(1, 0);
 
 /// Direct-tier hooks that are live (`tcptrace_common::direct` bits).
 #[map(name = "DIRECT")]

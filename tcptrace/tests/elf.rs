@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use aya_obj::{Object, ProgramSection};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use tcptrace_common::{
-    BIND_ARGS_MAP, CONFIG_GLOBAL, COUNTERS_MAP, DIRECT_MAP, EVENTS_MAP, HASH_CONNECT_ARGS_MAP,
-    LISTENERS_MAP, OWNERS_MAP, hook,
+    BIND_ARGS_MAP, CONFIG_GLOBAL, COUNTERS_MAP, CT_ALLOC_ARGS_MAP, DIRECT_MAP, EVENTS_MAP,
+    HASH_CONNECT_ARGS_MAP, LISTENERS_MAP, OWNERS_MAP, hook,
 };
 
 #[test]
@@ -43,6 +43,7 @@ fn bpf_object_has_every_program_and_map() {
         LISTENERS_MAP,
         BIND_ARGS_MAP,
         HASH_CONNECT_ARGS_MAP,
+        CT_ALLOC_ARGS_MAP,
         DIRECT_MAP,
     ] {
         assert!(

@@ -1,16 +1,17 @@
-//! Direct tier: inet_hash_connect's result, where the kernel allows fexit
-//! or kprobes. It names the error exactly (EADDRNOTAVAIL when no source
-//! port is left) instead of inferring it from a state change.
+//! Direct tier, where the kernel allows fexit or kprobes: inet_hash_connect's
+//! result names EADDRNOTAVAIL exactly instead of inferring it from a state
+//! change; __nf_conntrack_alloc's failure names a full conntrack table
+//! instead of a generic netfilter drop.
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use tcptrace_common::{Event, hook, kind};
+use tcptrace_common::{AF_INET6, CtAllocArgs, Event, flag, hook, kind};
 
 use crate::{
     kernel,
-    maps::{HASH_CONNECT_ARGS, config},
+    maps::{CT_ALLOC_ARGS, HASH_CONNECT_ARGS, config},
 };
 
 /// int inet_hash_connect(struct inet_timewait_death_row *, struct sock *sk)
@@ -69,5 +70,81 @@ fn report(hook: u32, sk: u64, ret: i32) {
     ev.netns = kernel::net_inum(kernel::sock_net(sk, &cfg.kernel), &cfg.kernel);
     let owner = kernel::current_owner(ev.netns);
     kernel::set_owner(ev, &owner);
+    kernel::submit(hook, entry);
+}
+
+/// struct nf_conn *__nf_conntrack_alloc(struct net *, zone, orig, repl, gfp, ...)
+/// returns ERR_PTR(-ENOMEM) when the table is full and nothing could be
+/// evicted. Runs in softirq: the packet's tuple names the connection.
+#[fexit(function = "__nf_conntrack_alloc")]
+pub fn nf_conntrack_alloc_fexit(ctx: FExitContext) -> u32 {
+    // The argument count varies between kernels: read the return value
+    // with bpf_get_func_ret.
+    if let Ok(ret) = ctx.ret::<u64>() {
+        report_ct_alloc(hook::CT_ALLOC_FEXIT, ctx.arg(0), ctx.arg(2), ret);
+    }
+    0
+}
+
+#[kprobe(function = "__nf_conntrack_alloc")]
+pub fn nf_conntrack_alloc_entry(ctx: ProbeContext) -> u32 {
+    if let (Some(net), Some(orig), Some(slot)) = (
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(2),
+        CT_ALLOC_ARGS.get_ptr_mut(0),
+    ) {
+        // SAFETY: per-CPU slot; softirq processing does not nest on a CPU.
+        unsafe { *slot = CtAllocArgs { net, orig } };
+    }
+    0
+}
+
+#[kretprobe(function = "__nf_conntrack_alloc")]
+pub fn nf_conntrack_alloc_return(ctx: RetProbeContext) -> u32 {
+    let Some(slot) = CT_ALLOC_ARGS.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot written by the matching kprobe on this CPU.
+    let args = unsafe { core::ptr::replace(slot, CtAllocArgs { net: 0, orig: 0 }) };
+    if args.net != 0 {
+        report_ct_alloc(hook::CT_ALLOC_KRETPROBE, args.net, args.orig, ctx.ret());
+    }
+    0
+}
+
+const IPPROTO_TCP: u8 = 6;
+/// ERR_PTR values are the last page of the address space.
+const MAX_ERRNO: u64 = 4095;
+
+#[inline(always)]
+fn report_ct_alloc(hook: u32, net: u64, orig: u64, ret: u64) {
+    if ret < u64::MAX - MAX_ERRNO {
+        return;
+    }
+    let k = &config().kernel;
+    if kernel::read::<u8>(orig, k.ct_protonum) != Some(IPPROTO_TCP) {
+        return;
+    }
+    let Some(mut entry) = kernel::reserve(hook, kind::DROP) else {
+        return;
+    };
+    // SAFETY: reserve() initialised the entry.
+    let ev: &mut Event = unsafe { entry.assume_init_mut() };
+    let family = kernel::read::<u16>(orig, k.ct_l3num).unwrap_or(0);
+    ev.family = family as u8;
+    if ev.family == AF_INET6 {
+        ev.saddr = kernel::read(orig, k.ct_src_addr).unwrap_or([0; 16]);
+        ev.daddr = kernel::read(orig, k.ct_dst_addr).unwrap_or([0; 16]);
+    } else {
+        let s: [u8; 4] = kernel::read(orig, k.ct_src_addr).unwrap_or([0; 4]);
+        let d: [u8; 4] = kernel::read(orig, k.ct_dst_addr).unwrap_or([0; 4]);
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+    ev.sport = u16::from_be(kernel::read::<u16>(orig, k.ct_src_port).unwrap_or(0));
+    ev.dport = u16::from_be(kernel::read::<u16>(orig, k.ct_dst_port).unwrap_or(0));
+    ev.errno = ret as i32;
+    ev.netns = kernel::net_inum(net, k);
+    ev.flags |= flag::CT_ALLOC_FAILED;
     kernel::submit(hook, entry);
 }

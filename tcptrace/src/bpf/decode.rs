@@ -215,6 +215,10 @@ impl Decoder {
             ev.errno = Some(errno_name(raw.errno));
         }
         match kind {
+            EventKind::Drop if raw.flags & flag::CT_ALLOC_FAILED != 0 => {
+                ev.reason = Some("CONNTRACK_TABLE_FULL".into());
+                ev.location = Some("__nf_conntrack_alloc".into());
+            }
             EventKind::Drop => {
                 ev.reason = Some(
                     self.names
@@ -399,6 +403,19 @@ mod tests {
         let ev = d.decode(&bytes(&r)).unwrap();
         assert_eq!(ev.reason.as_deref(), Some("NETFILTER_DROP"));
         assert_eq!(ev.state, None);
+    }
+
+    #[test]
+    fn names_a_conntrack_allocation_failure() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH);
+        let mut r = raw();
+        r.kind = kind::DROP;
+        r.flags = flag::CT_ALLOC_FAILED;
+        r.errno = -12;
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(ev.reason.as_deref(), Some("CONNTRACK_TABLE_FULL"));
+        assert_eq!(ev.location.as_deref(), Some("__nf_conntrack_alloc"));
+        assert_eq!(ev.errno.as_deref(), Some("ENOMEM"));
     }
 
     #[test]

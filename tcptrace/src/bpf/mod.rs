@@ -269,9 +269,11 @@ impl Tracer {
                 Tier::RawTracepoint => name.to_string(),
                 _ => format!("{kind}:{name}"),
             };
+            // The kprobe pair is the fallback of the same function's fexit.
+            let fexit_hook = format!("fexit:{name}");
             let fexit_live = probes
                 .iter()
-                .any(|p| p.tier == Tier::Fexit && p.state == ProbeState::Attached);
+                .any(|p| p.tracepoint == fexit_hook && p.state == ProbeState::Attached);
             let state = if syscall && !opts.syscall_hooks {
                 ProbeState::Disabled("--no-syscall-hooks".into())
             } else if tier == Tier::Kprobe && fexit_live {

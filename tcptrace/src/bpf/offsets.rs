@@ -278,10 +278,15 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_err: sock(&["sk_err"]),
         task_nsproxy: opt(btf.offset("task_struct", &["nsproxy"])),
         nsproxy_net: opt(btf.offset("nsproxy", &["net_ns"])),
+        ct_src_addr: opt(btf.offset("nf_conntrack_tuple", &["src", "u3"])),
+        ct_src_port: opt(btf.offset("nf_conntrack_tuple", &["src", "u"])),
+        ct_l3num: opt(btf.offset("nf_conntrack_tuple", &["src", "l3num"])),
+        ct_dst_addr: opt(btf.offset("nf_conntrack_tuple", &["dst", "u3"])),
+        ct_dst_port: opt(btf.offset("nf_conntrack_tuple", &["dst", "u"])),
+        ct_protonum: opt(btf.offset("nf_conntrack_tuple", &["dst", "protonum"])),
         keepopen_bit: keepopen
             .get("SOCK_KEEPOPEN")
             .map_or(KERNEL_ABSENT, |v| *v as u32),
-        _pad: 0,
     }
 }
 
