@@ -236,15 +236,52 @@ fn conntrack_invalid_beyond_window_and_controls() {
 }
 
 #[test]
-fn conntrack_table_full_says_why_it_is_skipped() {
+fn conntrack_table_full_drops_new_syns_and_a_flush_fixes_it() {
     let rs = run("conntrack_table_full");
-    assert_eq!(rs[0].status(), "skipped");
+    let r = case(&rs, "full");
+    eprintln!("full: {}", r.outcome.as_ref().expect("outcome").note);
+    // What the lab itself measured in the node namespace.
+    let (count, max) = (number(r, "count"), number(r, "max"));
+    assert!(max > 0 && count >= max, "count {count} of max {max}");
+    assert!(number(r, "drop_delta") > 0, "the node's drop counter rose");
+    assert_ne!(number(r, "errno"), 0, "the connection failed (timed out)");
+    // The client pod's verdict, to the Service, with the node's numbers.
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::ConntrackTableFull);
+    let n = |key: &str| {
+        ev(v, key)
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in {:#?}", v.evidence))
+    };
+    let (count, max) = (n("count"), n("max"));
     assert!(
-        rs[0]
-            .skipped
-            .as_deref()
-            .is_some_and(|s| s.contains("nf_conntrack_max"))
+        max > 0 && count * 100 >= max * 95,
+        "count {count} of max {max}"
     );
+    assert_eq!(max as i64, number(r, "max"));
+    assert!(n("drop_delta") > 0, "{:#?}", v.evidence);
+    assert!(n("syn_retransmits") >= 1, "{:#?}", v.evidence);
+    let o = r.outcome.as_ref().expect("outcome");
+    let node = o
+        .verdicts
+        .iter()
+        .find(|v| v.cause == Cause::ConntrackTableFull && v.pod.is_none())
+        .expect("a verdict for the node namespace too");
+    assert!(
+        node.netns_name
+            .as_deref()
+            .is_some_and(|n| n.ends_with("-node"))
+    );
+    assert!(!o.verdicts.iter().any(|v| v.cause == Cause::SynTimeout));
+
+    let r = case(&rs, "control_flushed");
+    eprintln!("control: {}", r.outcome.as_ref().expect("outcome").note);
+    assert_control(r, Cause::ConntrackTableFull);
+    assert_eq!(number(r, "errno"), 0, "the connection succeeded");
+    assert_eq!(number(r, "drop_delta"), 0);
+    assert!(number(r, "count") < number(r, "max") / 2);
+    let o = r.outcome.as_ref().expect("outcome");
+    assert!(o.verdicts.is_empty(), "{:#?}", o.verdicts);
 }
 
 fn tcptrace_bin() -> PathBuf {
@@ -351,6 +388,103 @@ fn selftest_interrupted_leaves_nothing_behind() {
         "{listed}"
     );
     assert_eq!(lab_processes(pid), Vec::<String>::new());
+    assert_eq!(
+        root_rules(),
+        rules_before,
+        "the root namespace's rules changed"
+    );
+}
+
+/// Allocated conntrack entries on the whole host (every namespace).
+fn conntrack_objects() -> u64 {
+    fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("nf_conntrack "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn selftest_interrupted_while_filling_conntrack_frees_the_table() {
+    let bin = tcptrace_bin();
+    assert!(
+        bin.is_file(),
+        "{} missing: cargo build -p tcptrace first (or set TCPTRACE_BIN)",
+        bin.display()
+    );
+    let rules_before = root_rules();
+    let root_count = || {
+        fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let mut child = Command::new(&bin)
+        .args(["selftest", "conntrack_table_full"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcptrace selftest");
+    let pid = child.id();
+    let node = format!("{}{pid}-0-node", lab::PREFIX);
+    // Wait until the node's table is filling (or full).
+    let start = Instant::now();
+    let mut filling = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node, "cat"])
+            .arg("/proc/sys/net/netfilter/nf_conntrack_count")
+            .stderr(Stdio::null())
+            .output();
+        filling = out
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0u64);
+        if filling > 100_000 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(filling > 100_000, "the node's table never filled");
+    let during = conntrack_objects();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "selftest did not exit after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(lab::leftovers(pid), Vec::<String>::new());
+    // The entries die with the namespace (freed by the kernel shortly after).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut now = conntrack_objects();
+    let freed = |now: u64| during.saturating_sub(now) + 5_000 >= filling;
+    while !freed(now) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        now = conntrack_objects();
+    }
+    eprintln!("conntrack objects: {during} while filling ({filling} in the lab), {now} after");
+    assert!(freed(now), "{now} conntrack entries still allocated");
+    assert!(
+        root_count().unwrap_or(0) < 10_000,
+        "the root table was not filled"
+    );
     assert_eq!(
         root_rules(),
         rules_before,

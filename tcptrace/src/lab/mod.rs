@@ -8,13 +8,15 @@
 //! kubelet-style host root: `var/log/pods/<ns>_<name>_<uid>/<container>/0.log`,
 //! symlinks `proc`, `sys` and `run` to the host's, and one "pause" process
 //! per pod in a kubelet-named cgroup v2 directory (when cgroup v2 is
-//! writable).
+//! writable). [`conntrack`] fills the node namespace's conntrack table to
+//! the host's nf_conntrack_max over ctnetlink, and flushes it.
 //!
 //! Every resource is named `tcptrace-lab-<pid>-...`, registered before use,
 //! and removed when the lab is dropped, when [`install_signal_cleanup`]'s
 //! thread sees SIGINT/SIGTERM, or by [`sweep_stale`] after a crash. Nothing
 //! outside the lab's namespaces is configured: sysctls, routes and rules are
 //! only ever written inside them.
+pub mod conntrack;
 pub mod scenarios;
 pub mod selftest;
 

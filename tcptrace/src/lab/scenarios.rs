@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::{Lab, LabSpec, Pod, in_netns, selftest::Observer, sysctl, which};
+use super::{Lab, LabSpec, Pod, conntrack, in_netns, selftest::Observer, sysctl, which};
 use crate::{
     diagnosis::{Cause, Verdict},
     model::{Event, PodRef},
@@ -320,6 +320,12 @@ pub fn all() -> Vec<Case> {
             "full",
             Yes(ConntrackTableFull),
             table_full,
+        ),
+        c(
+            "conntrack_table_full",
+            "control_flushed",
+            No(ConntrackTableFull),
+            table_full_control,
         ),
     ]
 }
@@ -1006,10 +1012,97 @@ fn invalid_below(obs: &mut Observer) -> Result<Outcome> {
 
 // ---- conntrack_table_full ----------------------------------------------
 
-fn table_full(_obs: &mut Observer) -> Result<Outcome> {
-    Err(Skip(
-        "filling the node namespace's conntrack table to the host-wide nf_conntrack_max needs a ctnetlink bulk writer (one `conntrack -I` process per entry is far too slow), which the lab does not have yet"
-            .into(),
-    )
-    .into())
+/// How long the table-full client waits for its connection (one SYN
+/// retransmit, then it gives up).
+const FULL_CONNECT: Duration = Duration::from_millis(1500);
+
+/// Fills the lab node's conntrack table to nf_conntrack_max with entries
+/// early_drop cannot evict, then connects from a pod to a Service through
+/// the node. With `flush`, the table is flushed first (the control).
+fn table_full_case(obs: &mut Observer, flush: bool) -> Result<Outcome> {
+    let lab = Lab::new(&LabSpec::pods(&[CLIENT, SERVER]).service(
+        "web",
+        cluster_ip(60),
+        80,
+        SERVER,
+        8080,
+        None,
+    ))?;
+    let client = lab.get(CLIENT)?;
+    sysctl(&client.netns_name, "net.ipv4.tcp_syn_retries", "1")?;
+    let _l = listen(&lab, SERVER, 8080)?;
+    let fill =
+        conntrack::fill_node(&lab).map_err(|e| match e.downcast::<conntrack::Unsupported>() {
+            Ok(u) => Skip(format!("cannot fill the node's conntrack table: {u}")).into(),
+            Err(e) => e.context("filling the lab node's conntrack table"),
+        })?;
+    if fill.count < fill.max {
+        bail!(
+            "the node's conntrack table holds {} of {} entries after the fill",
+            fill.count,
+            fill.max
+        );
+    }
+    let mut note = format!(
+        "filled {} entries in {:.1} s ({}/{})",
+        fill.inserted,
+        fill.elapsed.as_secs_f64(),
+        fill.count,
+        fill.max
+    );
+    if flush {
+        let t = Instant::now();
+        let left = conntrack::flush_node(&lab)?;
+        note.push_str(&format!(
+            "; flushed in {:.1} s, {left} left",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let stat_before = conntrack::node_drops(&lab)?;
+    let dst = SocketAddr::from((cluster_ip(60), 80));
+    let mut w = obs.watch(&lab);
+    // Connect on another thread while the pipeline is pumped, so the facts
+    // tick between the SYN and its retransmit sees the drop counter rise.
+    let netns = client.netns_name.clone();
+    let connecting = thread::Builder::new()
+        .name("lab-ct-client".into())
+        .spawn(move || connect_from(&netns, "lab-ct-connect", dst, FULL_CONNECT))?;
+    let wait = FULL_CONNECT + VERDICT_WAIT;
+    if flush {
+        w.wait(wait, |_| connecting.is_finished());
+    } else {
+        w.wait(wait, |w| {
+            connecting.is_finished() && w.has(Cause::ConntrackTableFull, client.netns)
+        });
+    }
+    let r = connecting
+        .join()
+        .map_err(|_| anyhow!("the connecting thread panicked"))??;
+    let drops = conntrack::node_drops(&lab)?.saturating_sub(stat_before);
+    let (count, max) = conntrack::count_and_max(&lab.node_netns_name)?;
+    note = format!("connect {}; {note}; node drop +{drops}", describe(&r));
+    let subject = Subject::pod(client)
+        .to(dst, Some("web"))
+        .num("errno", errno_of(&r))
+        .num("count", count as i64)
+        .num("max", max as i64)
+        .num("drop_delta", drops as i64);
+    if flush {
+        if r.is_err() {
+            bail!("{note}: the control itself failed");
+        }
+        w.settle(QUIET);
+    }
+    if let Ok(s) = r {
+        abort(s);
+    }
+    Ok(outcome(&w, subject, note))
+}
+
+fn table_full(obs: &mut Observer) -> Result<Outcome> {
+    table_full_case(obs, false)
+}
+
+fn table_full_control(obs: &mut Observer) -> Result<Outcome> {
+    table_full_case(obs, true)
 }
