@@ -41,11 +41,21 @@ impl Observer {
         let opts = TracerOptions {
             // The scenarios' sockets belong to this process's threads.
             ignore_self: false,
+            // Room for the whole machine's failures between two pumps.
+            ring_buffer_bytes: 1 << 24,
             ..TracerOptions::default()
         };
         let mut tracer = Tracer::load(&opts)?;
         let ring = tracer.ring_buffer()?;
         Ok(Self { tracer, ring })
+    }
+
+    /// Events lost so far because the ring buffer was full.
+    fn lost(&self) -> u64 {
+        self.tracer
+            .hook_stats()
+            .map(|h| h.iter().map(|h| h.lost).sum())
+            .unwrap_or(0)
     }
 
     /// Decodes what the kernel produced, keeping events of `netns`.
@@ -268,14 +278,14 @@ pub fn main(names: &[String], format: TableFormat) -> Result<()> {
     }
     match format {
         TableFormat::Table => {
-            print!("{}", render(&results));
-            println!(
-                "\n{} passed, {} failed, {} skipped in {:.1} s",
+            crate::output::print(&format!(
+                "{}\n{} passed, {} failed, {} skipped in {:.1} s\n",
+                render(&results),
                 results.iter().filter(|r| r.status() == "pass").count(),
                 results.iter().filter(|r| r.status() == "FAIL").count(),
                 results.iter().filter(|r| r.status() == "skipped").count(),
                 started.elapsed().as_secs_f64()
-            );
+            ))?;
         }
         TableFormat::Json => {
             let mut out = NdjsonWriter::new(io::stdout().lock());
@@ -284,6 +294,13 @@ pub fn main(names: &[String], format: TableFormat) -> Result<()> {
             }
             out.flush()?;
         }
+    }
+    let lost = obs.lost();
+    if lost > 0 {
+        eprintln!(
+            "tcptrace: {lost} kernel events were lost (ring buffer full): other activity on this \
+             machine was heavy, and missing events can fail a case"
+        );
     }
     let failed = results.iter().filter(|r| r.status() == "FAIL").count();
     if failed > 0 {
