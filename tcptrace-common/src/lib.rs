@@ -123,6 +123,9 @@ pub mod flag {
     pub const REASON_KNOWN: u32 = 1 << 4;
     /// A drop because conntrack could not allocate an entry (table full).
     pub const CT_ALLOC_FAILED: u32 = 1 << 5;
+    /// A reset sent for a segment without a socket, seen through the
+    /// segment's NO_SOCKET drop (kernels before 6.10).
+    pub const RESET_FROM_DROP: u32 = 1 << 6;
 }
 
 pub const AF_INET: u8 = 2;
@@ -388,6 +391,11 @@ pub struct Config {
     pub self_tgid: u32,
     /// 1: emit every TCP state change, not only failure-relevant ones.
     pub all_states: u32,
+    /// 1: this kernel's tcp_send_reset does not fire without a socket
+    /// (before 6.10): report the reset from the NO_SOCKET drop instead.
+    pub reset_from_drop: u32,
+    /// The NO_SOCKET drop reason number (with `reset_from_drop`).
+    pub no_socket_reason: u32,
     pub states: TcpStates,
     /// Drop reasons worth reporting, as a bitmap over reason numbers.
     pub drop_reasons: [u64; 4],
@@ -408,6 +416,8 @@ impl Config {
     pub const ZERO: Self = Self {
         self_tgid: 0,
         all_states: 0,
+        reset_from_drop: 0,
+        no_socket_reason: 0,
         states: TcpStates {
             established: 1,
             syn_sent: 2,
@@ -432,7 +442,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 72 + size_of::<KernelOffsets>() + 8 * 32);
+const _: () = assert!(size_of::<Config>() == 80 + size_of::<KernelOffsets>() + 8 * 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -11,6 +11,7 @@ use crate::{
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
+const TCP_RST: u8 = 0x04;
 
 #[tracepoint(category = "skb", name = "kfree_skb")]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {
@@ -20,8 +21,11 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         return 0;
     };
     // Cheap filters first: this tracepoint fires for every dropped packet.
+    let reset = cfg.reset_from_drop != 0 && reason == cfg.no_socket_reason;
     let word = (reason / 64) as usize;
-    if word >= cfg.drop_reasons.len() || cfg.drop_reasons[word] & (1u64 << (reason % 64)) == 0 {
+    let wanted =
+        word < cfg.drop_reasons.len() && cfg.drop_reasons[word] & (1u64 << (reason % 64)) != 0;
+    if !wanted && !reset {
         return 0;
     }
     // The tracepoint stores ntohs(skb->protocol).
@@ -66,6 +70,18 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         return 0;
     };
 
+    let (sport, dport) = (
+        u16::from_be_bytes([th[0], th[1]]),
+        u16::from_be_bytes([th[2], th[3]]),
+    );
+    if reset {
+        // The kernel answers a segment without a socket with a reset, unless
+        // the segment is a reset itself.
+        if th[13] & TCP_RST == 0 {
+            report_reset(skb, saddr, daddr, sport, dport, protocol);
+        }
+        return 0;
+    }
     let Some(mut entry) = kernel::reserve(hook::KFREE_SKB, kind::DROP) else {
         return 0;
     };
@@ -78,8 +94,8 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     };
     ev.saddr = saddr;
     ev.daddr = daddr;
-    ev.sport = u16::from_be_bytes([th[0], th[1]]);
-    ev.dport = u16::from_be_bytes([th[2], th[3]]);
+    ev.sport = sport;
+    ev.dport = dport;
     ev.tcp_flags = th[13];
     ev.flags |= flag::TCP_FLAGS_KNOWN;
     ev.reason = reason;
@@ -100,4 +116,29 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     kernel::submit(hook::KFREE_SKB, entry);
     0
+}
+
+/// The reset answering a segment that found no socket, as tcp_send_reset
+/// reports it on newer kernels: from the local end to the sender.
+#[inline(always)]
+fn report_reset(skb: u64, saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, protocol: u16) {
+    let k = &config().kernel;
+    let Some(mut entry) = kernel::reserve(hook::KFREE_SKB, kind::RESET_SENT) else {
+        return;
+    };
+    // SAFETY: reserve() initialised the entry.
+    let ev: &mut Event = unsafe { entry.assume_init_mut() };
+    ev.family = if protocol == ETH_P_IP {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    ev.saddr = daddr;
+    ev.daddr = saddr;
+    ev.sport = dport;
+    ev.dport = sport;
+    ev.flags |= flag::RESET_FROM_DROP;
+    let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
+    ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
+    kernel::submit(hook::KFREE_SKB, entry);
 }

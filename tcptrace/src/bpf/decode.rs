@@ -230,6 +230,9 @@ impl Decoder {
                 let sym = self.symbolizer.get_or_insert_with(Symbolizer::load);
                 ev.location = Some(sym.name(raw.location));
             }
+            EventKind::ResetSent if raw.flags & flag::RESET_FROM_DROP != 0 => {
+                ev.reason = Some("NO_SOCKET".into());
+            }
             EventKind::ResetSent if raw.flags & flag::REASON_KNOWN != 0 => {
                 ev.reason = Some(
                     self.names

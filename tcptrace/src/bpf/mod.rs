@@ -135,6 +135,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// Explains why a program could not be loaded, in words a user can act on.
 fn explain_load_error(e: &ProgramError) -> String {
     let text = chain(e);
+    if text.to_lowercase().contains("unknown btf type") {
+        return format!(
+            "{text} (the function is not in vmlinux BTF, e.g. it lives in a module such as \
+             nf_conntrack; the kprobe tier is tried next)"
+        );
+    }
     let eperm = text.contains("Operation not permitted") || text.contains("EPERM");
     match (eperm, nix::unistd::geteuid().is_root()) {
         (true, false) => {
@@ -194,6 +200,11 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
             drop_reasons[(v / 64) as usize] |= 1 << (v % 64);
         }
     }
+    // Before 6.10, tcp_send_reset has no reason field and is not called for
+    // segments without a socket.
+    let socketless_resets_traced = read_format(&root, "tcp", "tcp_send_reset")
+        .is_ok_and(|fields| fields.contains_key("reason"));
+    let no_socket = names.drop_reason_value("NO_SOCKET");
     let mut cfg = Config {
         self_tgid: if opts.ignore_self {
             std::process::id()
@@ -201,6 +212,8 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
             0
         },
         all_states: u32::from(opts.all_states),
+        reset_from_drop: u32::from(!socketless_resets_traced && no_socket.is_some()),
+        no_socket_reason: no_socket.unwrap_or(0),
         states: names.states.numbers()?,
         drop_reasons,
         kernel: offsets::kernel_offsets(btf),
