@@ -8,6 +8,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod elf;
+mod kind;
+mod vm;
+
 /// Debian packages the build and the tests need. rustc-web ships a
 /// precompiled `core` for bpfel-unknown-none (no nightly, no build-std).
 const RUST_WEB_VERSION: &str = "1.96.0+dfsg1-1~deb12u2";
@@ -53,6 +58,10 @@ enum Task {
     Build {
         #[arg(long)]
         release: bool,
+        /// A release build linked statically (glibc static-pie), which runs on
+        /// any x86-64 Linux node: target/x86_64-unknown-linux-gnu/release/tcptrace.
+        #[arg(long = "static", conflicts_with = "release")]
+        static_: bool,
     },
     /// Set up if needed, build in release mode and run tcptrace as root.
     Run {
@@ -67,6 +76,50 @@ enum Task {
         #[arg(long)]
         no_root: bool,
     },
+    /// Benchmarks (root): workload overhead vs bpftrace, losses, BPF program
+    /// cost, pipeline and startup; writes BENCHMARKS.md and
+    /// bench/results-<date>.json.
+    Bench {
+        /// Seconds-long check that every phase runs (numbers mean nothing);
+        /// writes to target/bench-smoke.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Boot Debian's 6.1 / 6.12 kernels in qemu and run the root integration
+    /// tests inside; `--kernel all` also runs them on the host and writes
+    /// docs/kernel-matrix.md.
+    VmTest(vm::VmTestArgs),
+    /// Run the static tcptrace on every node of a kind cluster (docker exec),
+    /// scoped to each node, with their NDJSON merged and tagged by "node".
+    Kind(KindArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct KindArgs {
+    #[command(subcommand)]
+    action: Option<KindAction>,
+    /// The kind cluster.
+    #[arg(long, default_value = "kind", global = true)]
+    name: String,
+    /// Only these nodes (default: every node).
+    #[arg(long, value_delimiter = ',', value_name = "NODE,...", global = true)]
+    nodes: Vec<String>,
+    /// Open the live TUI of this node on this terminal.
+    #[arg(long, value_name = "NODE", conflicts_with_all = ["nodes", "detach"])]
+    tui: Option<String>,
+    /// Start background agents (NDJSON in each node's /var/log/tcptrace.ndjson).
+    #[arg(long)]
+    detach: bool,
+    /// Arguments for tcptrace.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum KindAction {
+    /// Stop the agents started with --detach.
+    Stop,
 }
 
 fn main() -> ExitCode {
@@ -82,11 +135,17 @@ fn main() -> ExitCode {
 fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup(),
-        Task::Build { release } => build(release),
+        Task::Build { release, static_ } => {
+            if static_ {
+                build_static().map(|_| ())
+            } else {
+                build(release)
+            }
+        }
         Task::Run { args } => {
             ensure_setup()?;
             build(true)?;
-            let bin = workspace_root().join("target/release/tcptrace");
+            let bin = target_dir().join("release/tcptrace");
             let status = Command::new(&bin)
                 .args(&args)
                 .status()
@@ -97,6 +156,24 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Test { no_root } => test(no_root),
+        Task::Bench { smoke } => bench::bench(smoke),
+        Task::VmTest(args) => vm::vm_test(&args),
+        Task::Kind(k) => match k.action {
+            Some(KindAction::Stop) => kind::stop(&k.name, &k.nodes),
+            None => kind::run(
+                &kind::Options {
+                    cluster: k.name,
+                    nodes: k.nodes,
+                    tui: k.tui,
+                    detach: k.detach,
+                    args: k.args,
+                },
+                || {
+                    ensure_setup()?;
+                    build_static()
+                },
+            ),
+        },
     }
 }
 
@@ -105,6 +182,13 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where cargo puts build output ($CARGO_TARGET_DIR, else <workspace>/target).
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn cargo() -> Command {
@@ -233,6 +317,49 @@ fn build(release: bool) -> Result<()> {
     step("cargo build", &mut cmd)
 }
 
+/// Builds the statically linked tcptrace and checks it has no loader and no
+/// shared-library dependency. glibc static-pie (`+crt-static` on the gnu
+/// target): rustup cannot download the musl std here and Debian ships none.
+/// tcptrace does no name lookups, so glibc's NSS caveat does not apply.
+/// `--target` keeps the flag off build scripts and the BPF build.
+fn build_static() -> Result<PathBuf> {
+    let target = "x86_64-unknown-linux-gnu";
+    step(
+        "cargo build --static",
+        cargo()
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            )
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "tcptrace",
+                "--target",
+                target,
+            ]),
+    )?;
+    let bin = target_dir().join(format!("{target}/release/tcptrace"));
+    check_static(&bin)?;
+    eprintln!("xtask: static binary: {}", bin.display());
+    Ok(bin)
+}
+
+fn check_static(bin: &Path) -> Result<()> {
+    let bytes = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
+    let linkage = elf::linkage(&bytes).with_context(|| format!("reading {}", bin.display()))?;
+    if !linkage.is_static() {
+        bail!(
+            "{} is not static (loader {:?}, {} shared libraries)",
+            bin.display(),
+            linkage.interpreter,
+            linkage.needed
+        );
+    }
+    Ok(())
+}
+
 /// Clippy for the BPF crate runs with Debian's toolchain on the BPF target,
 /// the way aya-build compiles it.
 fn bpf_clippy() -> Command {
@@ -305,10 +432,7 @@ fn test(no_root: bool) -> Result<()> {
     step(
         "root integration tests",
         cargo()
-            .env(
-                "TCPTRACE_BIN",
-                workspace_root().join("target/debug/tcptrace"),
-            )
+            .env("TCPTRACE_BIN", target_dir().join("debug/tcptrace"))
             .args([
                 "test",
                 "--package",
@@ -316,5 +440,36 @@ fn test(no_root: bool) -> Result<()> {
                 "--",
                 "--test-threads=1",
             ]),
-    )
+    )?;
+    bench::bench(true)?;
+    static_smoke_test()
+}
+
+/// The binary shipped to nodes (`build --static`, also used by `kind` and
+/// deploy/Containerfile): static, and it loads and attaches from a clean
+/// directory. A second release build (about 2 minutes cold).
+fn static_smoke_test() -> Result<()> {
+    let bin = build_static()?;
+    let dir = env::temp_dir().join(format!("tcptrace-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = dir.join("tcptrace");
+    std::fs::copy(&bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+    let out = Command::new(&copy)
+        .args(["probes", "--format", "json"])
+        .current_dir(&dir)
+        .env_clear()
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.context("running the static tcptrace")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.contains("\"attached\"") {
+        bail!(
+            "the static tcptrace failed from a clean directory ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!("xtask: static tcptrace runs from a clean directory");
+    Ok(())
 }

@@ -1,0 +1,126 @@
+//! `cargo xtask bench [--smoke]`: criterion benches of the userspace
+//! pipeline, then `tcptrace-bench` (root: workload overhead against
+//! bpftrace, losses, BPF program cost, startup), which writes
+//! BENCHMARKS.md and bench/results-<UTC date>.json.
+use std::{path::Path, process::Command};
+
+use anyhow::{Result, bail};
+
+use super::{cargo, ensure_setup, is_root, output_of, step, workspace_root};
+
+/// Where a smoke run writes (never over the committed results).
+const SMOKE_OUT: &str = "target/bench-smoke";
+
+pub fn bench(smoke: bool) -> Result<()> {
+    ensure_setup()?;
+    if !is_root() {
+        bail!("the benchmarks load BPF programs and create network namespaces: rerun as root");
+    }
+    let root = workspace_root();
+    let profile = if smoke {
+        // Numbers from a smoke run mean nothing: a debug build is enough
+        // to show every phase runs, and CI has one already.
+        step(
+            "cargo build (bench, debug)",
+            cargo().args(["build", "-p", "tcptrace", "-p", "tcptrace-bench"]),
+        )?;
+        step(
+            "criterion benches (test mode)",
+            cargo().args([
+                "test",
+                "-p",
+                "tcptrace",
+                "--bench",
+                "pipeline",
+                "--bench",
+                "attribution",
+            ]),
+        )?;
+        "debug"
+    } else {
+        ensure_bpftrace()?;
+        step(
+            "cargo build --release (bench)",
+            cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "tcptrace",
+                "-p",
+                "tcptrace-bench",
+            ]),
+        )?;
+        step(
+            "criterion benches",
+            cargo().args([
+                "bench",
+                "-p",
+                "tcptrace",
+                "--bench",
+                "pipeline",
+                "--bench",
+                "attribution",
+            ]),
+        )?;
+        "release"
+    };
+    let target = crate::target_dir().join(profile);
+    let mut cmd = Command::new(target.join("tcptrace-bench"));
+    cmd.current_dir(&root)
+        .arg("--tcptrace")
+        .arg(target.join("tcptrace"));
+    if smoke {
+        cmd.arg("--smoke")
+            .arg("--out-dir")
+            .arg(root.join(SMOKE_OUT));
+    } else {
+        cmd.arg("--out-dir")
+            .arg(root.join("bench"))
+            .arg("--markdown")
+            .arg(root.join("BENCHMARKS.md"))
+            .arg("--criterion-dir")
+            .arg(root.join("target/criterion"));
+    }
+    if smoke {
+        // A stale results file must not pass the check below.
+        let _ = std::fs::remove_dir_all(root.join(SMOKE_OUT));
+    }
+    step("tcptrace-bench", &mut cmd)?;
+    if smoke {
+        check_smoke_output(&root.join(SMOKE_OUT))?;
+    }
+    Ok(())
+}
+
+/// bpftrace is the comparison of a full run (Debian package `bpftrace`).
+fn ensure_bpftrace() -> Result<()> {
+    if output_of("bpftrace", &["--version"]).is_some() {
+        return Ok(());
+    }
+    step(
+        "apt-get install bpftrace",
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends", "bpftrace"]),
+    )
+}
+
+/// The smoke run must leave a results file and a report behind.
+fn check_smoke_output(dir: &Path) -> Result<()> {
+    let results = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("results-") && name.ends_with(".json")
+        })
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+        .count();
+    if results == 0 || !dir.join("BENCHMARKS.md").is_file() {
+        bail!(
+            "tcptrace-bench --smoke wrote no results-*.json or BENCHMARKS.md in {}",
+            dir.display()
+        );
+    }
+    eprintln!("xtask: bench smoke results in {}", dir.display());
+    Ok(())
+}
