@@ -107,5 +107,8 @@ fn own_sockets_are_ignored() {
             kinds.push((ev.kind, ev.reason.clone()));
         }
     }
-    assert_eq!(kinds, vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]);
+    assert_eq!(
+        kinds,
+        vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]
+    );
 }
