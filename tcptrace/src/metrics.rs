@@ -409,7 +409,7 @@ mod tests {
     use std::{
         io::{Read as _, Write as _},
         net::{IpAddr, Ipv4Addr, TcpStream},
-        time::{Duration, UNIX_EPOCH},
+        time::{Duration, Instant, UNIX_EPOCH},
     };
 
     use super::*;
@@ -605,13 +605,13 @@ mod tests {
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         drop(server);
         // tiny_http's acceptor thread lets go of the listener shortly after.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "still listening 5 s after the server was dropped"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(20));
         }
     }
 }
