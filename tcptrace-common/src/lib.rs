@@ -396,10 +396,6 @@ pub struct Config {
     pub reset_from_drop: u32,
     /// The NO_SOCKET drop reason number (with `reset_from_drop`).
     pub no_socket_reason: u32,
-    /// Wake the reader only once this many bytes wait in the ring buffer;
-    /// the reader also drains on a short timer. 0 wakes it for every record.
-    pub wakeup_bytes: u32,
-    pub _pad: u32,
     pub states: TcpStates,
     /// Drop reasons worth reporting, as a bitmap over reason numbers.
     pub drop_reasons: [u64; 4],
@@ -422,8 +418,6 @@ impl Config {
         all_states: 0,
         reset_from_drop: 0,
         no_socket_reason: 0,
-        wakeup_bytes: 0,
-        _pad: 0,
         states: TcpStates {
             established: 1,
             syn_sent: 2,
@@ -448,7 +442,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 88 + size_of::<KernelOffsets>() + 8 * 32);
+const _: () = assert!(size_of::<Config>() == 80 + size_of::<KernelOffsets>() + 8 * 32);
 
 #[cfg(feature = "user")]
 mod pod {

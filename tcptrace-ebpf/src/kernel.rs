@@ -1,7 +1,6 @@
 //! Reads of kernel memory at offsets resolved from BTF in userspace.
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_probe_read_kernel, generated::bpf_jiffies64,
@@ -97,17 +96,9 @@ pub fn reserve(hook: u32, kind: u8) -> Option<RingBufEntry<Event>> {
     Some(entry)
 }
 
-/// Publishes a record. Waking the reader costs more than writing the
-/// record, so it is woken only once a batch is waiting.
 #[inline(always)]
 pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
-    let batch = u64::from(maps::config().wakeup_bytes);
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= batch {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    entry.submit(0);
     maps::count(hook, tcptrace_common::COUNTER_SEEN);
 }
 

@@ -14,7 +14,7 @@ use tokio::{
 
 use crate::{
     attribution::{AttributionConfig, Attributor, NodeScope},
-    bpf::{DRAIN_INTERVAL, ProbeState, ProbeStatus, Tier, Tracer, TracerOptions},
+    bpf::{ProbeState, ProbeStatus, Tier, Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
     metrics::MeteredSink,
@@ -289,22 +289,8 @@ impl Session {
         let mut stats_tick =
             tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
         stats_tick.tick().await;
-        // The kernel wakes us only for batches; smaller ones are picked up here.
-        let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
-        drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = drain_tick.tick() => {
-                    let mut stages = Stages {
-                        tracer: &mut self.tracer,
-                        pipeline: &mut self.pipeline,
-                        refresher: &self.refresher,
-                        tally: &mut self.tally,
-                        notices: &mut self.notices,
-                    };
-                    while drain(self.ring.get_mut(), &mut stages, sink)? == DRAIN_BATCH {}
-                    sink.flush()?;
-                }
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard.context("waiting for events")?;
                     let mut stages = Stages {

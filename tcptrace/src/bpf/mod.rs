@@ -213,7 +213,6 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         },
         all_states: u32::from(opts.all_states),
         reset_from_drop: u32::from(!socketless_resets_traced && no_socket.is_some()),
-        wakeup_bytes: wakeup_bytes(opts.ring_buffer_bytes),
         no_socket_reason: no_socket.unwrap_or(0),
         states: names.states.numbers()?,
         drop_reasons,
@@ -237,16 +236,6 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
     cfg.exit_bind = tp("syscalls", "sys_exit_bind", ["ret", "", ""]).unwrap_or(none);
     Ok(cfg)
 }
-
-/// Bytes that must wait in the ring buffer before the reader is woken: a
-/// batch of a few hundred records, and never more than a sixteenth of the
-/// ring. Readers must also drain every [`DRAIN_INTERVAL`].
-fn wakeup_bytes(ring_buffer_bytes: u32) -> u32 {
-    (ring_buffer_bytes / 16).min(64 * 1024)
-}
-
-/// How often readers drain the ring buffer without being woken.
-pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 impl Tracer {
     /// Loads and attaches every hook this kernel allows. A refused hook is
