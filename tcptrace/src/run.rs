@@ -135,7 +135,7 @@ async fn trace(args: TraceArgs) -> Result<()> {
     let metrics = crate::metrics::start(args.metrics_addr, args.metrics_allow_remote)?;
     let mut session = Session::start(&args)?;
     if let Some(m) = &metrics {
-        m.set_probes(&session.tracer.probes);
+        m.set_probes(&session.stages.tracer.probes);
     }
     if !tui {
         session.announce();
@@ -148,12 +148,12 @@ async fn trace(args: TraceArgs) -> Result<()> {
     // Whichever ends first ends both: quitting the UI stops tracing; a
     // tracing error closes the UI (restoring the terminal) and is reported.
     // Messages would scribble over the TUI: they are printed after it.
-    session.notices.hold = true;
+    session.stages.notices.hold = true;
     let result = tokio::select! {
         traced = session.run(&args, &mut sink, &mut signals) => traced,
         shown = crate::tui::run_live(rx, header) => shown,
     };
-    for message in session.notices.held.drain(..) {
+    for message in session.stages.notices.held.drain(..) {
         eprintln!("tcptrace: {message}");
     }
     result
@@ -209,12 +209,8 @@ struct Signals {
 
 /// A loaded tracer and the stages its records pass through.
 struct Session {
-    tracer: Tracer,
     ring: AsyncFd<RingBuf<MapData>>,
-    pipeline: Pipeline,
-    refresher: Refresher,
-    tally: Tally,
-    notices: Notices,
+    stages: Stages,
 }
 
 impl Session {
@@ -242,18 +238,21 @@ impl Session {
         )
         .context("starting the node facts reader")?;
         Ok(Self {
-            tracer,
             ring,
-            pipeline,
-            refresher,
-            tally: Tally::default(),
-            notices: Notices::default(),
+            stages: Stages {
+                tracer,
+                pipeline,
+                refresher,
+                tally: Tally::default(),
+                notices: Notices::default(),
+            },
         })
     }
 
     /// (hook, tier) of every attached hook, for the TUI header.
     fn probe_tiers(&self) -> Vec<(String, String)> {
-        self.tracer
+        self.stages
+            .tracer
             .probes
             .iter()
             .filter(|p| p.state == ProbeState::Attached)
@@ -264,6 +263,7 @@ impl Session {
     /// Tells a person (or a test) on stderr that tracing is live.
     fn announce(&self) {
         let attached = self
+            .stages
             .tracer
             .probes
             .iter()
@@ -271,7 +271,7 @@ impl Session {
             .count();
         eprintln!(
             "tcptrace: tracing, {attached} of {} hooks attached",
-            self.tracer.probes.len()
+            self.stages.tracer.probes.len()
         );
     }
 
@@ -293,31 +293,24 @@ impl Session {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard.context("waiting for events")?;
-                    let mut stages = Stages {
-                        tracer: &mut self.tracer,
-                        pipeline: &mut self.pipeline,
-                        refresher: &self.refresher,
-                        tally: &mut self.tally,
-                        notices: &mut self.notices,
-                    };
-                    let drained = drain(guard.get_inner_mut(), &mut stages, sink)?;
+                    let drained = self.stages.drain(guard.get_inner_mut(), sink)?;
                     if drained < DRAIN_BATCH {
                         guard.clear_ready();
                     }
                     sink.flush()?;
                 }
                 _ = tick.tick() => {
-                    apply_updates(&self.refresher, &mut self.pipeline);
-                    for warning in self.pipeline.take_warnings() {
-                        self.notices.warn(format!("warning: {warning}"));
+                    apply_updates(&self.stages.refresher, &mut self.stages.pipeline);
+                    for warning in self.stages.pipeline.take_warnings() {
+                        self.stages.notices.warn(format!("warning: {warning}"));
                     }
-                    for record in self.pipeline.tick(SystemTime::now()) {
+                    for record in self.stages.pipeline.tick(SystemTime::now()) {
                         sink.write(&record)?;
                     }
                     sink.flush()?;
                 }
                 _ = stats_tick.tick() => {
-                    let record = stats(&self.tracer, &self.tally, sink.dropped(), started, false)?;
+                    let record = stats(&self.stages.tracer, &self.stages.tally, sink.dropped(), started, false)?;
                     sink.write(&record)?;
                     sink.flush()?;
                 }
@@ -327,15 +320,14 @@ impl Session {
             }
         }
         // Whatever the kernel produced before we stopped is still delivered.
-        let mut stages = Stages {
-            tracer: &mut self.tracer,
-            pipeline: &mut self.pipeline,
-            refresher: &self.refresher,
-            tally: &mut self.tally,
-            notices: &mut self.notices,
-        };
-        while drain(self.ring.get_mut(), &mut stages, sink)? == DRAIN_BATCH {}
-        let record = stats(&self.tracer, &self.tally, sink.dropped(), started, true)?;
+        while self.stages.drain(self.ring.get_mut(), sink)? == DRAIN_BATCH {}
+        let record = stats(
+            &self.stages.tracer,
+            &self.stages.tally,
+            sink.dropped(),
+            started,
+            true,
+        )?;
         sink.write(&record)?;
         sink.flush()
     }
@@ -358,45 +350,42 @@ fn apply_updates(refresher: &Refresher, pipeline: &mut Pipeline) {
 }
 
 /// The stages a ring-buffer record passes through.
-struct Stages<'a> {
-    tracer: &'a mut Tracer,
-    pipeline: &'a mut Pipeline,
-    refresher: &'a Refresher,
-    tally: &'a mut Tally,
-    notices: &'a mut Notices,
+struct Stages {
+    tracer: Tracer,
+    pipeline: Pipeline,
+    refresher: Refresher,
+    tally: Tally,
+    notices: Notices,
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    stages: &mut Stages<'_>,
-    sink: &mut impl Sink,
-) -> Result<usize> {
-    apply_updates(stages.refresher, stages.pipeline);
-    let mut n = 0;
-    while n < DRAIN_BATCH {
-        let Some(item) = ring.next() else { break };
-        n += 1;
-        match stages.tracer.decode(&item) {
-            Ok(ev) => {
-                let processed = stages.pipeline.event(ev);
-                if processed.needs_facts {
-                    stages.refresher.wake();
+impl Stages {
+    /// Decodes, names, diagnoses and writes at most [`DRAIN_BATCH`] records.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, sink: &mut impl Sink) -> Result<usize> {
+        apply_updates(&self.refresher, &mut self.pipeline);
+        let mut n = 0;
+        while n < DRAIN_BATCH {
+            let Some(item) = ring.next() else { break };
+            n += 1;
+            match self.tracer.decode(&item) {
+                Ok(ev) => {
+                    let processed = self.pipeline.event(ev);
+                    if processed.needs_facts {
+                        self.refresher.wake();
+                    }
+                    for record in &processed.records {
+                        sink.write(record)?;
+                    }
                 }
-                for record in &processed.records {
-                    sink.write(record)?;
-                }
-            }
-            Err(e) => {
-                stages.tally.malformed += 1;
-                if stages.tally.malformed == 1 {
-                    stages
-                        .notices
-                        .warn(format!("skipping malformed record: {e}"));
+                Err(e) => {
+                    self.tally.malformed += 1;
+                    if self.tally.malformed == 1 {
+                        self.notices.warn(format!("skipping malformed record: {e}"));
+                    }
                 }
             }
         }
+        Ok(n)
     }
-    Ok(n)
 }
 
 fn stats(
