@@ -28,31 +28,9 @@ pub enum Label {
 impl Label {
     pub fn name(self) -> &'static str {
         match self {
-            Label::Cause(c) => cause_name(c),
+            Label::Cause(c) => c.as_str(),
             Label::Kind(k) => k.as_str(),
         }
-    }
-}
-
-pub fn cause_name(cause: Cause) -> &'static str {
-    match cause {
-        Cause::IdleTimeout => "idle_timeout",
-        Cause::ConntrackInvalid => "conntrack_invalid",
-        Cause::ConntrackTableFull => "conntrack_table_full",
-        Cause::PortExhaustion => "port_exhaustion",
-        Cause::BindConflict => "bind_conflict",
-        Cause::NodeportCollision => "nodeport_collision",
-        Cause::ConnectionRefused => "connection_refused",
-        Cause::SynTimeout => "syn_timeout",
-        Cause::RetransmitStorm => "retransmit_storm",
-    }
-}
-
-pub fn confidence_name(c: Confidence) -> &'static str {
-    match c {
-        Confidence::Possible => "possible",
-        Confidence::Likely => "likely",
-        Confidence::Certain => "certain",
     }
 }
 

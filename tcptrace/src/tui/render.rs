@@ -14,7 +14,7 @@ use crate::{diagnosis::Confidence, model::Event};
 
 use super::{
     app::{App, Focus, Mode, Sort, unix_secs},
-    board::{Label, Row, SPARK_SECS, confidence_name},
+    board::{Label, Row, SPARK_SECS},
 };
 
 /// Cells of the board's sparkline; each sums SPARK_SECS / SPARK_WIDTH seconds.
@@ -221,7 +221,7 @@ fn confidence_cell(c: Confidence) -> Cell<'static> {
         Confidence::Likely => Style::new().fg(Color::Yellow),
         Confidence::Possible => Style::new(),
     };
-    Cell::from(Span::styled(confidence_name(c), style))
+    Cell::from(Span::styled(c.as_str(), style))
 }
 
 fn render_feed(frame: &mut Frame, area: Rect, app: &App) {
@@ -285,7 +285,7 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, row: &Row) {
             lines.push(Line::from(v.summary.clone()));
             lines.push(Line::from(vec![
                 key("confidence"),
-                Span::raw(confidence_name(v.confidence)),
+                Span::raw(v.confidence.as_str()),
                 Span::raw(format!(
                     "  count {}  first seen {}  last seen {}",
                     row.count,
