@@ -3,17 +3,22 @@
 //! the tests of one binary whose events are filtered by namespace.
 use std::{
     fs::File,
+    io::{BufRead as _, BufReader, Read as _},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
-    process::{Command, Stdio},
-    sync::{Mutex, MutexGuard, OnceLock},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock, mpsc},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
-use nix::sched::{CloneFlags, setns};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use tcptrace::{
     bpf::{Tracer, TracerOptions},
     model::{Event, HookStats},
@@ -216,4 +221,80 @@ pub fn schema_validator() -> jsonschema::Validator {
         .should_validate_formats(true)
         .build(&schema)
         .expect("schema compiles")
+}
+
+/// A running tcptrace whose stderr is watched for the readiness line.
+pub struct Running {
+    pub child: Child,
+    /// stderr lines after the readiness line.
+    pub stderr: mpsc::Receiver<String>,
+    /// stderr lines before it (warnings, the metrics address).
+    pub before_ready: Vec<String>,
+}
+
+/// Starts the tcptrace binary and waits (bounded) until it reports that
+/// tracing is live.
+pub fn start_tcptrace(args: &[&str]) -> Running {
+    let mut child = Command::new(tcptrace_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcptrace");
+    let (tx, stderr) = mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut running = Running {
+        child,
+        stderr,
+        before_ready: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match running.stderr.recv_timeout(left) {
+            Ok(line) if line.starts_with("tcptrace: tracing,") => return running,
+            Ok(line) => running.before_ready.push(line),
+            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
+        }
+    }
+}
+
+impl Running {
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) for exit; returns the exit code and stdout lines.
+    pub fn finish(mut self) -> (i32, Vec<String>) {
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (
+                    status.code().unwrap_or(-1),
+                    out.lines().map(str::to_string).collect(),
+                );
+            }
+            assert!(Instant::now() < deadline, "tcptrace did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

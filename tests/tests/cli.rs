@@ -1,87 +1,15 @@
 //! The tcptrace binary as a user runs it: NDJSON for a caused failure,
 //! clean stops, a closed pipe, and one clear sentence when it cannot run.
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use serde_json::Value;
-use tcptrace_tests::{Netns, schema_validator, tcptrace_bin};
-
-/// A running tcptrace whose stderr is watched for the readiness line.
-struct Running {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-fn start(args: &[&str]) -> Running {
-    let mut child = Command::new(tcptrace_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tcptrace");
-    let (tx, stderr) = mpsc::channel();
-    let pipe = child.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let running = Running { child, stderr };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match running.stderr.recv_timeout(left) {
-            Ok(line) if line.starts_with("tcptrace: tracing,") => return running,
-            Ok(_) => continue,
-            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
-        }
-    }
-}
-
-impl Running {
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// Waits (bounded) for exit; returns the exit code and stdout lines.
-    fn finish(mut self) -> (i32, Vec<String>) {
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (
-                    status.code().unwrap_or(-1),
-                    out.lines().map(str::to_string).collect(),
-                );
-            }
-            assert!(Instant::now() < deadline, "tcptrace did not exit");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tcptrace_tests::{Netns, schema_validator, start_tcptrace, tcptrace_bin};
 
 fn parse_all(lines: &[String]) -> Vec<Value> {
     let validator = schema_validator();
@@ -105,7 +33,7 @@ fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
         "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP",
     ])
     .unwrap();
-    let tracer = start(&["--format", "json", "--stats-interval", "0.5"]);
+    let tracer = start_tcptrace(&["--format", "json", "--stats-interval", "0.5"]);
     ns.run("tt-cli-client", || {
         let addr = SocketAddr::from(([127, 0, 0, 1], 81));
         TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).unwrap_err()
@@ -149,13 +77,13 @@ fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
 #[test]
 fn duration_and_sigterm_stop_cleanly_with_final_stats() {
     let started = Instant::now();
-    let (code, lines) = start(&["--duration", "1"]).finish();
+    let (code, lines) = start_tcptrace(&["--duration", "1"]).finish();
     assert_eq!(code, 0);
     assert!(started.elapsed() < Duration::from_secs(25));
     let records = parse_all(&lines);
     assert_eq!(records.last().unwrap()["final"], true);
 
-    let tracer = start(&[]);
+    let tracer = start_tcptrace(&[]);
     tracer.signal(Signal::SIGTERM);
     let (code, lines) = tracer.finish();
     assert_eq!(code, 0);
@@ -164,7 +92,7 @@ fn duration_and_sigterm_stop_cleanly_with_final_stats() {
 
 #[test]
 fn closed_pipe_ends_quietly() {
-    let mut tracer = start(&["--stats-interval", "0.2"]);
+    let mut tracer = start_tcptrace(&["--stats-interval", "0.2"]);
     drop(tracer.child.stdout.take());
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {

@@ -6,10 +6,9 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -19,7 +18,7 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::Value;
-use tcptrace_tests::{Netns, tcptrace_bin};
+use tcptrace_tests::{Netns, Running, start_tcptrace, tcptrace_bin};
 
 /// A child of the cgroup v2 root, removed when dropped.
 struct Cgroup {
@@ -65,53 +64,32 @@ impl Drop for Cgroup {
 }
 
 struct Tracing {
-    child: Child,
+    running: Running,
     metrics_url: String,
 }
 
-impl Drop for Tracing {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts tcptrace and waits (bounded) for readiness; the metrics URL comes
-/// from its stderr (port 0: the kernel picks a free one).
+/// Starts tcptrace scoped to `scope`; the metrics URL comes from its stderr
+/// (port 0: the kernel picks a free one).
 fn start(scope: &str) -> Tracing {
-    let mut child = Command::new(tcptrace_bin())
-        .args(["--format", "json", "--node-scope", scope])
-        .args(["--metrics-addr", "127.0.0.1:0", "--stats-interval", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tcptrace");
-    let (tx, rx) = mpsc::channel();
-    let pipe = child.stderr.take().unwrap();
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut metrics_url = None;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(url) = line.strip_prefix("tcptrace: metrics on ") {
-                    metrics_url = Some(url.to_string());
-                }
-                if line.starts_with("tcptrace: tracing,") {
-                    break;
-                }
-            }
-            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
-        }
-    }
+    let running = start_tcptrace(&[
+        "--format",
+        "json",
+        "--node-scope",
+        scope,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--stats-interval",
+        "1",
+    ]);
+    let metrics_url = running
+        .before_ready
+        .iter()
+        .find_map(|l| l.strip_prefix("tcptrace: metrics on "))
+        .expect("tcptrace announces its metrics URL")
+        .to_string();
     Tracing {
-        child,
-        metrics_url: metrics_url.expect("tcptrace announces its metrics URL"),
+        running,
+        metrics_url,
     }
 }
 
@@ -194,10 +172,15 @@ fn metrics_count_a_refused_connect_exactly() {
     );
 
     // The event counters agree with the NDJSON tcptrace printed.
-    kill(Pid::from_raw(tracing.child.id() as i32), Signal::SIGTERM).unwrap();
+    kill(
+        Pid::from_raw(tracing.running.child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
     let mut tracing = tracing;
     let mut out = String::new();
     tracing
+        .running
         .child
         .stdout
         .take()
