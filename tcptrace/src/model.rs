@@ -70,6 +70,7 @@ pub struct ServiceRef {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Endpoint {
+    #[serde(serialize_with = "ip_text::serialize")]
     pub ip: IpAddr,
     pub port: u16,
     /// Set by attribution when the address is a ClusterIP/NodePort.
@@ -249,6 +250,53 @@ pub struct Stats {
     pub r#final: bool,
 }
 
+/// IP addresses as text; IPv4 without the formatting machinery (two per
+/// record).
+mod ip_text {
+    use std::net::IpAddr;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(ip: &IpAddr, s: S) -> Result<S::Ok, S::Error> {
+        let IpAddr::V4(v4) = ip else {
+            return s.collect_str(ip);
+        };
+        let mut buf = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            let mut digits = itoa::Buffer::new();
+            let text = digits.format(octet).as_bytes();
+            buf[len..len + text.len()].copy_from_slice(text);
+            len += text.len();
+        }
+        // Only ASCII digits and dots were written.
+        s.serialize_str(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+        #[test]
+        fn writes_addresses_as_display_does() {
+            for ip in [
+                IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)),
+                IpAddr::V4(Ipv4Addr::new(10, 244, 1, 255)),
+                IpAddr::V4(Ipv4Addr::new(255, 255, 255, 255)),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ] {
+                let mut out = Vec::new();
+                super::serialize(&ip, &mut serde_json::Serializer::new(&mut out)).unwrap();
+                assert_eq!(String::from_utf8(out).unwrap(), format!("\"{ip}\""));
+            }
+        }
+    }
+}
+
 /// RFC 3339 UTC timestamps with microseconds.
 pub mod rfc3339 {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -256,17 +304,50 @@ pub mod rfc3339 {
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
     use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
+    /// Bytes of "YYYY-MM-DDTHH:MM:SS.ffffffZ".
+    const LEN: usize = 27;
+
     pub fn format(t: SystemTime) -> String {
+        let mut buf = [0u8; LEN];
+        write(t, &mut buf).to_string()
+    }
+
+    /// Formats into `buf` without allocating (serialization runs per record).
+    fn write(t: SystemTime, buf: &mut [u8; LEN]) -> &str {
         let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         let micros = since.as_micros();
         let secs = (micros / 1_000_000) as i64;
         let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let (y, mo, d) = (dt.year(), dt.month() as u8, dt.day());
-        let (h, mi, s) = (dt.hour(), dt.minute(), dt.second());
-        format!(
-            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:06}Z",
-            micros % 1_000_000
-        )
+        // Years outside 0..=9999 do not fit RFC 3339; clamp like the epoch fallback.
+        let year = dt.year().clamp(0, 9999) as u32;
+        let fields: [(usize, u32, usize); 7] = [
+            (0, year, 4),
+            (5, u32::from(dt.month() as u8), 2),
+            (8, u32::from(dt.day()), 2),
+            (11, u32::from(dt.hour()), 2),
+            (14, u32::from(dt.minute()), 2),
+            (17, u32::from(dt.second()), 2),
+            (20, (micros % 1_000_000) as u32, 6),
+        ];
+        for (at, mut value, width) in fields {
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        }
+        for (at, sep) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+            (26, b'Z'),
+        ] {
+            buf[at] = sep;
+        }
+        // Only ASCII digits and separators were written.
+        std::str::from_utf8(buf).unwrap_or("1970-01-01T00:00:00.000000Z")
     }
 
     pub fn parse(s: &str) -> Option<SystemTime> {
@@ -279,7 +360,8 @@ pub mod rfc3339 {
     }
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*t))
+        let mut buf = [0u8; LEN];
+        s.serialize_str(write(*t, &mut buf))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -297,6 +379,10 @@ pub mod rfc3339 {
             let s = format(t);
             assert_eq!(s, "2023-11-14T22:13:20.123456Z");
             assert_eq!(parse(&s), Some(t));
+            assert_eq!(
+                format(UNIX_EPOCH + Duration::from_micros(7)),
+                "1970-01-01T00:00:00.000007Z"
+            );
         }
     }
 }

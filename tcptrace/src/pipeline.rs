@@ -81,6 +81,15 @@ impl Pipeline {
         }
     }
 
+    /// Verdicts still holding unreported occurrences, at shutdown.
+    pub fn finish(&mut self, now: SystemTime) -> Vec<Record> {
+        self.diagnoser
+            .finish(now)
+            .into_iter()
+            .map(|v| Record::Verdict(Box::new(v)))
+            .collect()
+    }
+
     pub fn tick(&mut self, now: SystemTime) -> Vec<Record> {
         self.attributor.refresh(Instant::now());
         self.diagnoser

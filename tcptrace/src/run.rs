@@ -30,6 +30,11 @@ const TICK: Duration = Duration::from_secs(1);
 /// Records handled per wake-up before timers and signals get a turn.
 const DRAIN_BATCH: usize = 4096;
 
+/// Pause after a drain that found records, so that under a flood records
+/// are read in batches: the kernel wakes the reader only when it has caught
+/// up, so each wake-up would otherwise carry one record.
+const LINGER: Duration = Duration::from_millis(2);
+
 pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Probes { format }) => probes(&cli.trace, format),
@@ -298,6 +303,9 @@ impl Session {
                         guard.clear_ready();
                     }
                     sink.flush()?;
+                    if drained > 0 && drained < DRAIN_BATCH {
+                        tokio::time::sleep(LINGER).await;
+                    }
                 }
                 _ = tick.tick() => {
                     apply_updates(&self.stages.refresher, &mut self.stages.pipeline);
@@ -321,6 +329,9 @@ impl Session {
         }
         // Whatever the kernel produced before we stopped is still delivered.
         while self.stages.drain(self.ring.get_mut(), sink)? == DRAIN_BATCH {}
+        for record in self.stages.pipeline.finish(SystemTime::now()) {
+            sink.write(&record)?;
+        }
         let record = stats(
             &self.stages.tracer,
             &self.stages.tally,

@@ -74,6 +74,43 @@ fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
     assert!(last["seen"].as_u64().unwrap() >= 2);
 }
 
+/// Repeats of a verdict are aggregated for 10 s; stopping before then still
+/// reports every occurrence, once, before the final stats.
+#[test]
+fn stopping_reports_the_aggregated_count() {
+    let ns = Netns::new("cli-count").unwrap();
+    let tracer = start_tcptrace(&["--format", "json"]);
+    let refused = ns
+        .run("tt-cli-refused", || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 84));
+            (0..5)
+                .filter(|_| {
+                    TcpStream::connect(addr).err().map(|e| e.kind())
+                        == Some(std::io::ErrorKind::ConnectionRefused)
+                })
+                .count()
+        })
+        .unwrap();
+    assert_eq!(refused, 5);
+    thread::sleep(Duration::from_millis(300));
+    tracer.signal(Signal::SIGINT);
+    let (code, lines) = tracer.finish();
+    assert_eq!(code, 0);
+    let records = parse_all(&lines);
+    let netns = u64::from(ns.inode());
+    let counts: Vec<u64> = records
+        .iter()
+        .filter(|r| r["type"] == "verdict" && r["netns"] == netns)
+        .map(|r| {
+            assert_eq!(r["cause"], "connection_refused", "{r}");
+            r["count"].as_u64().unwrap()
+        })
+        .collect();
+    // The first occurrence at once, the other four at the stop.
+    assert_eq!(counts, vec![1, 5], "{}", lines.join("\n"));
+    assert_eq!(records.last().unwrap()["final"], true);
+}
+
 #[test]
 fn duration_and_sigterm_stop_cleanly_with_final_stats() {
     let started = Instant::now();

@@ -1,9 +1,12 @@
 //! The rules: events + per-socket history + node facts -> verdicts.
 //! Pure: time comes from events and `tick(now)`, facts are passed in.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
+
+use foldhash::HashMap;
 
 use serde_json::json;
 
@@ -15,7 +18,7 @@ use super::{
     },
     facts::{ConntrackFacts, ConntrackStats, NodeFacts},
 };
-use crate::model::{Endpoint, Event, EventKind, IdentityLevel, TcpDetail};
+use crate::model::{Endpoint, Event, EventKind, IdentityLevel, PodRef, TcpDetail};
 
 #[derive(Clone, Debug)]
 pub struct DiagnoserConfig {
@@ -57,7 +60,7 @@ const MAX_RECENT: usize = 1024;
 #[derive(Default)]
 pub struct Diagnoser {
     cfg: DiagnoserConfig,
-    socks: HashMap<String, SockState>,
+    socks: HashMap<SockKey, SockState>,
     aggs: HashMap<AggKey, Agg>,
     /// RSTs sent for segments that had no socket (NO_SOCKET).
     resets_sent: VecDeque<Event>,
@@ -72,6 +75,8 @@ pub struct Diagnoser {
     prev_ct: HashMap<u32, ConntrackStats>,
     /// Latest non-zero conntrack counter deltas per netns.
     trends: HashMap<u32, CtTrend>,
+    /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
+    due: Vec<Verdict>,
 }
 
 #[derive(Default)]
@@ -91,11 +96,63 @@ struct SockState {
     concluded: Option<(Cause, Confidence)>,
 }
 
+/// One connection: the kernel reuses freed sock addresses, so the sock
+/// address and the 4-tuple (in either direction), or the namespace and the
+/// 4-tuple for events without a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SockKey {
+    sock: Option<u64>,
+    netns: u32,
+    lo: (IpAddr, u16),
+    hi: (IpAddr, u16),
+}
+
+impl SockKey {
+    fn of(ev: &Event) -> Self {
+        let (a, b) = ((ev.src.ip, ev.src.port), (ev.dst.ip, ev.dst.port));
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        // Addresses are hex; any other text (a hand-written file) is hashed.
+        let sock = ev.sock.as_deref().map(|s| {
+            u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|_| {
+                use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(s)
+            })
+        });
+        Self {
+            sock,
+            netns: if sock.is_some() { 0 } else { ev.netns },
+            lo,
+            hi,
+        }
+    }
+}
+
+/// Who a verdict is about: the pod when known, else the namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum AggOwner {
+    Pod(String),
+    Netns(u32),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct AggKey {
-    owner: String,
+    owner: AggOwner,
     cause: Cause,
-    dst: String,
+    dst: (IpAddr, u16),
+}
+
+impl AggKey {
+    /// The key of a verdict about `ev` (verdicts copy these fields from it).
+    fn of(ev_pod: Option<&PodRef>, netns: u32, cause: Cause, dst: &Endpoint) -> Self {
+        Self {
+            owner: match ev_pod {
+                Some(p) => AggOwner::Pod(p.uid.clone()),
+                None => AggOwner::Netns(netns),
+            },
+            cause,
+            dst: (dst.ip, dst.port),
+        }
+    }
 }
 
 struct Agg {
@@ -115,10 +172,9 @@ impl Diagnoser {
     /// Feeds one event; returns the verdicts due now.
     pub fn observe(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Verdict> {
         let candidates = self.rules(ev, facts);
-        candidates
-            .into_iter()
-            .filter_map(|c| self.submit(c))
-            .collect()
+        let mut out = std::mem::take(&mut self.due);
+        out.extend(candidates.into_iter().filter_map(|c| self.submit(c)));
+        out
     }
 
     /// Reads counter-based causes from the facts and re-emits aggregated
@@ -141,8 +197,22 @@ impl Diagnoser {
         out
     }
 
+    /// Emits every aggregated verdict with occurrences not yet reported, so
+    /// that stopping loses no counts. Call once, at the end.
+    pub fn finish(&mut self, now: SystemTime) -> Vec<Verdict> {
+        let mut out = std::mem::take(&mut self.due);
+        for a in self.aggs.values_mut().filter(|a| a.pending) {
+            a.pending = false;
+            a.last_emitted = now;
+            a.v.time = now;
+            out.push(a.v.clone());
+        }
+        out.sort_by_key(|v| v.first_seen);
+        out
+    }
+
     fn rules(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
-        let key = sock_key(ev);
+        let key = SockKey::of(ev);
         let state = ev.state.as_deref().unwrap_or("");
         let errno = ev.errno.as_deref().unwrap_or("");
         match ev.kind {
@@ -211,11 +281,11 @@ impl Diagnoser {
     }
 
     /// History of a socket; `fresh` starts a new connection's history.
-    fn sock(&mut self, key: &str, time: SystemTime, fresh: bool) -> &mut SockState {
+    fn sock(&mut self, key: &SockKey, time: SystemTime, fresh: bool) -> &mut SockState {
         if !self.socks.contains_key(key) && self.socks.len() >= self.cfg.max_socks {
             evict_oldest(&mut self.socks, |s| s.last);
         }
-        let s = self.socks.entry(key.to_string()).or_default();
+        let s = self.socks.entry(*key).or_default();
         if fresh {
             *s = SockState::default();
         }
@@ -223,15 +293,22 @@ impl Diagnoser {
         s
     }
 
-    fn conclude(&mut self, key: &str, c: &Candidate) {
+    fn conclude(&mut self, key: &SockKey, c: &Candidate) {
         if let Some(s) = self.socks.get_mut(key) {
             s.concluded = Some((c.v.cause, c.v.confidence));
         }
     }
 
-    fn refused(&mut self, key: &str, ev: &Event, via: &str) -> Vec<Candidate> {
+    fn refused(&mut self, key: &SockKey, ev: &Event, via: &str) -> Vec<Candidate> {
         let s = self.sock(key, ev.time, false);
         if s.concluded.is_some() {
+            return vec![];
+        }
+        // A refused storm repeats one verdict: count it without rebuilding.
+        if self.repeat(ev, Cause::ConnectionRefused, Confidence::Certain) {
+            if let Some(s) = self.socks.get_mut(key) {
+                s.concluded = Some((Cause::ConnectionRefused, Confidence::Certain));
+            }
             return vec![];
         }
         let svc = ev
@@ -265,7 +342,7 @@ impl Diagnoser {
 
     /// A connect that got no answer: a NodePort collision, a full conntrack
     /// table on the path, or a plain SYN timeout.
-    fn syn_failed(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+    fn syn_failed(&mut self, key: &SockKey, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
         let retrans = self.socks.get(key).map_or(0, |s| s.syn_retrans);
         let window = self.cfg.correlation_window;
         let c = if let Some(c) = nodeport_collision(ev, facts, retrans) {
@@ -318,7 +395,7 @@ impl Diagnoser {
         vec![c]
     }
 
-    fn data_retransmit(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+    fn data_retransmit(&mut self, key: &SockKey, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
         let window = self.cfg.storm_window;
         let storm_n = self.cfg.storm_retransmits;
         let s = self.sock(key, ev.time, false);
@@ -395,7 +472,7 @@ impl Diagnoser {
         vec![]
     }
 
-    fn timed_out(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+    fn timed_out(&mut self, key: &SockKey, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
         let s = self.sock(key, ev.time, false);
         match s.concluded {
             // The black hole "likely" is now certain: same occurrence.
@@ -446,7 +523,12 @@ impl Diagnoser {
         }
     }
 
-    fn reset_established(&mut self, key: &str, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+    fn reset_established(
+        &mut self,
+        key: &SockKey,
+        ev: &Event,
+        facts: &NodeFacts,
+    ) -> Vec<Candidate> {
         if self.sock(key, ev.time, false).concluded.is_some() {
             return vec![];
         }
@@ -506,7 +588,7 @@ impl Diagnoser {
                 (received.clone(), ev.clone()),
             );
         }
-        let key = sock_key(&received);
+        let key = SockKey::of(&received);
         // Already reported on the counter alone: this confirms it.
         let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
         let mut c = conntrack_invalid(&received, Some(ev), invalid, facts);
@@ -607,7 +689,7 @@ impl Diagnoser {
             }
             let waiting: Vec<Event> = self.resets_awaiting_pair.iter().cloned().collect();
             for rr in waiting {
-                let key = sock_key(&rr);
+                let key = SockKey::of(&rr);
                 let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
                 if !known && within(rr.time, now, window) {
                     let c = conntrack_invalid(&rr, None, Some(delta), facts);
@@ -619,18 +701,38 @@ impl Diagnoser {
         out
     }
 
+    /// Counts another occurrence of an aggregated verdict about `ev` that
+    /// already has `confidence`, as [`Self::submit`] would, taking `ev`'s
+    /// source and process as the latest example. False when there is none.
+    fn repeat(&mut self, ev: &Event, cause: Cause, confidence: Confidence) -> bool {
+        let key = AggKey::of(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
+        let Some(a) = self.aggs.get_mut(&key) else {
+            return false;
+        };
+        if a.v.confidence != confidence {
+            return false;
+        }
+        a.v.count += 1;
+        a.v.last_seen = a.v.last_seen.max(ev.time);
+        a.v.first_seen = a.v.first_seen.min(ev.time);
+        a.v.src.clone_from(&ev.src);
+        a.v.pid = ev.pid;
+        a.v.comm.clone_from(&ev.comm);
+        a.v.time = ev.time;
+        a.pending = true;
+        if elapsed(a.last_emitted, ev.time) >= self.cfg.reemit_interval {
+            a.pending = false;
+            a.last_emitted = ev.time;
+            self.due.push(a.v.clone());
+        }
+        true
+    }
+
     /// Aggregates a candidate; returns it when its key is due.
     fn submit(&mut self, c: Candidate) -> Option<Verdict> {
         let Candidate { v, occurrence } = c;
         let now = v.time;
-        let key = AggKey {
-            owner: match &v.pod {
-                Some(p) => format!("pod:{}", p.uid),
-                None => format!("netns:{}", v.netns),
-            },
-            cause: v.cause,
-            dst: v.dst.to_string(),
-        };
+        let key = AggKey::of(v.pod.as_ref(), v.netns, v.cause, &v.dst);
         if !self.aggs.contains_key(&key) {
             if self.aggs.len() >= self.cfg.max_keys {
                 evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen));
@@ -691,18 +793,6 @@ fn state_is(ev: &Event, name: &str) -> bool {
     ev.state.as_deref() == Some(name) || ev.old_state.as_deref() == Some(name)
 }
 
-/// One connection's history: the kernel reuses freed sock addresses, so the
-/// key is the address and the 4-tuple (in either direction), or the
-/// namespace and 4-tuple for events without a socket.
-fn sock_key(ev: &Event) -> String {
-    let (a, b) = (ev.src.to_string(), ev.dst.to_string());
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    match &ev.sock {
-        Some(s) => format!("{s}/{lo}/{hi}"),
-        None => format!("{}/{lo}/{hi}", ev.netns),
-    }
-}
-
 /// Both events concern the same pair of endpoints, in either direction.
 fn same_conn(a: &Event, b: &Event) -> bool {
     let ep = |e: &Endpoint| (e.ip, e.port);
@@ -742,8 +832,10 @@ fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
 ) {
     let mut by_age: Vec<(Option<SystemTime>, K)> =
         map.iter().map(|(k, v)| (last(v), k.clone())).collect();
-    by_age.sort_by_key(|(t, _)| *t);
     let n = (map.len() / 8).max(1);
+    if n < by_age.len() {
+        by_age.select_nth_unstable_by_key(n, |(t, _)| *t);
+    }
     for (_, k) in by_age.into_iter().take(n) {
         map.remove(&k);
     }

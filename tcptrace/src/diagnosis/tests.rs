@@ -763,6 +763,27 @@ fn refused_connects_never_flood() {
     );
 }
 
+/// Occurrences counted since the last emission are reported when tracing
+/// stops, not lost with the process.
+#[test]
+fn finish_reports_counts_not_yet_emitted() {
+    let mut d = Diagnoser::new(DiagnoserConfig::default());
+    let f = facts();
+    let mut emitted = Vec::new();
+    for i in 0..5u64 {
+        let e = ev(i * 10, ResetReceived, CLIENT, P, SVC)
+            .sock(&format!("{:#x}", 0xffff_0000 + i))
+            .state("SYN_SENT");
+        emitted.extend(d.observe(&e.0, &f));
+    }
+    assert_eq!(causes(&emitted), vec![(ConnectionRefused, Certain, 1)]);
+    let last = d.finish(at(100));
+    assert_eq!(causes(&last), vec![(ConnectionRefused, Certain, 5)]);
+    assert_eq!(last[0].last_seen, at(40));
+    assert_eq!(last[0].src, ep(P));
+    assert!(d.finish(at(200)).is_empty(), "reported once");
+}
+
 /// The kernel reuses a freed sock address for the next socket: a second
 /// refused connect on the same address is a new connection, not a repeat.
 #[test]
