@@ -32,6 +32,47 @@ pub static HASH_CONNECT_ARGS: HashMap<u64, u64> = HashMap::with_max_entries(4096
 #[map(name = "CT_ALLOC_ARGS")]
 pub static CT_ALLOC_ARGS: PerCpuArray<CtAllocArgs> = PerCpuArray::with_max_entries(1, 0);
 
+/// The socket whose received reset this CPU reported last, and when
+/// (boot ns).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ResetMark {
+    pub sk: u64,
+    pub at_ns: u64,
+}
+
+/// tcp_reset() moves the socket to CLOSE and raises its error right after
+/// the reset tracepoint, on the same CPU: those repeat the reset record.
+#[map(name = "LAST_RESET")]
+pub static LAST_RESET: PerCpuArray<ResetMark> = PerCpuArray::with_max_entries(1, 0);
+
+/// How long after a reset its consequences are recognised (they follow
+/// within microseconds; a reused sock pointer cannot reconnect this fast).
+const RESET_CONSEQUENCE_NS: u64 = 100_000;
+
+/// Marks `sk` as just reset (its record was submitted at `at_ns`).
+#[inline(always)]
+pub fn mark_reset(sk: u64, at_ns: u64) {
+    if let Some(mark) = LAST_RESET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *mark = ResetMark { sk, at_ns } };
+    }
+}
+
+/// Whether an event about `sk` is a consequence of the reset just reported.
+#[inline(always)]
+pub fn follows_reset(sk: u64) -> bool {
+    let Some(mark) = LAST_RESET.get(0) else {
+        return false;
+    };
+    if mark.sk != sk || sk == 0 {
+        return false;
+    }
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+    now.wrapping_sub(mark.at_ns) < RESET_CONSEQUENCE_NS
+}
+
 /// Direct-tier hooks that are live (`tcptrace_common::direct` bits).
 #[map(name = "DIRECT")]
 pub static DIRECT: Array<u32> = Array::with_max_entries(1, 0);

@@ -8,7 +8,7 @@ use tcptrace_common::{Event, ListenKey, direct, hook, kind};
 
 use crate::{
     kernel::{self, field},
-    maps::{LISTENERS, OWNERS, config, direct_live},
+    maps::{LISTENERS, OWNERS, config, direct_live, follows_reset},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -57,14 +57,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         }
     }
 
-    // Failed connect (refused, timed out, or no source port) is always
-    // reported; other transitions only on request.
+    // Failed connect (timed out, or no source port) is always reported;
+    // other transitions only on request. A refused one was reported as the
+    // reset that refused it.
     let failed_connect = old == states.syn_sent && new == states.close;
     // Without a source port the direct hook, when live, reported it already.
-    let reported_directly = failed_connect
-        && field::<_, u16>(&ctx, tp.sport) == Some(0)
-        && direct_live(direct::HASH_CONNECT);
-    if (failed_connect && !reported_directly) || cfg.all_states != 0 {
+    let reported_already = failed_connect
+        && ((field::<_, u16>(&ctx, tp.sport) == Some(0) && direct_live(direct::HASH_CONNECT))
+            || follows_reset(sk));
+    if (failed_connect && !reported_already) || cfg.all_states != 0 {
         emit_state_change(&ctx, sk, old, new, failed_connect);
     }
 
@@ -119,7 +120,8 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     // Reports without a pending error (e.g. from tcp_disconnect) carry no news.
     let err = kernel::read::<i32>(sk, k.sock_err).unwrap_or(0);
-    if err == 0 {
+    // The error a received reset raises is implied by its record.
+    if err == 0 || follows_reset(sk) {
         return 0;
     }
     let Some(mut entry) = kernel::reserve(hook::ERROR_REPORT, kind::SOCKET_ERROR) else {

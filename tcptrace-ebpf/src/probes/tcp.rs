@@ -5,7 +5,7 @@ use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
     kernel::{self, field, read},
-    maps::config,
+    maps::{config, mark_reset},
 };
 
 /// Netns, owner and TCP detail of an event about socket `sk`; false when
@@ -118,6 +118,8 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    let at_ns = ev.ts_ns;
     kernel::submit(hook::RECEIVE_RESET, entry);
+    mark_reset(sk, at_ns);
     0
 }
