@@ -132,8 +132,9 @@ impl Variant {
     }
 }
 
-/// The tracepoints tcptrace uses, as bpftrace names them. bpftrace 0.17
-/// has no raw tracepoints, so inet_sk_error_report is left out (a small
+/// The kernel events tcptrace hooks, as bpftrace names them. bpftrace 0.17
+/// has no raw tracepoints: it attaches the classic tracepoints of the events
+/// tcptrace hooks raw, and leaves out inet_sk_error_report (a small
 /// advantage to bpftrace).
 const BPFTRACE_PROBES: &str = "tracepoint:tcp:tcp_retransmit_skb,tracepoint:tcp:tcp_retransmit_synack,\
 tracepoint:tcp:tcp_send_reset,tracepoint:tcp:tcp_receive_reset,tracepoint:sock:inet_sock_set_state,\

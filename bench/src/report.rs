@@ -473,16 +473,19 @@ fn method(s: &mut String, r: &Value) {
          ECONNREFUSED). Rate = connections / wall time of the storm;\n\
          - runs each storm with tracing off, tcptrace (release, `--format json`, \
          NDJSON to /dev/null), `tcptrace --no-syscall-hooks`, and bpftrace attached \
-         to the same tracepoints (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack, \
+         to the same kernel events (tcp:tcp_retransmit_skb, tcp:tcp_retransmit_synack, \
          tcp:tcp_send_reset, tcp:tcp_receive_reset, sock:inet_sock_set_state, \
          skb:kfree_skb, syscalls:sys_enter_bind, syscalls:sys_exit_bind; bpftrace \
-         0.17 cannot attach the raw tracepoint inet_sk_error_report) either counting \
+         0.17 has no raw tracepoints, so it uses the classic tracepoints where \
+         tcptrace attaches tcp_receive_reset, inet_sock_set_state and \
+         inet_sk_error_report as raw tracepoints, and it leaves out \
+         inet_sk_error_report) either counting \
          per probe in a map or printing one line per event; rounds interleave the \
          variants in rotating order and the table shows medians and the ratio to \
          the untraced median of the same run;\n\
          - floods: the refused storm at full speed with tcptrace writing NDJSON to a \
          file; events of the bench namespace are counted per kind against the exact \
-         number the storm must produce (4 per refused connect), losses come from \
+         number the storm must produce (2 per refused connect), losses come from \
          tcptrace's final `stats` record, CPU from /proc/<pid>/stat (utime + \
          stime), memory from /proc/<pid>/status (VmHWM);\n\
          - BPF cost: holds a BPF_ENABLE_STATS fd while both storms run under \

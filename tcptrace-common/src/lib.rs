@@ -66,8 +66,8 @@ pub mod hook {
         ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
         ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
         ("tcp_send_reset", "tcp", "tcp_send_reset"),
-        ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
-        ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+        ("tcp_receive_reset", "raw_tp", "tcp_receive_reset"),
+        ("inet_sock_set_state", "raw_tp", "inet_sock_set_state"),
         ("inet_sk_error_report", "raw_tp", "inet_sk_error_report"),
         ("kfree_skb", "skb", "kfree_skb"),
         ("sys_enter_bind", "syscalls", "sys_enter_bind"),
@@ -312,6 +312,10 @@ pub struct KernelOffsets {
     pub sock_v6_daddr: u32,
     /// sock.sk_err (int)
     pub sock_err: u32,
+    /// sock.sk_protocol (u16; a bitfield, so absent, before 5.6)
+    pub sock_protocol: u32,
+    /// Keeps the struct a multiple of 8 bytes without implicit padding.
+    pub _pad: u32,
     /// task_struct.nsproxy
     pub task_nsproxy: u32,
     /// nsproxy.net_ns
@@ -357,6 +361,8 @@ impl KernelOffsets {
         sock_v6_rcv_saddr: KERNEL_ABSENT,
         sock_v6_daddr: KERNEL_ABSENT,
         sock_err: KERNEL_ABSENT,
+        sock_protocol: KERNEL_ABSENT,
+        _pad: 0,
         task_nsproxy: KERNEL_ABSENT,
         nsproxy_net: KERNEL_ABSENT,
         ct_src_addr: KERNEL_ABSENT,
@@ -403,8 +409,6 @@ pub struct Config {
     pub retransmit_skb: TracepointOffsets,
     pub retransmit_synack: TracepointOffsets,
     pub send_reset: TracepointOffsets,
-    pub receive_reset: TracepointOffsets,
-    pub set_state: TracepointOffsets,
     pub kfree_skb: TracepointOffsets,
     /// sys_enter_bind: `extra` = umyaddr, `extra2` = addrlen.
     pub enter_bind: TracepointOffsets,
@@ -433,8 +437,6 @@ impl Config {
         retransmit_skb: TracepointOffsets::NONE,
         retransmit_synack: TracepointOffsets::NONE,
         send_reset: TracepointOffsets::NONE,
-        receive_reset: TracepointOffsets::NONE,
-        set_state: TracepointOffsets::NONE,
         kfree_skb: TracepointOffsets::NONE,
         enter_bind: TracepointOffsets::NONE,
         exit_bind: TracepointOffsets::NONE,
@@ -442,7 +444,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 80 + size_of::<KernelOffsets>() + 8 * 32);
+const _: () = assert!(size_of::<Config>() == 80 + size_of::<KernelOffsets>() + 6 * 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -152,7 +152,7 @@ fn metrics_count_a_refused_connect_exactly() {
     for line in [
         want,
         r#"tcptrace_verdict_occurrences_total{cause="connection_refused",pod=""} 1"#,
-        r#"tcptrace_probe_attached{hook="inet_sock_set_state",tracepoint="sock:inet_sock_set_state",tier="tracepoint"} 1"#,
+        r#"tcptrace_probe_attached{hook="inet_sock_set_state",tracepoint="inet_sock_set_state",tier="raw_tracepoint"} 1"#,
         "tcptrace_malformed_records_total 0",
         "# EOF",
     ] {

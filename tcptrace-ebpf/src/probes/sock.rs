@@ -1,31 +1,33 @@
 //! Socket state changes (owner bookkeeping, failed connects) and socket
 //! errors.
-use aya_ebpf::{
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
-};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, ListenKey, direct, hook, kind};
 
 use crate::{
-    kernel::{self, field},
+    kernel,
     maps::{LISTENERS, OWNERS, config, direct_live, follows_reset},
 };
 
 const IPPROTO_TCP: u16 = 6;
 const EADDRNOTAVAIL: i32 = 99;
 
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+/// Raw tracepoint: its arguments are read directly, without the record the
+/// classic tracepoint builds on every state change of every socket.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     let cfg = config();
-    let tp = &cfg.set_state;
     let states = &cfg.states;
-    if field::<_, u16>(&ctx, tp.extra3) != Some(IPPROTO_TCP) {
+    let k = &cfg.kernel;
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u32;
+    let new = ctx.arg::<u64>(2) as u32;
+    // Other users of this tracepoint (SCTP, MPTCP subflows' parents) are not
+    // TCP sockets; without the offset every socket counts as TCP.
+    if kernel::read::<u16>(sk, k.sock_protocol).is_some_and(|p| p != IPPROTO_TCP) {
         return 0;
     }
-    let old = field::<_, i32>(&ctx, tp.extra).unwrap_or(0) as u32;
-    let new = field::<_, i32>(&ctx, tp.extra2).unwrap_or(0) as u32;
-    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
-    let k = &cfg.kernel;
+    let sport = || u16::from_be(kernel::read::<u16>(sk, k.inet_sport).unwrap_or(0));
 
     // connect() and listen() run in the owner's process context.
     if new == states.syn_sent || new == states.listen {
@@ -33,10 +35,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         let owner = kernel::current_owner(netns);
         let _ = OWNERS.insert(sk, owner, 0);
         if new == states.listen {
-            let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
             let key = ListenKey {
                 netns,
-                port,
+                port: sport(),
                 _pad: 0,
             };
             let _ = LISTENERS.insert(key, owner, 0);
@@ -44,10 +45,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     } else if old == states.syn_recv && new == states.established {
         // Passive open in softirq: inherit the listener's owner.
         let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
-        let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
         let key = ListenKey {
             netns,
-            port,
+            port: sport(),
             _pad: 0,
         };
         // SAFETY: copied out before the insert.
@@ -63,10 +63,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let failed_connect = old == states.syn_sent && new == states.close;
     // Without a source port the direct hook, when live, reported it already.
     let reported_already = failed_connect
-        && ((field::<_, u16>(&ctx, tp.sport) == Some(0) && direct_live(direct::HASH_CONNECT))
-            || follows_reset(sk));
+        && ((sport() == 0 && direct_live(direct::HASH_CONNECT)) || follows_reset(sk));
     if (failed_connect && !reported_already) || cfg.all_states != 0 {
-        emit_state_change(&ctx, sk, old, new, failed_connect);
+        emit_state_change(sk, old, new, failed_connect);
     }
 
     // The owner stays in the LRU map past CLOSE: resets and errors are
@@ -74,10 +73,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // afresh at its own connect/listen/accept.
     if new == states.close && old == states.listen {
         let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
-        let port: u16 = field(&ctx, tp.sport).unwrap_or(0);
         let _ = LISTENERS.remove(ListenKey {
             netns,
-            port,
+            port: sport(),
             _pad: 0,
         });
     }
@@ -85,18 +83,18 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn emit_state_change(ctx: &TracePointContext, sk: u64, old: u32, new: u32, failed_connect: bool) {
-    let cfg = config();
+fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool) {
+    let k = &config().kernel;
     let Some(mut entry) = kernel::reserve(hook::SET_STATE, kind::STATE_CHANGE) else {
         return;
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    kernel::tuple_from_tp(ctx, &cfg.set_state, ev);
+    kernel::tuple_from_sock(sk, k, ev);
     ev.state = new as u8;
     ev.old_state = old as u8;
     ev.sk = sk;
-    ev.netns = kernel::net_inum(kernel::sock_net(sk, &cfg.kernel), &cfg.kernel);
+    ev.netns = kernel::net_inum(kernel::sock_net(sk, k), k);
     // inet_hash_connect() found no source port: connect() returns
     // EADDRNOTAVAIL without sending anything.
     if failed_connect && ev.sport == 0 {

@@ -1,6 +1,9 @@
 //! tcp:* tracepoints: retransmits and resets, all in softirq or timer
 //! context, so the owner comes from the socket, never from `current`.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
@@ -102,18 +105,19 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    let tp = &cfg.receive_reset;
+/// Raw tracepoint: the classic one builds a record (with a socket cookie)
+/// that the socket itself provides.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
+    let k = &config().kernel;
+    // TP_PROTO(struct sock *sk)
+    let sk: u64 = ctx.arg(0);
     let Some(mut entry) = kernel::reserve(hook::RECEIVE_RESET, kind::RESET_RECEIVED) else {
         return 0;
     };
     // SAFETY: reserve() initialised the entry.
     let ev = unsafe { entry.assume_init_mut() };
-    kernel::tuple_from_tp(&ctx, tp, ev);
-    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
-    ev.state = read::<u8>(sk, cfg.kernel.sock_state).unwrap_or(0);
+    kernel::tuple_from_sock(sk, k, ev);
     if !describe_sock(ev, sk, true) {
         entry.discard(0);
         return 0;

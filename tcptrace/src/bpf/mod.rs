@@ -224,13 +224,6 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
     cfg.retransmit_skb = tp("tcp", "tcp_retransmit_skb", ["", "", ""]).unwrap_or(none);
     cfg.retransmit_synack = tp("tcp", "tcp_retransmit_synack", ["", "", ""]).unwrap_or(none);
     cfg.send_reset = tp("tcp", "tcp_send_reset", ["reason", "", ""]).unwrap_or(none);
-    cfg.receive_reset = tp("tcp", "tcp_receive_reset", ["", "", ""]).unwrap_or(none);
-    cfg.set_state = tp(
-        "sock",
-        "inet_sock_set_state",
-        ["oldstate", "newstate", "protocol"],
-    )
-    .unwrap_or(none);
     cfg.kfree_skb = tp("skb", "kfree_skb", ["reason", "protocol", "location"]).unwrap_or(none);
     cfg.enter_bind = tp("syscalls", "sys_enter_bind", ["umyaddr", "addrlen", ""]).unwrap_or(none);
     cfg.exit_bind = tp("syscalls", "sys_exit_bind", ["ret", "", ""]).unwrap_or(none);

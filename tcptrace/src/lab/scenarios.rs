@@ -597,11 +597,12 @@ fn connect_case(
     let client = lab.get(CLIENT)?;
     let dst = SocketAddr::from((cluster_ip(30), 80));
     let mut w = obs.watch(&lab);
+    // Long enough for the first SYN retransmit (1 s) even on a busy machine.
     let r = connect_from(
         &client.netns_name,
         "lab-connect",
         dst,
-        Duration::from_millis(1500),
+        Duration::from_millis(2500),
     )?;
     let subject = Subject::pod(client)
         .to(dst, Some("web"))
