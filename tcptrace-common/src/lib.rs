@@ -1,7 +1,7 @@
 //! Kernel/user ABI of tcptrace: the records the BPF programs write and the
 //! configuration userspace hands them. Fixed-width integers only, explicit
 //! padding, sizes asserted at compile time.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Name of the ring buffer carrying [`Event`]s.
 pub const EVENTS_MAP: &str = "EVENTS";
@@ -58,7 +58,10 @@ pub mod hook {
     pub const CT_ALLOC_FEXIT: u32 = 12;
     pub const CT_ALLOC_KPROBE: u32 = 13;
     pub const CT_ALLOC_KRETPROBE: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// Direct tier: conntrack judging a TCP segment INVALID (kprobe only:
+    /// the function lives in the nf_conntrack module).
+    pub const CT_INVALID_KPROBE: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// (program name in the ELF, kind, kernel hook). Kinds: a tracepoint
     /// category, `raw_tp`, `fexit`, `kprobe` or `kretprobe`.
@@ -82,6 +85,7 @@ pub mod hook {
             "kretprobe",
             "__nf_conntrack_alloc",
         ),
+        ("ct_invalid_entry", "kprobe", "nf_ct_l4proto_log_invalid"),
     ];
 }
 
@@ -107,6 +111,66 @@ pub mod kind {
     pub const CONNECT_ERROR: u8 = 7;
     pub const BIND_ERROR: u8 = 8;
     pub const SOCKET_ERROR: u8 = 9;
+    /// conntrack marked a segment INVALID; `reason` is a [`super::ct_invalid`] class.
+    pub const CONNTRACK_INVALID: u8 = 10;
+}
+
+/// Why conntrack found a TCP segment INVALID, from the message it passes to
+/// nf_ct_l4proto_log_invalid (called whether or not logging is on).
+pub mod ct_invalid {
+    /// Sequence number beyond the receiver's window (tcp_in_window).
+    pub const SEQ_OVER: u32 = 1;
+    /// Acknowledgment of data never sent (tcp_in_window).
+    pub const ACK_OVER: u32 = 2;
+    /// A flag combination the TCP state table forbids in this state.
+    pub const STATE: u32 = 3;
+    /// A reset with an unacceptable sequence number.
+    pub const RST: u32 = 4;
+
+    /// Messages that mean INVALID; the function also reports segments it
+    /// ignores but accepts ("SEQ is under lower bound", "ignored", ...).
+    /// Before 6.1.187 / 6.12.102 the window messages come wrapped in "%pV".
+    pub const MESSAGES: [(&[u8], u32); 4] = [
+        (b"SEQ is over", SEQ_OVER),
+        (b"ACK is over", ACK_OVER),
+        (b"packet (index %d) in dir %d invalid", STATE),
+        (b"invalid rst", RST),
+    ];
+
+    /// The class of a NUL-terminated message, 0 when it is not INVALID.
+    #[inline(always)]
+    pub fn classify(msg: &[u8; 40]) -> u32 {
+        let mut class = 0;
+        for (prefix, c) in MESSAGES {
+            if starts_with(msg, prefix) {
+                class = c;
+            }
+        }
+        class
+    }
+
+    #[inline(always)]
+    fn starts_with(msg: &[u8; 40], prefix: &[u8]) -> bool {
+        let mut i = 0;
+        while i < prefix.len() && i < msg.len() {
+            if msg[i] != prefix[i] {
+                return false;
+            }
+            i += 1;
+        }
+        i == prefix.len()
+    }
+
+    /// The name userspace reports for a class.
+    pub fn name(class: u32) -> Option<&'static str> {
+        match class {
+            SEQ_OVER => Some("SEQ_OVER"),
+            ACK_OVER => Some("ACK_OVER"),
+            STATE => Some("STATE"),
+            RST => Some("RST"),
+            _ => None,
+        }
+    }
 }
 
 /// Bits of `Event::flags`.
@@ -314,8 +378,8 @@ pub struct KernelOffsets {
     pub sock_err: u32,
     /// sock.sk_protocol (u16; a bitfield, so absent, before 5.6)
     pub sock_protocol: u32,
-    /// Keeps the struct a multiple of 8 bytes without implicit padding.
-    pub _pad: u32,
+    /// nf_hook_state.net
+    pub hook_state_net: u32,
     /// task_struct.nsproxy
     pub task_nsproxy: u32,
     /// nsproxy.net_ns
@@ -362,7 +426,7 @@ impl KernelOffsets {
         sock_v6_daddr: KERNEL_ABSENT,
         sock_err: KERNEL_ABSENT,
         sock_protocol: KERNEL_ABSENT,
-        _pad: 0,
+        hook_state_net: KERNEL_ABSENT,
         task_nsproxy: KERNEL_ABSENT,
         nsproxy_net: KERNEL_ABSENT,
         ct_src_addr: KERNEL_ABSENT,
@@ -456,4 +520,52 @@ mod pod {
     unsafe impl aya::Pod for super::ListenKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_invalid::{ACK_OVER, RST, SEQ_OVER, STATE, classify};
+
+    fn msg(text: &str) -> [u8; 40] {
+        let mut buf = [0u8; 40];
+        let n = text.len().min(39);
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        buf
+    }
+
+    /// The messages of nf_conntrack_proto_tcp.c (6.1 and 6.12).
+    #[test]
+    fn only_invalid_messages_have_a_class() {
+        for (text, class) in [
+            (
+                "SEQ is over upper bound %u (over the window of the receiver)",
+                SEQ_OVER,
+            ),
+            (
+                "ACK is over upper bound %u (ACKed data not seen yet)",
+                ACK_OVER,
+            ),
+            ("packet (index %d) in dir %d invalid, state %s", STATE),
+            ("invalid rst", RST),
+            (
+                "SEQ is under lower bound %u (already ACKed data retransmitted)",
+                0,
+            ),
+            (
+                "ignored ACK under lower bound %u (possible overly delayed)",
+                0,
+            ),
+            ("%u bytes more than expected", 0),
+            ("packet (index %d) in dir %d ignored, state %s", 0),
+            (
+                "packet (index %d, dir %d) response for index %d lower timeout to %u",
+                0,
+            ),
+            ("challenge-ack ignored", 0),
+            ("%pV", 0),
+            ("", 0),
+        ] {
+            assert_eq!(classify(&msg(text)), class, "{text}");
+        }
+    }
 }

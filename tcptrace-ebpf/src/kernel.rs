@@ -207,6 +207,59 @@ pub fn tuple_from_sock(sk: u64, k: &KernelOffsets, ev: &mut Event) {
     }
 }
 
+/// A TCP segment's addresses (network order), ports and flags.
+pub struct Segment {
+    pub family: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u8,
+}
+
+const IPPROTO_TCP: u8 = 6;
+
+/// The IPv4/IPv6 and TCP headers at the skb's network header; `None` when
+/// the packet is not TCP or unreadable. IPv6 extension headers are not
+/// followed.
+#[inline(always)]
+pub fn skb_segment(skb: u64, k: &KernelOffsets) -> Option<Segment> {
+    let head = read::<u64>(skb, k.skb_head)?;
+    let nh = read::<u16>(skb, k.skb_network_header)?;
+    let ip = head + nh as u64;
+    let mut seg = Segment {
+        family: AF_INET,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        flags: 0,
+    };
+    let v4 = read::<[u8; 20]>(ip, 0)?;
+    let tcp = if v4[0] >> 4 == 4 {
+        if v4[9] != IPPROTO_TCP {
+            return None;
+        }
+        seg.saddr[..4].copy_from_slice(&v4[12..16]);
+        seg.daddr[..4].copy_from_slice(&v4[16..20]);
+        ip + ((v4[0] & 0x0f) as u64) * 4
+    } else {
+        let v6 = read::<[u8; 40]>(ip, 0)?;
+        if v6[0] >> 4 != 6 || v6[6] != IPPROTO_TCP {
+            return None;
+        }
+        seg.family = AF_INET6;
+        seg.saddr.copy_from_slice(&v6[8..24]);
+        seg.daddr.copy_from_slice(&v6[24..40]);
+        ip + 40
+    };
+    let th = read::<[u8; 14]>(tcp, 0)?;
+    seg.sport = u16::from_be_bytes([th[0], th[1]]);
+    seg.dport = u16::from_be_bytes([th[2], th[3]]);
+    seg.flags = th[13];
+    Some(seg)
+}
+
 /// Whether `state` is one of a full, synchronized TCP socket, whose
 /// timestamps and keepalive settings mean something.
 #[inline(always)]

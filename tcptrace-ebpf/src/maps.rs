@@ -46,9 +46,10 @@ pub struct ResetMark {
 #[map(name = "LAST_RESET")]
 pub static LAST_RESET: PerCpuArray<ResetMark> = PerCpuArray::with_max_entries(1, 0);
 
-/// How long after a reset its consequences are recognised (they follow
-/// within microseconds; a reused sock pointer cannot reconnect this fast).
-const RESET_CONSEQUENCE_NS: u64 = 100_000;
+/// How long after a reset its consequences are recognised: they follow
+/// within microseconds, hundreds of them on an emulated CPU. A reused sock
+/// pointer starts a new connection first, which clears the mark.
+const RESET_CONSEQUENCE_NS: u64 = 10_000_000;
 
 /// Marks `sk` as just reset (its record was submitted at `at_ns`).
 #[inline(always)]
@@ -56,6 +57,19 @@ pub fn mark_reset(sk: u64, at_ns: u64) {
     if let Some(mark) = LAST_RESET.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *mark = ResetMark { sk, at_ns } };
+    }
+}
+
+/// Forgets the reset of `sk`: the socket starts a new connection.
+#[inline(always)]
+pub fn forget_reset(sk: u64) {
+    if let Some(mark) = LAST_RESET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe {
+            if (*mark).sk == sk {
+                (*mark).sk = 0;
+            }
+        }
     }
 }
 

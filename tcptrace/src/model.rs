@@ -28,10 +28,13 @@ pub enum EventKind {
     ConnectError,
     BindError,
     SocketError,
+    /// conntrack marked a segment INVALID (`reason`: SEQ_OVER, ACK_OVER,
+    /// STATE or RST); the segment is not necessarily dropped.
+    ConntrackInvalid,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 10] = [
         EventKind::Retransmit,
         EventKind::SynackRetransmit,
         EventKind::ResetSent,
@@ -41,6 +44,7 @@ impl EventKind {
         EventKind::ConnectError,
         EventKind::BindError,
         EventKind::SocketError,
+        EventKind::ConntrackInvalid,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl EventKind {
             EventKind::ConnectError => "connect_error",
             EventKind::BindError => "bind_error",
             EventKind::SocketError => "socket_error",
+            EventKind::ConntrackInvalid => "conntrack_invalid",
         }
     }
 }

@@ -113,19 +113,26 @@ fn metrics_count_a_refused_connect_exactly() {
     let scope = format!("/{}", cg.name);
     let tracing = start(&scope);
 
-    // Nothing listens on port 81: the connect is refused. The shell moves
-    // itself into the cgroup first, so the socket's owner is in scope.
-    let status = Command::new("sh")
+    // Nothing listens on port 81: the connect is refused (111). The shell
+    // moves itself into the cgroup first (`ip netns exec` remounts /sys), so
+    // the socket's owner is in scope. bash, not sh: busybox's sh would run
+    // its own `ip` applet, which has no `netns`.
+    let out = Command::new("bash")
         .args([
             "-c",
-            r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" bash -c 'exec 3<>/dev/tcp/127.0.0.1/81' 2>/dev/null"#,
-            "sh",
+            r#"echo $$ > "$1/cgroup.procs" && exec ip netns exec "$2" python3 -c 'import socket; print(socket.socket().connect_ex(("127.0.0.1", 81)))'"#,
+            "bash",
         ])
         .arg(cg.path())
         .arg(&ns.name)
-        .status()
+        .output()
         .unwrap();
-    assert!(!status.success(), "the connect must fail");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "111",
+        "the connect must be refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let want = r#"tcptrace_verdicts_total{cause="connection_refused",pod=""} 1"#;
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -69,12 +69,16 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up if needed, then fmt, clippy, unit tests, the BPF artifact test
-    /// and the root integration tests.
+    /// Set up if needed, then fmt, clippy, unit tests, the BPF artifact test,
+    /// the root integration tests, and the direct tier on Debian's 6.1
+    /// kernel in a VM (`vm-test --kernel 6.1 --suite vm --suite capture`).
     Test {
-        /// Skip the root integration tests.
+        /// Skip the root integration tests (and the VM).
         #[arg(long)]
         no_root: bool,
+        /// Skip the VM (about 3 minutes without KVM).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Benchmarks (root): workload overhead vs bpftrace, losses, BPF program
     /// cost, pipeline and startup; writes BENCHMARKS.md and
@@ -155,7 +159,7 @@ fn run(task: Task) -> Result<()> {
             }
             Ok(())
         }
-        Task::Test { no_root } => test(no_root),
+        Task::Test { no_root, no_vm } => test(no_root, no_vm),
         Task::Bench { smoke } => bench::bench(smoke),
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Kind(k) => match k.action {
@@ -390,7 +394,7 @@ fn bpf_clippy() -> Command {
     cmd
 }
 
-fn test(no_root: bool) -> Result<()> {
+fn test(no_root: bool, no_vm: bool) -> Result<()> {
     ensure_setup()?;
     step(
         "cargo fmt --check",
@@ -442,7 +446,12 @@ fn test(no_root: bool) -> Result<()> {
             ]),
     )?;
     bench::bench(true)?;
-    static_smoke_test()
+    static_smoke_test()?;
+    if no_vm {
+        eprintln!("xtask: VM test skipped (--no-vm)");
+        return Ok(());
+    }
+    vm::vm_test(&vm::VmTestArgs::ci())
 }
 
 /// The binary shipped to nodes (`build --static`, also used by `kind` and

@@ -156,6 +156,24 @@ pub struct VmTestArgs {
     /// qemu accelerator; `auto` uses KVM when a probe boot shows it works.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: Accel,
+    /// Run only these integration-test suites (repeatable; default: all).
+    /// `tcptrace probes` and `tcptrace selftest` always run.
+    #[arg(long = "suite", value_name = "NAME")]
+    pub suites: Vec<String>,
+}
+
+impl VmTestArgs {
+    /// What `cargo xtask test` runs: the direct tier (`vm`) and the exact
+    /// records (`capture`) on Debian 12's default kernel, plus selftest.
+    pub fn ci() -> Self {
+        Self {
+            kernel: KernelChoice::V6_1,
+            timeout: 600,
+            rebuild: false,
+            accel: Accel::Auto,
+            suites: vec!["vm".into(), "capture".into()],
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -245,8 +263,16 @@ struct KernelReport {
     run: Duration,
     suites: Vec<Suite>,
     probes: Vec<Probe>,
+    selftest: Vec<SelftestCase>,
     /// Why the run could not complete (timeout, boot failure...).
     error: Option<String>,
+}
+
+/// One case of `tcptrace selftest --format json`.
+struct SelftestCase {
+    scenario: String,
+    case: String,
+    result: String,
 }
 
 struct Suite {
@@ -272,6 +298,27 @@ impl KernelReport {
                 .suites
                 .iter()
                 .all(|s| s.failed == 0 && s.exit == Some(0))
+            && !self.selftest.is_empty()
+            && self.selftest.iter().all(|c| c.result == "pass")
+    }
+
+    /// "7 of 7 pass" (or which cases did not).
+    fn selftest_summary(&self) -> String {
+        if self.selftest.is_empty() {
+            return "no selftest report".into();
+        }
+        let bad: Vec<String> = self
+            .selftest
+            .iter()
+            .filter(|c| c.result != "pass")
+            .map(|c| format!("{}/{}: {}", c.scenario, c.case, c.result))
+            .collect();
+        let n = self.selftest.len();
+        if bad.is_empty() {
+            format!("{n} of {n} cases pass")
+        } else {
+            format!("{} of {n} cases pass ({})", n - bad.len(), bad.join(", "))
+        }
     }
 
     fn result(&self) -> String {
@@ -288,7 +335,16 @@ impl KernelReport {
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     let started = Instant::now();
     ensure_qemu()?;
-    let bins = build_binaries()?;
+    let mut bins = build_binaries()?;
+    if !args.suites.is_empty() {
+        for wanted in &args.suites {
+            if !bins.tests.iter().any(|(name, _)| name == wanted) {
+                let known: Vec<&str> = bins.tests.iter().map(|(n, _)| n.as_str()).collect();
+                bail!("no test suite {wanted:?} (suites: {})", known.join(", "));
+            }
+        }
+        bins.tests.retain(|(name, _)| args.suites.contains(name));
+    }
     let vm_dir = workspace_root().join("target/vm");
     fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
     let busybox = fetch_busybox(&vm_dir)?;
@@ -320,6 +376,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
                 run: Duration::ZERO,
                 suites: Vec::new(),
                 probes: Vec::new(),
+                selftest: Vec::new(),
                 error: Some(format!("{e:#}")),
             },
         };
@@ -332,13 +389,14 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
 
     let summary = summary_table(&reports);
     let matrix = matrix_table(&reports);
-    eprintln!("\n{summary}\n{matrix}");
+    let selftest = selftest_table(&reports);
+    eprintln!("\n{summary}\n{selftest}\n{matrix}");
     if args.kernel == KernelChoice::All {
         let doc = workspace_root().join(DOC);
         if let Some(dir) = doc.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        fs::write(&doc, render_doc(&summary, &matrix))
+        fs::write(&doc, render_doc(&summary, &selftest, &matrix))
             .with_context(|| format!("writing {}", doc.display()))?;
         eprintln!("xtask: wrote {DOC}");
     }
@@ -964,11 +1022,15 @@ done
 echo "@@vm probes-begin"
 tcptrace probes --format json
 echo "@@vm probes-end $?"
-export TCPTRACE_BIN=/usr/local/bin/tcptrace RUST_BACKTRACE=1
+echo "@@vm selftest-begin"
+tcptrace selftest --format json 2>/dev/null
+echo "@@vm selftest-end $?"
+# TCPTRACE_VM lets the tests that change global settings run (vm.rs).
+export TCPTRACE_BIN=/usr/local/bin/tcptrace RUST_BACKTRACE=1 TCPTRACE_VM=1
 cd /tmp
 for t in $(cat /etc/tests.list); do
   echo "@@vm suite-begin $t"
-  /t/$t --test-threads=1 2>&1
+  /t/$t --test-threads=1 --include-ignored 2>&1
   echo "@@vm suite-end $t $?"
 done
 echo "@@vm oops $(dmesg | grep -c -E 'BUG:|Oops|WARNING:|Call Trace')"
@@ -1330,9 +1392,11 @@ fn parse_console(console: &str) -> KernelReport {
         run: Duration::ZERO,
         suites: Vec::new(),
         probes: Vec::new(),
+        selftest: Vec::new(),
         error: None,
     };
     let mut probes_json: Option<String> = None;
+    let mut in_selftest = false;
     let mut current: Option<Suite> = None;
     for line in console.lines() {
         if let Some(json) = probes_json.as_mut() {
@@ -1348,6 +1412,8 @@ fn parse_console(console: &str) -> KernelReport {
         if let Some(rest) = line.strip_prefix(MARK) {
             let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
             match word {
+                "selftest-begin" => in_selftest = true,
+                "selftest-end" => in_selftest = false,
                 "release" => report.release = arg.to_string(),
                 "accel" => report.accel = arg.to_string(),
                 "probes-begin" => probes_json = Some(String::new()),
@@ -1369,6 +1435,8 @@ fn parse_console(console: &str) -> KernelReport {
                 }
                 _ => {}
             }
+        } else if in_selftest {
+            report.selftest.extend(parse_selftest_line(line));
         } else if let Some(s) = current.as_mut() {
             parse_test_line(s, line);
         }
@@ -1377,6 +1445,17 @@ fn parse_console(console: &str) -> KernelReport {
         report.suites.push(s);
     }
     report
+}
+
+/// A `tcptrace selftest --format json` line; other console lines are not.
+fn parse_selftest_line(line: &str) -> Option<SelftestCase> {
+    let v: Value = serde_json::from_str(line.trim()).ok()?;
+    let text = |k: &str| v[k].as_str().map(str::to_string);
+    Some(SelftestCase {
+        scenario: text("scenario")?,
+        case: text("case")?,
+        result: text("result")?,
+    })
 }
 
 /// libtest lines: "test name ... FAILED" and "test result: ok. 3 passed; ...".
@@ -1456,6 +1535,14 @@ fn run_host(bins: &Binaries, timeout: u64) -> Result<KernelReport> {
         false,
     )?;
     console.push_str(&format!("{MARK}probes-begin\n{probes}{MARK}probes-end\n"));
+    let (_, selftest) = run_bounded(
+        Command::new(&bins.tcptrace).args(["selftest", "--format", "json"]),
+        Duration::from_secs(timeout),
+        false,
+    )?;
+    console.push_str(&format!(
+        "{MARK}selftest-begin\n{selftest}{MARK}selftest-end\n"
+    ));
     for (name, exe) in &bins.tests {
         let (code, out) = run_bounded(
             Command::new(exe)
@@ -1491,8 +1578,8 @@ fn summary_table(reports: &[KernelReport]) -> String {
     for s in &suites {
         t.push_str(&format!(" {s} |"));
     }
-    t.push_str(" result |\n|---|---|---|---|---|---|");
-    t.push_str(&"---|".repeat(suites.len() + 1));
+    t.push_str(" selftest | result |\n|---|---|---|---|---|---|");
+    t.push_str(&"---|".repeat(suites.len() + 2));
     t.push('\n');
     for r in reports {
         t.push_str(&format!(
@@ -1522,25 +1609,27 @@ fn summary_table(reports: &[KernelReport]) -> String {
             };
             t.push_str(&format!(" {cell} |"));
         }
-        t.push_str(&format!(" {} |\n", r.result()));
+        t.push_str(&format!(" {} | {} |\n", r.selftest_summary(), r.result()));
     }
     t
 }
 
 fn matrix_table(reports: &[KernelReport]) -> String {
-    let mut t =
-        String::from("| kernel | hook | tier | state | test suite |\n|---|---|---|---|---|\n");
+    let mut t = String::from(
+        "| kernel | hook | tier | state | selftest | tests |\n|---|---|---|---|---|---|\n",
+    );
     for r in reports {
         let result = if r.ok() { "pass" } else { "FAIL" };
+        let selftest = r.selftest_summary();
         if r.probes.is_empty() {
             t.push_str(&format!(
-                "| {} | (no probe report) | - | - | {result} |\n",
+                "| {} | (no probe report) | - | - | {selftest} | {result} |\n",
                 r.release
             ));
         }
         for p in &r.probes {
             t.push_str(&format!(
-                "| {} | {} | {} | {} | {result} |\n",
+                "| {} | {} | {} | {} | {selftest} | {result} |\n",
                 r.release, p.hook, p.tier, p.state
             ));
         }
@@ -1548,7 +1637,37 @@ fn matrix_table(reports: &[KernelReport]) -> String {
     t
 }
 
-fn render_doc(summary: &str, matrix: &str) -> String {
+/// Every selftest case on every kernel.
+fn selftest_table(reports: &[KernelReport]) -> String {
+    let mut t = String::from("| scenario | case |");
+    for r in reports {
+        t.push_str(&format!(" {} |", r.label));
+    }
+    t.push_str("\n|---|---|");
+    t.push_str(&"---|".repeat(reports.len()));
+    t.push('\n');
+    let mut cases: Vec<(&str, &str)> = Vec::new();
+    for c in reports.iter().flat_map(|r| &r.selftest) {
+        if !cases.contains(&(c.scenario.as_str(), c.case.as_str())) {
+            cases.push((&c.scenario, &c.case));
+        }
+    }
+    for (scenario, case) in cases {
+        t.push_str(&format!("| {scenario} | {case} |"));
+        for r in reports {
+            let got = r
+                .selftest
+                .iter()
+                .find(|c| c.scenario == scenario && c.case == case)
+                .map_or("-", |c| c.result.as_str());
+            t.push_str(&format!(" {got} |"));
+        }
+        t.push('\n');
+    }
+    t
+}
+
+fn render_doc(summary: &str, selftest: &str, matrix: &str) -> String {
     let date = output_of("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let commit = output_of(
         "git",
@@ -1576,9 +1695,12 @@ fn render_doc(summary: &str, matrix: &str) -> String {
          Generated by `cargo xtask vm-test --kernel all` on {} from commit {}{}; do not edit by hand.\n\n\
          Each Debian kernel boots in qemu (no network device, loopback only) from a\n\
          minimal initramfs and runs the same tcptrace and integration-test binaries\n\
-         (`--test-threads=1`); the host row runs them on the build machine's kernel.\n\
+         (`--test-threads=1`, in the VMs with `--include-ignored`: the `vm` suite\n\
+         proves the direct tier and changes global settings, so it runs only there)\n\
+         and `tcptrace selftest`; the host row runs them on the build machine's kernel.\n\
          `prepare` is download + image build (cached after the first run).\n\n\
          ## Test suites\n\n{summary}\n\
+         ## Selftest (`tcptrace selftest --format json`)\n\n{selftest}\n\
          ## Hooks (`tcptrace probes --format json`)\n\n{matrix}",
         date.trim(),
         commit.trim(),
@@ -1615,13 +1737,19 @@ mod tests {
 
     #[test]
     fn console_markers_are_parsed() {
-        let console = "noise\n@@vm release 6.1.0-56-cloud-amd64\n@@vm probes-begin\n[{\"hook\":\"h\",\"tier\":\"kprobe\",\"status\":\"unavailable\",\"reason\":\"no\"}]\n@@vm probes-end 0\n@@vm suite-begin capture\ntest result: ok. 7 passed; 0 failed; 0 ignored\n@@vm suite-end capture 0\n@@vm done\n";
+        let console = "noise\n@@vm release 6.1.0-56-cloud-amd64\n@@vm probes-begin\n[{\"hook\":\"h\",\"tier\":\"kprobe\",\"status\":\"unavailable\",\"reason\":\"no\"}]\n@@vm probes-end 0\n@@vm selftest-begin\n{\"scenario\":\"syn_timeout\",\"case\":\"dropped\",\"expected\":\"syn_timeout\",\"got\":\"syn_timeout\",\"result\":\"pass\",\"seconds\":1.8}\nnot json\n{\"scenario\":\"syn_timeout\",\"case\":\"control\",\"result\":\"FAIL\"}\n@@vm selftest-end 1\n@@vm suite-begin capture\ntest result: ok. 7 passed; 0 failed; 0 ignored\n@@vm suite-end capture 0\n@@vm done\n";
         let r = parse_console(console);
         assert_eq!(r.release, "6.1.0-56-cloud-amd64");
         assert_eq!(r.probes.len(), 1);
         assert_eq!(r.probes[0].state, "unavailable: no");
         assert_eq!(r.suites[0].passed, 7);
         assert_eq!(r.suites[0].exit, Some(0));
+        assert_eq!(r.selftest.len(), 2);
+        assert_eq!(
+            r.selftest_summary(),
+            "1 of 2 cases pass (syn_timeout/control: FAIL)"
+        );
+        assert!(!r.ok(), "a failed selftest case fails the kernel");
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! Direct tier, where the kernel allows fexit or kprobes: inet_hash_connect's
 //! result names EADDRNOTAVAIL exactly instead of inferring it from a state
 //! change; __nf_conntrack_alloc's failure names a full conntrack table
-//! instead of a generic netfilter drop.
+//! instead of a generic netfilter drop; nf_ct_l4proto_log_invalid names the
+//! segment conntrack marked INVALID instead of a counter rising.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes},
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use tcptrace_common::{AF_INET6, CtAllocArgs, Event, flag, hook, kind};
+use tcptrace_common::{AF_INET6, CtAllocArgs, Event, ct_invalid, flag, hook, kind};
 
 use crate::{
     kernel,
@@ -147,4 +148,64 @@ fn report_ct_alloc(hook: u32, net: u64, orig: u64, ret: u64) {
     ev.netns = kernel::net_inum(net, k);
     ev.flags |= flag::CT_ALLOC_FAILED;
     kernel::submit(hook, entry);
+}
+
+/// void nf_ct_l4proto_log_invalid(const struct sk_buff *skb,
+///     const struct nf_conn *ct, const struct nf_hook_state *state,
+///     const char *fmt, ...)
+/// conntrack calls it for the TCP segments it judges INVALID (and for some
+/// it ignores but accepts), before checking whether logging is on; the
+/// message says which.
+#[kprobe(function = "nf_ct_l4proto_log_invalid")]
+pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
+    let (Some(skb), Some(state), Some(fmt)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(2), ctx.arg::<u64>(3))
+    else {
+        return 0;
+    };
+    let mut msg = [0u8; 40];
+    // SAFETY: a NUL-bounded read into our buffer; faults fail cleanly.
+    if unsafe { bpf_probe_read_kernel_str_bytes(fmt as *const u8, &mut msg) }.is_err() {
+        return 0;
+    }
+    // Before 6.1.187 / 6.12.102 the window messages arrive as "%pV" with a
+    // struct va_format { const char *fmt; va_list *va; } as the argument.
+    if msg[0] == b'%' && msg[1] == b'p' && msg[2] == b'V' {
+        let Some(inner) = ctx
+            .arg::<u64>(4)
+            .and_then(|vaf| kernel::read::<u64>(vaf, 0))
+        else {
+            return 0;
+        };
+        msg = [0u8; 40];
+        // SAFETY: as above.
+        if unsafe { bpf_probe_read_kernel_str_bytes(inner as *const u8, &mut msg) }.is_err() {
+            return 0;
+        }
+    }
+    let class = ct_invalid::classify(&msg);
+    if class == 0 {
+        return 0;
+    }
+    let k = &config().kernel;
+    let Some(seg) = kernel::skb_segment(skb, k) else {
+        return 0;
+    };
+    let Some(mut entry) = kernel::reserve(hook::CT_INVALID_KPROBE, kind::CONNTRACK_INVALID) else {
+        return 0;
+    };
+    // SAFETY: reserve() initialised the entry.
+    let ev: &mut Event = unsafe { entry.assume_init_mut() };
+    ev.family = seg.family;
+    ev.saddr = seg.saddr;
+    ev.daddr = seg.daddr;
+    ev.sport = seg.sport;
+    ev.dport = seg.dport;
+    ev.tcp_flags = seg.flags;
+    ev.flags |= flag::TCP_FLAGS_KNOWN;
+    ev.reason = class;
+    let net = kernel::read::<u64>(state, k.hook_state_net).unwrap_or(0);
+    ev.netns = kernel::net_inum(net, k);
+    kernel::submit(hook::CT_INVALID_KPROBE, entry);
+    0
 }

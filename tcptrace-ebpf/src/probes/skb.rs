@@ -1,16 +1,15 @@
 //! skb:kfree_skb: packets dropped for a reason worth reporting (netfilter,
 //! TCP), TCP over IPv4/IPv6 only.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tcptrace_common::{AF_INET, AF_INET6, Event, flag, hook, kind};
+use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
-    kernel::{self, field, read},
+    kernel::{self, Segment, field, read},
     maps::config,
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
 const TCP_RST: u8 = 0x04;
 
 #[tracepoint(category = "skb", name = "kfree_skb")]
@@ -35,50 +34,14 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     let skb: u64 = field(&ctx, tp.skbaddr).unwrap_or(0);
     let k = &cfg.kernel;
-    let Some(head) = read::<u64>(skb, k.skb_head) else {
+    let Some(seg) = kernel::skb_segment(skb, k) else {
         return 0;
     };
-    let Some(nh) = read::<u16>(skb, k.skb_network_header) else {
-        return 0;
-    };
-    let ip = head + nh as u64;
-    let mut saddr = [0u8; 16];
-    let mut daddr = [0u8; 16];
-    let tcp = if protocol == ETH_P_IP {
-        let Some(hdr) = read::<[u8; 20]>(ip, 0) else {
-            return 0;
-        };
-        if hdr[9] != IPPROTO_TCP {
-            return 0;
-        }
-        saddr[..4].copy_from_slice(&hdr[12..16]);
-        daddr[..4].copy_from_slice(&hdr[16..20]);
-        ip + ((hdr[0] & 0x0f) as u64) * 4
-    } else {
-        let Some(hdr) = read::<[u8; 40]>(ip, 0) else {
-            return 0;
-        };
-        // Extension headers are not followed.
-        if hdr[6] != IPPROTO_TCP {
-            return 0;
-        }
-        saddr.copy_from_slice(&hdr[8..24]);
-        daddr.copy_from_slice(&hdr[24..40]);
-        ip + 40
-    };
-    let Some(th) = read::<[u8; 14]>(tcp, 0) else {
-        return 0;
-    };
-
-    let (sport, dport) = (
-        u16::from_be_bytes([th[0], th[1]]),
-        u16::from_be_bytes([th[2], th[3]]),
-    );
     if reset {
         // The kernel answers a segment without a socket with a reset, unless
         // the segment is a reset itself.
-        if th[13] & TCP_RST == 0 {
-            report_reset(skb, saddr, daddr, sport, dport, protocol);
+        if seg.flags & TCP_RST == 0 {
+            report_reset(skb, &seg);
         }
         return 0;
     }
@@ -87,16 +50,12 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    ev.family = if protocol == ETH_P_IP {
-        AF_INET
-    } else {
-        AF_INET6
-    };
-    ev.saddr = saddr;
-    ev.daddr = daddr;
-    ev.sport = sport;
-    ev.dport = dport;
-    ev.tcp_flags = th[13];
+    ev.family = seg.family;
+    ev.saddr = seg.saddr;
+    ev.daddr = seg.daddr;
+    ev.sport = seg.sport;
+    ev.dport = seg.dport;
+    ev.tcp_flags = seg.flags;
     ev.flags |= flag::TCP_FLAGS_KNOWN;
     ev.reason = reason;
     ev.location = field(&ctx, tp.extra3).unwrap_or(0);
@@ -121,22 +80,18 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
 /// The reset answering a segment that found no socket, as tcp_send_reset
 /// reports it on newer kernels: from the local end to the sender.
 #[inline(always)]
-fn report_reset(skb: u64, saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, protocol: u16) {
+fn report_reset(skb: u64, seg: &Segment) {
     let k = &config().kernel;
     let Some(mut entry) = kernel::reserve(hook::KFREE_SKB, kind::RESET_SENT) else {
         return;
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    ev.family = if protocol == ETH_P_IP {
-        AF_INET
-    } else {
-        AF_INET6
-    };
-    ev.saddr = daddr;
-    ev.daddr = saddr;
-    ev.sport = dport;
-    ev.dport = sport;
+    ev.family = seg.family;
+    ev.saddr = seg.daddr;
+    ev.daddr = seg.saddr;
+    ev.sport = seg.dport;
+    ev.dport = seg.sport;
     ev.flags |= flag::RESET_FROM_DROP;
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);

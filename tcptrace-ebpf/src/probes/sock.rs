@@ -5,7 +5,7 @@ use tcptrace_common::{Event, ListenKey, direct, hook, kind};
 
 use crate::{
     kernel,
-    maps::{LISTENERS, OWNERS, config, direct_live, follows_reset},
+    maps::{LISTENERS, OWNERS, config, direct_live, follows_reset, forget_reset},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -31,6 +31,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
 
     // connect() and listen() run in the owner's process context.
     if new == states.syn_sent || new == states.listen {
+        forget_reset(sk);
         let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
         let owner = kernel::current_owner(netns);
         let _ = OWNERS.insert(sk, owner, 0);
@@ -118,8 +119,12 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     // Reports without a pending error (e.g. from tcp_disconnect) carry no news.
     let err = kernel::read::<i32>(sk, k.sock_err).unwrap_or(0);
+    if err == 0 {
+        return 0;
+    }
     // The error a received reset raises is implied by its record.
-    if err == 0 || follows_reset(sk) {
+    if follows_reset(sk) {
+        forget_reset(sk);
         return 0;
     }
     let Some(mut entry) = kernel::reserve(hook::ERROR_REPORT, kind::SOCKET_ERROR) else {

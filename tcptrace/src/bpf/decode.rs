@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, flag, kind};
+use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, ct_invalid, flag, kind};
 use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
@@ -184,6 +184,7 @@ impl Decoder {
             kind::CONNECT_ERROR => EventKind::ConnectError,
             kind::BIND_ERROR => EventKind::BindError,
             kind::SOCKET_ERROR => EventKind::SocketError,
+            kind::CONNTRACK_INVALID => EventKind::ConntrackInvalid,
             other => return Err(DecodeError::Kind(other)),
         };
         let (src, dst) = match raw.family {
@@ -204,7 +205,10 @@ impl Decoder {
         if raw.sk != 0 {
             ev.sock = Some(format!("{:#x}", raw.sk));
         }
-        let has_state = !matches!(kind, EventKind::Drop | EventKind::BindError);
+        let has_state = !matches!(
+            kind,
+            EventKind::Drop | EventKind::BindError | EventKind::ConntrackInvalid
+        );
         if has_state && raw.state != 0 {
             ev.state = Some(self.state(raw.state));
         }
@@ -229,6 +233,13 @@ impl Decoder {
                 );
                 let sym = self.symbolizer.get_or_insert_with(Symbolizer::load);
                 ev.location = Some(sym.name(raw.location));
+            }
+            EventKind::ConntrackInvalid => {
+                ev.reason = Some(
+                    ct_invalid::name(raw.reason)
+                        .map_or_else(|| format!("CLASS_{}", raw.reason), str::to_string),
+                );
+                ev.location = Some("nf_ct_l4proto_log_invalid".into());
             }
             EventKind::ResetSent if raw.flags & flag::RESET_FROM_DROP != 0 => {
                 ev.reason = Some("NO_SOCKET".into());
@@ -419,6 +430,27 @@ mod tests {
         assert_eq!(ev.reason.as_deref(), Some("CONNTRACK_TABLE_FULL"));
         assert_eq!(ev.location.as_deref(), Some("__nf_conntrack_alloc"));
         assert_eq!(ev.errno.as_deref(), Some("ENOMEM"));
+    }
+
+    #[test]
+    fn names_a_segment_conntrack_marked_invalid() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH);
+        let mut r = raw();
+        r.kind = kind::CONNTRACK_INVALID;
+        r.flags = flag::TCP_FLAGS_KNOWN;
+        r.tcp_flags = 0x18;
+        r.reason = ct_invalid::SEQ_OVER;
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(ev.kind, EventKind::ConntrackInvalid);
+        assert_eq!(ev.reason.as_deref(), Some("SEQ_OVER"));
+        assert_eq!(ev.location.as_deref(), Some("nf_ct_l4proto_log_invalid"));
+        assert_eq!(ev.tcp_flags.as_deref(), Some("PSH|ACK"));
+        assert_eq!(ev.state, None);
+        r.reason = 77;
+        assert_eq!(
+            d.decode(&bytes(&r)).unwrap().reason.as_deref(),
+            Some("CLASS_77")
+        );
     }
 
     #[test]

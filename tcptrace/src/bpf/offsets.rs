@@ -277,7 +277,7 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_v6_daddr: sock(&["__sk_common", "skc_v6_daddr"]),
         sock_err: sock(&["sk_err"]),
         sock_protocol: sock(&["sk_protocol"]),
-        _pad: 0,
+        hook_state_net: opt(btf.offset("nf_hook_state", &["net"])),
         task_nsproxy: opt(btf.offset("task_struct", &["nsproxy"])),
         nsproxy_net: opt(btf.offset("nsproxy", &["net_ns"])),
         ct_src_addr: opt(btf.offset("nf_conntrack_tuple", &["src", "u3"])),

@@ -166,23 +166,38 @@ pub(super) fn idle_timeout(
     }
 }
 
+/// What says conntrack found a connection's segment INVALID.
+#[derive(Clone, Debug, Default)]
+pub(super) struct InvalidEvidence {
+    /// The node's `invalid` counter delta near the reset.
+    pub delta: Option<u64>,
+    /// The direct hook's record of the segment: (class, netns).
+    pub marked: Option<(String, u32)>,
+}
+
+impl InvalidEvidence {
+    pub fn known(&self) -> bool {
+        self.delta.is_some() || self.marked.is_some()
+    }
+}
+
 pub(super) fn conntrack_invalid(
     rr: &Event,
     sent: Option<&Event>,
-    invalid: Option<u64>,
+    invalid: &InvalidEvidence,
     facts: &NodeFacts,
 ) -> Candidate {
     let node_ct = facts
         .node_netns
         .and_then(|ns| facts.netns.get(&ns))
         .and_then(|f| f.ct.as_ref());
-    let confidence = if sent.is_some() && invalid.is_some() {
+    let confidence = if sent.is_some() && invalid.known() {
         Confidence::Certain
     } else {
         Confidence::Likely
     };
     let mut evidence = obj(json!({
-        "invalid_delta": invalid,
+        "invalid_delta": invalid.delta,
         "be_liberal": node_ct.map(|c| c.be_liberal),
         "invalid_drop_rule": node_ct.map(|c| c.invalid_drop_rule),
         "reset_pair": sent.is_some(),
@@ -194,16 +209,25 @@ pub(super) fn conntrack_invalid(
             json!(format!("{} (netns {})", s.src, s.netns)),
         );
     }
-    let why = match (sent, invalid) {
-        (Some(s), Some(n)) => format!(
-            "{} answered a segment that escaped reverse NAT with a reset, and node conntrack counted {n} invalid packets",
-            s.src
-        ),
-        (Some(s), None) => format!(
+    if let Some((class, netns)) = &invalid.marked {
+        evidence.insert("invalid_class".into(), json!(class));
+        evidence.insert("invalid_netns".into(), json!(netns));
+    }
+    let counted = match (&invalid.marked, invalid.delta) {
+        (Some((class, _)), _) => format!("conntrack marked its segment INVALID ({class})"),
+        (None, Some(n)) => format!("node conntrack counted {n} invalid packets"),
+        (None, None) => String::new(),
+    };
+    let why = match sent {
+        Some(s) if counted.is_empty() => format!(
             "{} answered a segment that escaped reverse NAT with a reset",
             s.src
         ),
-        (None, n) => format!("node conntrack counted {} invalid packets", n.unwrap_or(0)),
+        Some(s) => format!(
+            "{} answered a segment that escaped reverse NAT with a reset, and {counted}",
+            s.src
+        ),
+        None => counted,
     };
     Candidate {
         v: verdict(

@@ -13,8 +13,8 @@ use serde_json::json;
 use super::{
     Cause, Confidence, Verdict,
     causes::{
-        Candidate, CtTrend, bind_conflict, conntrack_invalid, idle_cause, idle_timeout,
-        nodeport_collision, obj, port_exhaustion, table_full, verdict, who,
+        Candidate, CtTrend, InvalidEvidence, bind_conflict, conntrack_invalid, idle_cause,
+        idle_timeout, nodeport_collision, obj, port_exhaustion, table_full, verdict, who,
     },
     facts::{ConntrackFacts, ConntrackStats, NodeFacts},
 };
@@ -70,6 +70,8 @@ pub struct Diagnoser {
     /// conntrack_invalid verdicts from a reset pair, waiting for the invalid
     /// counter to confirm them.
     pairs_awaiting_counter: VecDeque<(Event, Event)>,
+    /// Segments the direct hook saw conntrack mark INVALID.
+    invalid_marks: VecDeque<Event>,
     /// SYNs dropped by a full conntrack table: (the drop, its verdict).
     full_table_drops: VecDeque<(Event, Verdict)>,
     prev_ct: HashMap<u32, ConntrackStats>,
@@ -264,6 +266,7 @@ impl Diagnoser {
             EventKind::SocketError if errno == "ECONNREFUSED" => self.refused(&key, ev, "errno"),
             EventKind::SocketError if errno == "ETIMEDOUT" => self.timed_out(&key, ev, facts),
             EventKind::Drop => self.netfilter_drop(ev, facts),
+            EventKind::ConntrackInvalid => self.invalid_marked(ev, facts),
             EventKind::ConnectError if errno == "EADDRNOTAVAIL" => {
                 vec![port_exhaustion(ev, facts, Confidence::Certain)]
             }
@@ -546,20 +549,20 @@ impl Diagnoser {
             .rev()
             .find(|s| same_conn(s, ev))
             .cloned();
-        let invalid = self.invalid_rise(facts, ev.time);
-        let c = match (pair, invalid) {
-            (Some(sent), _) => {
-                if invalid.is_none() {
+        let invalid = self.invalid_evidence(facts, ev);
+        let c = match pair {
+            Some(sent) => {
+                if !invalid.known() {
                     push_bounded(&mut self.pairs_awaiting_counter, (ev.clone(), sent.clone()));
                 }
-                conntrack_invalid(ev, Some(&sent), invalid, facts)
+                conntrack_invalid(ev, Some(&sent), &invalid, facts)
             }
-            (None, _) => {
+            None => {
                 push_bounded(&mut self.resets_awaiting_pair, ev.clone());
-                if invalid.is_none() {
+                if !invalid.known() {
                     return vec![];
                 }
-                conntrack_invalid(ev, None, invalid, facts)
+                conntrack_invalid(ev, None, &invalid, facts)
             }
         };
         self.conclude(key, &c);
@@ -581,8 +584,8 @@ impl Diagnoser {
         let Some(received) = self.resets_awaiting_pair.remove(i) else {
             return vec![];
         };
-        let invalid = self.invalid_rise(facts, ev.time);
-        if invalid.is_none() {
+        let invalid = self.invalid_evidence(facts, &received);
+        if !invalid.known() {
             push_bounded(
                 &mut self.pairs_awaiting_counter,
                 (received.clone(), ev.clone()),
@@ -591,9 +594,46 @@ impl Diagnoser {
         let key = SockKey::of(&received);
         // Already reported on the counter alone: this confirms it.
         let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
-        let mut c = conntrack_invalid(&received, Some(ev), invalid, facts);
+        let mut c = conntrack_invalid(&received, Some(ev), &invalid, facts);
         c.occurrence = !known;
         self.conclude(&key, &c);
+        vec![c]
+    }
+
+    /// The node's invalid counter near the reset `rr`, and the direct
+    /// hook's record of its connection's INVALID segment.
+    fn invalid_evidence(&self, facts: &NodeFacts, rr: &Event) -> InvalidEvidence {
+        let window = self.cfg.correlation_window;
+        InvalidEvidence {
+            delta: self.invalid_rise(facts, rr.time),
+            marked: self
+                .invalid_marks
+                .iter()
+                .rev()
+                .find(|m| same_conn(m, rr) && within(m.time, rr.time, window))
+                .map(|m| (m.reason.clone().unwrap_or_default(), m.netns)),
+        }
+    }
+
+    /// A segment marked INVALID: remembered for the reset it may cause, and
+    /// confirms a reset pair already waiting for the counter.
+    fn invalid_marked(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+        let window = self.cfg.correlation_window;
+        prune(&mut self.invalid_marks, ev.time, window);
+        push_bounded(&mut self.invalid_marks, ev.clone());
+        let Some(i) = self
+            .pairs_awaiting_counter
+            .iter()
+            .position(|(rr, _)| same_conn(rr, ev) && within(rr.time, ev.time, window))
+        else {
+            return vec![];
+        };
+        let Some((rr, sent)) = self.pairs_awaiting_counter.remove(i) else {
+            return vec![];
+        };
+        let invalid = self.invalid_evidence(facts, &rr);
+        let mut c = conntrack_invalid(&rr, Some(&sent), &invalid, facts);
+        c.occurrence = false;
         vec![c]
     }
 
@@ -682,7 +722,9 @@ impl Diagnoser {
         if let Some(delta) = self.invalid_rise(facts, now) {
             for (rr, sent) in std::mem::take(&mut self.pairs_awaiting_counter) {
                 if within(rr.time, now, window) {
-                    let mut c = conntrack_invalid(&rr, Some(&sent), Some(delta), facts);
+                    let mut invalid = self.invalid_evidence(facts, &rr);
+                    invalid.delta = Some(delta);
+                    let mut c = conntrack_invalid(&rr, Some(&sent), &invalid, facts);
                     c.occurrence = false;
                     out.push(c);
                 }
@@ -692,7 +734,9 @@ impl Diagnoser {
                 let key = SockKey::of(&rr);
                 let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
                 if !known && within(rr.time, now, window) {
-                    let c = conntrack_invalid(&rr, None, Some(delta), facts);
+                    let mut invalid = self.invalid_evidence(facts, &rr);
+                    invalid.delta = Some(delta);
+                    let c = conntrack_invalid(&rr, None, &invalid, facts);
                     self.conclude(&key, &c);
                     out.push(c);
                 }
@@ -781,6 +825,7 @@ impl Diagnoser {
         let window = self.cfg.correlation_window;
         prune(&mut self.resets_sent, now, window);
         prune(&mut self.resets_awaiting_pair, now, window);
+        prune(&mut self.invalid_marks, now, window);
         self.pairs_awaiting_counter
             .retain(|(rr, _)| within(rr.time, now, window));
         self.full_table_drops

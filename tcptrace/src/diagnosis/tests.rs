@@ -397,6 +397,63 @@ fn conntrack_invalid_reset_reported_before_its_cause() {
     );
 }
 
+/// The direct hook saw conntrack mark the escaped segment INVALID (server
+/// to client, in the node's namespace): the pair is certain at once, with
+/// no counter.
+fn marked(ms: u64) -> Step {
+    Ev(ev(ms, EventKind::ConntrackInvalid, NODE, B, P)
+        .reason("SEQ_OVER")
+        .flags("PSH|ACK"))
+}
+
+#[test]
+fn conntrack_invalid_certain_at_once_when_the_segment_was_marked() {
+    let mut steps = vec![Tick(0), marked(999)];
+    steps.extend(invalid_pair(false));
+    steps.push(Tick(12_000));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Certain, 1)]);
+    let e = &v[0].evidence;
+    assert_eq!(e["invalid_class"], json!("SEQ_OVER"));
+    assert_eq!(e["invalid_netns"], json!(NODE));
+    assert_eq!(e["invalid_delta"], json!(null));
+    assert!(
+        v[0].summary
+            .ends_with("and conntrack marked its segment INVALID (SEQ_OVER)"),
+        "{}",
+        v[0].summary
+    );
+
+    // Reported after the pair: it confirms the same occurrence.
+    let mut steps = vec![Tick(0)];
+    steps.extend(invalid_pair(false));
+    steps.extend([marked(1_002), Tick(12_000)]);
+    let v = run(facts(), steps);
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ConntrackInvalid, Likely, 1),
+            (ConntrackInvalid, Certain, 1)
+        ]
+    );
+
+    // A mark on another connection explains nothing.
+    let mut steps = vec![
+        Tick(0),
+        Ev(ev(
+            999,
+            EventKind::ConntrackInvalid,
+            NODE,
+            B,
+            "10.244.1.5:40001",
+        )
+        .reason("SEQ_OVER")),
+    ];
+    steps.extend(invalid_pair(false));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Likely, 1)]);
+}
+
 #[test]
 fn conntrack_invalid_counter_and_unpaired_reset_is_likely() {
     let steps = vec![
