@@ -337,23 +337,20 @@ fn selftest_interrupted_leaves_nothing_behind() {
         .spawn()
         .expect("starting tcptrace selftest");
     let pid = child.id();
-    // Halfway: labs exist, with pods, rules and connections.
+    // Halfway: a lab exists with its pods' processes running (a slow
+    // machine takes seconds to get there).
     let start = Instant::now();
-    let mut saw_lab = false;
-    while start.elapsed() < Duration::from_secs(20) {
-        if !lab::leftovers(pid).is_empty() {
-            saw_lab = true;
-            if start.elapsed() > Duration::from_secs(6) {
-                break;
-            }
+    let mut busy = false;
+    while start.elapsed() < Duration::from_secs(60) {
+        busy = start.elapsed() > Duration::from_secs(6)
+            && !lab::leftovers(pid).is_empty()
+            && !lab_processes(pid).is_empty();
+        if busy {
+            break;
         }
         thread::sleep(Duration::from_millis(100));
     }
-    assert!(saw_lab, "the selftest never built a lab");
-    assert!(
-        !lab_processes(pid).is_empty()
-            || lab::leftovers(pid).iter().all(|l| !l.starts_with("cgroup"))
-    );
+    assert!(busy, "the selftest never ran a lab with processes");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
