@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::{
     storm::{Outcome, Storm},
-    sys::{Netns, Spawn, Traced},
+    sys::{Spawn, Traced, bench_netns},
 };
 
 #[derive(Parser)]
@@ -366,8 +366,13 @@ fn storm_count(plan: &Plan, s: Storm) -> u64 {
     }
 }
 
-fn one_storm(ctx: &Ctx, s: Storm, count: u64, tag: &str) -> Result<(Outcome, Netns)> {
-    let ns = Netns::new(tag)?;
+fn one_storm(
+    ctx: &Ctx,
+    s: Storm,
+    count: u64,
+    tag: &str,
+) -> Result<(Outcome, tcptrace::netns::Netns)> {
+    let ns = bench_netns(tag)?;
     let out = storm::run(&ns, s, count, ctx.plan.clients, ctx.plan.limit, &STOP)?;
     check_stop()?;
     Ok((out, ns))

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
 
-use crate::sys::Netns;
+use tcptrace::netns::Netns;
 
 /// Port of the accept storm's listener; nothing listens on the refused
 /// storm's port.
@@ -56,15 +56,6 @@ impl Outcome {
     }
 }
 
-/// Runs `f` on a thread inside the namespace.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let file = File::open(ns.path()).with_context(|| format!("opening {}", ns.name))?;
-    thread::spawn(move || setns(file, CloneFlags::CLONE_NEWNET).map(|()| f()))
-        .join()
-        .map_err(|_| anyhow!("namespace thread panicked"))?
-        .context("entering the namespace")
-}
-
 /// `count` connections from `clients` threads, at most `limit` long;
 /// `stop` (Ctrl-C) ends it early.
 pub fn run(
@@ -78,7 +69,7 @@ pub fn run(
     let addr = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = match storm {
         Storm::Accept => Some(
-            in_netns(ns, move || TcpListener::bind(addr(LISTEN_PORT)))?
+            ns.run("bench-listen", move || TcpListener::bind(addr(LISTEN_PORT)))?
                 .context("listening in the namespace")?,
         ),
         Storm::Refused => None,
@@ -164,7 +155,7 @@ pub fn run(
     // Wake each acceptor with one last connection.
     done.store(true, Ordering::Relaxed);
     for _ in 0..acceptors.len() {
-        let _ = in_netns(ns, move || TcpStream::connect(addr(LISTEN_PORT)));
+        let _ = ns.run("bench-wake", move || TcpStream::connect(addr(LISTEN_PORT)));
     }
     for a in acceptors {
         let _ = a.join();

@@ -4,8 +4,8 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader, Read as _},
-    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
-    path::{Path, PathBuf},
+    os::unix::process::CommandExt as _,
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -17,75 +17,20 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
+use tcptrace::netns::{Netns, delete_netns};
 
 /// Prefix of every namespace the benchmark creates.
 const NETNS_PREFIX: &str = "tcptrace-bench-";
 
-/// A namespace `tcptrace-bench-<tag>-<pid>`: loopback up, wide port range,
-/// TIME-WAIT reuse (both per namespace). Deleted on drop with every process
-/// in it.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Result<Self> {
-        let name = format!("{NETNS_PREFIX}{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        // An even-sized range (64512 ports): with an odd size connect()
-        // may use one port fewer.
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv4.ip_local_port_range=1024 65535",
-        ])?;
-        ns.exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// The namespace inode, as tcptrace reports it.
-    pub fn inode(&self) -> Result<u32> {
-        Ok(fs::metadata(self.path())
-            .with_context(|| format!("reading {}", self.path().display()))?
-            .ino() as u32)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        delete_netns(&self.name);
-    }
-}
-
-fn delete_netns(name: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "del", name])
-        .stderr(Stdio::null())
-        .status();
+/// A namespace `tcptrace-bench-<tag>-<pid>` with a wide port range and
+/// TIME-WAIT reuse (both per namespace).
+pub fn bench_netns(tag: &str) -> Result<Netns> {
+    let ns = Netns::create(format!("{NETNS_PREFIX}{tag}-{}", std::process::id()))?;
+    // An even-sized range (64512 ports): with an odd size connect() may use
+    // one port fewer.
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    Ok(ns)
 }
 
 /// Deletes namespaces left by benchmark runs that were killed.
@@ -107,21 +52,6 @@ pub fn remove_stale_netns() {
             delete_netns(&name);
         }
     }
-}
-
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("starting {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A tracer process, stopped (SIGTERM, then SIGKILL) when dropped.

@@ -11,6 +11,7 @@ pub mod diagnosis;
 pub mod lab;
 pub mod metrics;
 pub mod model;
+pub mod netns;
 pub mod node;
 pub mod output;
 pub mod pipeline;

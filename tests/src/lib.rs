@@ -2,9 +2,7 @@
 //! clean up after themselves, code run inside them, and a tracer shared by
 //! the tests of one binary whose events are filtered by namespace.
 use std::{
-    fs::File,
     io::{BufRead as _, BufReader, Read as _},
-    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock, mpsc},
@@ -12,10 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use nix::{
-    sched::{CloneFlags, setns},
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
@@ -26,94 +23,25 @@ use tcptrace::{
 
 /// A network namespace `tt-<name>-<pid>`, deleted (with every process in
 /// it) when dropped, also when a test panics.
-pub struct Netns {
-    pub name: String,
-}
+pub struct Netns(tcptrace::netns::Netns);
 
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
-        let name = format!("tt-{name}-{}", std::process::id());
-        // A leftover from a killed run would make `add` fail.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
+        tcptrace::netns::Netns::create(format!("tt-{name}-{}", std::process::id())).map(Self)
     }
 
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// The namespace inode, as tcptrace reports it.
+    /// The namespace inode, as tcptrace reports it (0 when it is gone).
     pub fn inode(&self) -> u32 {
-        std::fs::metadata(self.path())
-            .map(|m| m.ino() as u32)
-            .unwrap_or(0)
-    }
-
-    /// Runs a command inside the namespace and fails on a non-zero exit.
-    pub fn exec(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(|_| ())
-    }
-
-    /// Runs `f` on a thread named `thread_name` that has entered the
-    /// namespace; sockets it creates live there.
-    pub fn run<T: Send + 'static>(
-        &self,
-        thread_name: &str,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T> {
-        let file = File::open(self.path()).with_context(|| format!("opening {}", self.name))?;
-        thread::Builder::new()
-            .name(thread_name.to_string())
-            .spawn(move || setns(file, CloneFlags::CLONE_NEWNET).map(|()| f()))
-            .context("spawning a namespace thread")?
-            .join()
-            .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
-            .context("entering the namespace")
+        self.0.inode().unwrap_or(0)
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
+impl std::ops::Deref for Netns {
+    type Target = tcptrace::netns::Netns;
 
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("starting {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The tracer and its ring buffer, shared by the tests of one binary.

@@ -38,12 +38,15 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use nix::{
-    sched::{CloneFlags, setns},
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
 
-use crate::{model::PodRef, node::FactsConfig};
+use crate::{
+    model::PodRef,
+    netns::{delete_netns, netns_inode, netns_path, sysctl},
+    node::FactsConfig,
+};
 
 /// Every lab resource name starts with this, then `<pid>-`.
 pub const PREFIX: &str = "tcptrace-lab-";
@@ -273,30 +276,6 @@ pub struct Lab {
     pub cgroup_root: Option<PathBuf>,
 }
 
-/// `/run/netns/<name>`.
-pub fn netns_path(name: &str) -> PathBuf {
-    Path::new("/run/netns").join(name)
-}
-
-fn netns_inode(name: &str) -> Result<u32> {
-    let m = fs::metadata(netns_path(name)).with_context(|| format!("stat netns {name}"))?;
-    Ok(m.ino() as u32)
-}
-
-fn delete_netns(name: &str) {
-    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-        }
-    }
-    let _ = Command::new("ip")
-        .args(["netns", "delete", name])
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// Kills what is left in a cgroup tree and removes it, deepest first.
 fn remove_cgroup_tree(dir: &Path) {
     let Ok(rd) = fs::read_dir(dir) else { return };
@@ -352,42 +331,6 @@ fn run_stdin(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a thread that entered the network namespace `name`; sockets
-/// it creates live there and stay there when returned.
-pub fn in_netns<T: Send + 'static>(
-    name: &str,
-    thread_name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
-    let file = File::open(netns_path(name)).with_context(|| format!("opening netns {name}"))?;
-    thread::Builder::new()
-        .name(thread_name.to_string())
-        .spawn(move || setns(file, CloneFlags::CLONE_NEWNET).map(|()| f()))
-        .context("spawning a namespace thread")?
-        .join()
-        .map_err(|_| anyhow!("namespace thread {thread_name} panicked"))?
-        .with_context(|| format!("entering netns {name}"))
-}
-
-/// Writes a sysctl inside namespace `name` (`/proc/sys` resolves by the
-/// writing thread's namespace; this thread never leaves its own).
-pub fn sysctl(name: &str, key: &str, value: &str) -> Result<()> {
-    let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-    let value = value.to_string();
-    let shown = format!("{key}={value} in {name}");
-    in_netns(name, "tcptrace-sysctl", move || fs::write(&path, value))?
-        .with_context(|| format!("setting {shown}"))
-}
-
-/// Reads a sysctl inside namespace `name`.
-pub fn read_sysctl(name: &str, key: &str) -> Result<String> {
-    let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-    let shown = format!("{key} in {name}");
-    in_netns(name, "tcptrace-sysctl", move || fs::read_to_string(&path))?
-        .map(|s| s.trim().to_string())
-        .with_context(|| format!("reading {shown}"))
 }
 
 /// The cgroup v2 mount, if this process may create cgroups in it.

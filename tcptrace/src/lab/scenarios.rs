@@ -14,10 +14,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::{Lab, LabSpec, Pod, conntrack, in_netns, selftest::Observer, sysctl, which};
+use super::{Lab, LabSpec, Pod, conntrack, selftest::Observer, which};
 use crate::{
     diagnosis::{Cause, Verdict},
     model::{Event, PodRef},
+    netns::{in_netns, sysctl},
 };
 
 /// What a case must produce.
