@@ -217,6 +217,20 @@ pub struct Segment {
     pub flags: u8,
 }
 
+impl Segment {
+    /// Copies the segment into a record, as it travelled.
+    #[inline(always)]
+    pub fn fill(&self, ev: &mut Event) {
+        ev.family = self.family;
+        ev.saddr = self.saddr;
+        ev.daddr = self.daddr;
+        ev.sport = self.sport;
+        ev.dport = self.dport;
+        ev.tcp_flags = self.flags;
+        ev.flags |= flag::TCP_FLAGS_KNOWN;
+    }
+}
+
 const IPPROTO_TCP: u8 = 6;
 
 /// The IPv4/IPv6 and TCP headers at the skb's network header; `None` when

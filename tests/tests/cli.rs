@@ -9,7 +9,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tcptrace_tests::{Netns, schema_validator, start_tcptrace, tcptrace_bin};
+use tcptrace_tests::{Netns, Running, schema_validator, start_tcptrace, tcptrace_bin};
 
 fn parse_all(lines: &[String]) -> Vec<Value> {
     let validator = schema_validator();
@@ -26,6 +26,17 @@ fn parse_all(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// Lets in-flight records arrive, stops tracing with SIGINT (exit 0) and
+/// returns its lines and their schema-checked records.
+fn interrupt(tracer: Running) -> (Vec<String>, Vec<Value>) {
+    thread::sleep(Duration::from_millis(300));
+    tracer.signal(Signal::SIGINT);
+    let (code, lines) = tracer.finish();
+    assert_eq!(code, 0);
+    let records = parse_all(&lines);
+    (lines, records)
+}
+
 #[test]
 fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
     let ns = Netns::new("cli").unwrap();
@@ -39,11 +50,7 @@ fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
         TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).unwrap_err()
     })
     .unwrap();
-    thread::sleep(Duration::from_millis(300));
-    tracer.signal(Signal::SIGINT);
-    let (code, lines) = tracer.finish();
-    assert_eq!(code, 0);
-    let records = parse_all(&lines);
+    let (lines, records) = interrupt(tracer);
 
     let netns = u64::from(ns.inode());
     let retransmit = records
@@ -92,11 +99,7 @@ fn stopping_reports_the_aggregated_count() {
         })
         .unwrap();
     assert_eq!(refused, 5);
-    thread::sleep(Duration::from_millis(300));
-    tracer.signal(Signal::SIGINT);
-    let (code, lines) = tracer.finish();
-    assert_eq!(code, 0);
-    let records = parse_all(&lines);
+    let (lines, records) = interrupt(tracer);
     let netns = u64::from(ns.inode());
     let counts: Vec<u64> = records
         .iter()

@@ -196,13 +196,7 @@ pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    ev.family = seg.family;
-    ev.saddr = seg.saddr;
-    ev.daddr = seg.daddr;
-    ev.sport = seg.sport;
-    ev.dport = seg.dport;
-    ev.tcp_flags = seg.flags;
-    ev.flags |= flag::TCP_FLAGS_KNOWN;
+    seg.fill(ev);
     ev.reason = class;
     let net = kernel::read::<u64>(state, k.hook_state_net).unwrap_or(0);
     ev.netns = kernel::net_inum(net, k);

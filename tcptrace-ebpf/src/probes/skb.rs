@@ -50,13 +50,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    ev.family = seg.family;
-    ev.saddr = seg.saddr;
-    ev.daddr = seg.daddr;
-    ev.sport = seg.sport;
-    ev.dport = seg.dport;
-    ev.tcp_flags = seg.flags;
-    ev.flags |= flag::TCP_FLAGS_KNOWN;
+    seg.fill(ev);
     ev.reason = reason;
     ev.location = field(&ctx, tp.extra3).unwrap_or(0);
     // Namespace of the device the packet was on, else of its socket.
