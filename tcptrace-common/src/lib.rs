@@ -238,7 +238,8 @@ pub struct Event {
 
 const _: () = assert!(size_of::<Event>() == 136);
 
-/// Who owns a socket, captured in process context.
+/// Who owns a socket, captured in process context, and the reset it
+/// received last (recorded afresh at every connect/listen/accept).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -246,9 +247,15 @@ pub struct Owner {
     pub tgid: u32,
     pub netns: u32,
     pub comm: [u8; 16],
+    /// When the socket received a reset (boot ns), 0 when it has not.
+    pub reset_ns: u64,
+    /// The error that reset raises (positive errno: ECONNREFUSED in
+    /// SYN_SENT, EPIPE in CLOSE_WAIT, else ECONNRESET).
+    pub reset_errno: u32,
+    pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<Owner>() == 32);
+const _: () = assert!(size_of::<Owner>() == 48);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -376,10 +383,16 @@ pub struct KernelOffsets {
     pub sock_v6_daddr: u32,
     /// sock.sk_err (int)
     pub sock_err: u32,
-    /// sock.sk_protocol (u16; a bitfield, so absent, before 5.6)
+    /// sock.sk_protocol (read as its low byte: a u16 since 5.6, a
+    /// byte-aligned 8-bit bitfield before)
     pub sock_protocol: u32,
-    /// nf_hook_state.net
-    pub hook_state_net: u32,
+    /// nf_conn.ct_net (a possible_net_t: `struct net *` first)
+    pub ct_net: u32,
+    /// Which argument of nf_ct_l4proto_log_invalid is the format: 3 since
+    /// 5.16 (skb, ct, state, fmt, ...), 2 before (skb, ct, fmt, ...).
+    pub ct_invalid_fmt_arg: u32,
+    /// Keeps the struct a multiple of 8 bytes without implicit padding.
+    pub _pad: u32,
     /// task_struct.nsproxy
     pub task_nsproxy: u32,
     /// nsproxy.net_ns
@@ -426,7 +439,9 @@ impl KernelOffsets {
         sock_v6_daddr: KERNEL_ABSENT,
         sock_err: KERNEL_ABSENT,
         sock_protocol: KERNEL_ABSENT,
-        hook_state_net: KERNEL_ABSENT,
+        ct_net: KERNEL_ABSENT,
+        ct_invalid_fmt_arg: 3,
+        _pad: 0,
         task_nsproxy: KERNEL_ABSENT,
         nsproxy_net: KERNEL_ABSENT,
         ct_src_addr: KERNEL_ABSENT,
@@ -451,6 +466,8 @@ pub struct TcpStates {
     pub listen: u32,
     pub time_wait: u32,
     pub new_syn_recv: u32,
+    pub close_wait: u32,
+    pub _pad: u32,
 }
 
 /// Everything the programs need from userspace; a read-only global.
@@ -495,6 +512,8 @@ impl Config {
             listen: 10,
             time_wait: 6,
             new_syn_recv: 12,
+            close_wait: 8,
+            _pad: 0,
         },
         drop_reasons: [0; 4],
         kernel: KernelOffsets::NONE,
@@ -508,7 +527,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 80 + size_of::<KernelOffsets>() + 6 * 32);
+const _: () = assert!(size_of::<Config>() == 88 + size_of::<KernelOffsets>() + 6 * 32);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -69,6 +69,9 @@ pub fn current_owner(netns: u32) -> Owner {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         netns,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        reset_ns: 0,
+        reset_errno: 0,
+        _pad: 0,
     }
 }
 

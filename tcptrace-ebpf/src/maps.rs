@@ -32,59 +32,34 @@ pub static HASH_CONNECT_ARGS: HashMap<u64, u64> = HashMap::with_max_entries(4096
 #[map(name = "CT_ALLOC_ARGS")]
 pub static CT_ALLOC_ARGS: PerCpuArray<CtAllocArgs> = PerCpuArray::with_max_entries(1, 0);
 
-/// The socket whose received reset this CPU reported last, and when
-/// (boot ns).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ResetMark {
-    pub sk: u64,
-    pub at_ns: u64,
-}
-
-/// tcp_reset() moves the socket to CLOSE and raises its error right after
-/// the reset tracepoint, on the same CPU: those repeat the reset record.
-#[map(name = "LAST_RESET")]
-pub static LAST_RESET: PerCpuArray<ResetMark> = PerCpuArray::with_max_entries(1, 0);
-
-/// How long after a reset its consequences are recognised: they follow
-/// within microseconds, hundreds of them on an emulated CPU. A reused sock
-/// pointer starts a new connection first, which clears the mark.
+/// How long after a reset its consequences are recognised: tcp_reset()
+/// moves the socket to CLOSE and raises its error right after the reset
+/// tracepoint (within microseconds; hundreds of them on an emulated CPU).
 const RESET_CONSEQUENCE_NS: u64 = 10_000_000;
 
-/// Marks `sk` as just reset (its record was submitted at `at_ns`).
+/// Records on `sk`'s owner that it received a reset raising `errno`.
 #[inline(always)]
-pub fn mark_reset(sk: u64, at_ns: u64) {
-    if let Some(mark) = LAST_RESET.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *mark = ResetMark { sk, at_ns } };
-    }
-}
-
-/// Forgets the reset of `sk`: the socket starts a new connection.
-#[inline(always)]
-pub fn forget_reset(sk: u64) {
-    if let Some(mark) = LAST_RESET.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+pub fn mark_reset(sk: u64, at_ns: u64, errno: u32) {
+    if let Some(owner) = OWNERS.get_ptr_mut(sk) {
+        // SAFETY: a map value of the right type; racing writers could only
+        // leave the other reset's mark, which suppresses nothing extra.
         unsafe {
-            if (*mark).sk == sk {
-                (*mark).sk = 0;
-            }
+            (*owner).reset_ns = at_ns;
+            (*owner).reset_errno = errno;
         }
     }
 }
 
-/// Whether an event about `sk` is a consequence of the reset just reported.
+/// The error (positive errno) of the reset `sk` received just now, if it
+/// did: its move to CLOSE and that error repeat the reset's record.
 #[inline(always)]
-pub fn follows_reset(sk: u64) -> bool {
-    let Some(mark) = LAST_RESET.get(0) else {
-        return false;
-    };
-    if mark.sk != sk || sk == 0 {
-        return false;
-    }
+pub fn reset_consequence(sk: u64) -> Option<u32> {
+    // SAFETY: copied out at once.
+    let owner = unsafe { OWNERS.get(sk) }?;
+    let (at, errno) = (owner.reset_ns, owner.reset_errno);
     // SAFETY: a helper without preconditions.
     let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
-    now.wrapping_sub(mark.at_ns) < RESET_CONSEQUENCE_NS
+    (at != 0 && now.wrapping_sub(at) < RESET_CONSEQUENCE_NS).then_some(errno)
 }
 
 /// Direct-tier hooks that are live (`tcptrace_common::direct` bits).

@@ -323,8 +323,9 @@ pub mod rfc3339 {
         let micros = since.as_micros();
         let secs = (micros / 1_000_000) as i64;
         let dt = OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        // Years outside 0..=9999 do not fit RFC 3339; clamp like the epoch fallback.
-        let year = dt.year().clamp(0, 9999) as u32;
+        // 1970..=9999: earlier times count from the epoch, later ones fail
+        // from_unix_timestamp and fall back to it.
+        let year = dt.year() as u32;
         let fields: [(usize, u32, usize); 7] = [
             (0, year, 4),
             (5, u32::from(dt.month() as u8), 2),

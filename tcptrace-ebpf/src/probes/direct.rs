@@ -151,16 +151,20 @@ fn report_ct_alloc(hook: u32, net: u64, orig: u64, ret: u64) {
 }
 
 /// void nf_ct_l4proto_log_invalid(const struct sk_buff *skb,
-///     const struct nf_conn *ct, const struct nf_hook_state *state,
-///     const char *fmt, ...)
-/// conntrack calls it for the TCP segments it judges INVALID (and for some
-/// it ignores but accepts), before checking whether logging is on; the
-/// message says which.
+///     const struct nf_conn *ct, [const struct nf_hook_state *state,]
+///     const char *fmt, ...)   (`state` since 5.16)
+/// conntrack's TCP window and state tracking calls it for the segments it
+/// judges INVALID (and for some it ignores but accepts), before checking
+/// whether logging is on; the message says which.
 #[kprobe(function = "nf_ct_l4proto_log_invalid")]
 pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
-    let (Some(skb), Some(state), Some(fmt)) =
-        (ctx.arg::<u64>(0), ctx.arg::<u64>(2), ctx.arg::<u64>(3))
-    else {
+    let k = &config().kernel;
+    let fmt_arg = k.ct_invalid_fmt_arg as usize;
+    let (Some(skb), Some(ct), Some(fmt)) = (
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1),
+        ctx.arg::<u64>(fmt_arg),
+    ) else {
         return 0;
     };
     let mut msg = [0u8; 40];
@@ -168,26 +172,31 @@ pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
     if unsafe { bpf_probe_read_kernel_str_bytes(fmt as *const u8, &mut msg) }.is_err() {
         return 0;
     }
-    // Before 6.1.187 / 6.12.102 the window messages arrive as "%pV" with a
-    // struct va_format { const char *fmt; va_list *va; } as the argument.
-    if msg[0] == b'%' && msg[1] == b'p' && msg[2] == b'V' {
-        let Some(inner) = ctx
-            .arg::<u64>(4)
-            .and_then(|vaf| kernel::read::<u64>(vaf, 0))
-        else {
-            return 0;
-        };
-        msg = [0u8; 40];
-        // SAFETY: as above.
-        if unsafe { bpf_probe_read_kernel_str_bytes(inner as *const u8, &mut msg) }.is_err() {
-            return 0;
+    // Some kernels pass the message as an argument: "%s" (5.15 stable) or
+    // "%pV" with a struct va_format { const char *fmt; va_list *va; }
+    // (6.1 before 6.1.187, 6.12 before 6.12.102).
+    let inner = match (msg[0], msg[1], msg[2], msg[3]) {
+        (b'%', b's', 0, _) => ctx.arg::<u64>(fmt_arg + 1),
+        (b'%', b'p', b'V', 0) => ctx
+            .arg::<u64>(fmt_arg + 1)
+            .and_then(|vaf| kernel::read::<u64>(vaf, 0)),
+        _ => Some(0),
+    };
+    match inner {
+        None => return 0,
+        Some(0) => {}
+        Some(text) => {
+            msg = [0u8; 40];
+            // SAFETY: as above.
+            if unsafe { bpf_probe_read_kernel_str_bytes(text as *const u8, &mut msg) }.is_err() {
+                return 0;
+            }
         }
     }
     let class = ct_invalid::classify(&msg);
     if class == 0 {
         return 0;
     }
-    let k = &config().kernel;
     let Some(seg) = kernel::skb_segment(skb, k) else {
         return 0;
     };
@@ -198,7 +207,8 @@ pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
     seg.fill(ev);
     ev.reason = class;
-    let net = kernel::read::<u64>(state, k.hook_state_net).unwrap_or(0);
+    // The namespace whose conntrack table holds the entry.
+    let net = kernel::read::<u64>(ct, k.ct_net).unwrap_or(0);
     ev.netns = kernel::net_inum(net, k);
     kernel::submit(hook::CT_INVALID_KPROBE, entry);
     0

@@ -5,10 +5,10 @@ use tcptrace_common::{Event, ListenKey, direct, hook, kind};
 
 use crate::{
     kernel,
-    maps::{LISTENERS, OWNERS, config, direct_live, follows_reset, forget_reset},
+    maps::{LISTENERS, OWNERS, config, direct_live, reset_consequence},
 };
 
-const IPPROTO_TCP: u16 = 6;
+const IPPROTO_TCP: u8 = 6;
 const EADDRNOTAVAIL: i32 = 99;
 
 /// Raw tracepoint: its arguments are read directly, without the record the
@@ -23,15 +23,15 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     let old = ctx.arg::<u64>(1) as u32;
     let new = ctx.arg::<u64>(2) as u32;
     // Other users of this tracepoint (SCTP, MPTCP subflows' parents) are not
-    // TCP sockets; without the offset every socket counts as TCP.
-    if kernel::read::<u16>(sk, k.sock_protocol).is_some_and(|p| p != IPPROTO_TCP) {
+    // TCP sockets; without the offset every socket counts as TCP. One byte:
+    // the protocol is a u16 since 5.6, a byte-aligned 8-bit field before.
+    if kernel::read::<u8>(sk, k.sock_protocol).is_some_and(|p| p != IPPROTO_TCP) {
         return 0;
     }
     let sport = || u16::from_be(kernel::read::<u16>(sk, k.inet_sport).unwrap_or(0));
 
     // connect() and listen() run in the owner's process context.
     if new == states.syn_sent || new == states.listen {
-        forget_reset(sk);
         let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
         let owner = kernel::current_owner(netns);
         let _ = OWNERS.insert(sk, owner, 0);
@@ -64,7 +64,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     let failed_connect = old == states.syn_sent && new == states.close;
     // Without a source port the direct hook, when live, reported it already.
     let reported_already = failed_connect
-        && ((sport() == 0 && direct_live(direct::HASH_CONNECT)) || follows_reset(sk));
+        && ((sport() == 0 && direct_live(direct::HASH_CONNECT)) || reset_consequence(sk).is_some());
     if (failed_connect && !reported_already) || cfg.all_states != 0 {
         emit_state_change(sk, old, new, failed_connect);
     }
@@ -119,12 +119,8 @@ pub fn inet_sk_error_report(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     // Reports without a pending error (e.g. from tcp_disconnect) carry no news.
     let err = kernel::read::<i32>(sk, k.sock_err).unwrap_or(0);
-    if err == 0 {
-        return 0;
-    }
     // The error a received reset raises is implied by its record.
-    if follows_reset(sk) {
-        forget_reset(sk);
+    if err == 0 || reset_consequence(sk) == Some(err.unsigned_abs()) {
         return 0;
     }
     let Some(mut entry) = kernel::reserve(hook::ERROR_REPORT, kind::SOCKET_ERROR) else {

@@ -122,8 +122,21 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    // What tcp_reset() sets as the socket's error.
+    let states = &config().states;
+    let errno = if ev.state as u32 == states.syn_sent {
+        ECONNREFUSED
+    } else if ev.state as u32 == states.close_wait {
+        EPIPE
+    } else {
+        ECONNRESET
+    };
     let at_ns = ev.ts_ns;
     kernel::submit(hook::RECEIVE_RESET, entry);
-    mark_reset(sk, at_ns);
+    mark_reset(sk, at_ns, errno);
     0
 }
+
+const ECONNREFUSED: u32 = 111;
+const EPIPE: u32 = 32;
+const ECONNRESET: u32 = 104;

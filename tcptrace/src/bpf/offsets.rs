@@ -236,6 +236,23 @@ fn opt(v: Option<u32>) -> u32 {
     v.unwrap_or(KERNEL_ABSENT)
 }
 
+/// Whether the running kernel is at least `major.minor` (unknown: yes).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    release_at_least(&release, major, minor)
+}
+
+fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => true,
+    }
+}
+
 /// Struct member offsets the programs read.
 pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
     let sock = |p: &[&str]| opt(btf.offset("sock", p));
@@ -277,7 +294,9 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_v6_daddr: sock(&["__sk_common", "skc_v6_daddr"]),
         sock_err: sock(&["sk_err"]),
         sock_protocol: sock(&["sk_protocol"]),
-        hook_state_net: opt(btf.offset("nf_hook_state", &["net"])),
+        ct_net: opt(btf.offset("nf_conn", &["ct_net"])),
+        ct_invalid_fmt_arg: if kernel_at_least(5, 16) { 3 } else { 2 },
+        _pad: 0,
         task_nsproxy: opt(btf.offset("task_struct", &["nsproxy"])),
         nsproxy_net: opt(btf.offset("nsproxy", &["net_ns"])),
         ct_src_addr: opt(btf.offset("nf_conntrack_tuple", &["src", "u3"])),
@@ -338,6 +357,8 @@ impl TcpStateNames {
             listen: v("LISTEN")?,
             time_wait: v("TIME_WAIT")?,
             new_syn_recv: v("NEW_SYN_RECV")?,
+            close_wait: v("CLOSE_WAIT")?,
+            _pad: 0,
         })
     }
 }
@@ -372,6 +393,15 @@ format:
 
 print fmt: \"skbaddr=%p\", REC->skbaddr
 ";
+
+    #[test]
+    fn compares_kernel_releases() {
+        assert!(release_at_least("6.1.0-56-cloud-amd64\n", 5, 16));
+        assert!(release_at_least("5.16.0", 5, 16));
+        assert!(!release_at_least("5.15.0-91-generic", 5, 16));
+        assert!(!release_at_least("4.19.0", 5, 16));
+        assert!(release_at_least("", 5, 16), "unknown: the current layout");
+    }
 
     #[test]
     fn parses_tracefs_format() {

@@ -746,8 +746,9 @@ impl Diagnoser {
     }
 
     /// Counts another occurrence of an aggregated verdict about `ev` that
-    /// already has `confidence`, as [`Self::submit`] would, taking `ev`'s
-    /// source and process as the latest example. False when there is none.
+    /// already has `confidence`, without building it again: the verdict
+    /// keeps its first occurrence as the example (its summary, source and
+    /// process agree). False when there is no such verdict.
     fn repeat(&mut self, ev: &Event, cause: Cause, confidence: Confidence) -> bool {
         let key = AggKey::of(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
         let Some(a) = self.aggs.get_mut(&key) else {
@@ -759,9 +760,6 @@ impl Diagnoser {
         a.v.count += 1;
         a.v.last_seen = a.v.last_seen.max(ev.time);
         a.v.first_seen = a.v.first_seen.min(ev.time);
-        a.v.src.clone_from(&ev.src);
-        a.v.pid = ev.pid;
-        a.v.comm.clone_from(&ev.comm);
         a.v.time = ev.time;
         a.pending = true;
         if elapsed(a.last_emitted, ev.time) >= self.cfg.reemit_interval {

@@ -828,7 +828,8 @@ fn finish_reports_counts_not_yet_emitted() {
     let f = facts();
     let mut emitted = Vec::new();
     for i in 0..5u64 {
-        let e = ev(i * 10, ResetReceived, CLIENT, P, SVC)
+        let src = format!("10.244.1.5:{}", 40000 + i);
+        let e = ev(i * 10, ResetReceived, CLIENT, &src, SVC)
             .sock(&format!("{:#x}", 0xffff_0000 + i))
             .state("SYN_SENT");
         emitted.extend(d.observe(&e.0, &f));
@@ -836,8 +837,10 @@ fn finish_reports_counts_not_yet_emitted() {
     assert_eq!(causes(&emitted), vec![(ConnectionRefused, Certain, 1)]);
     let last = d.finish(at(100));
     assert_eq!(causes(&last), vec![(ConnectionRefused, Certain, 5)]);
-    assert_eq!(last[0].last_seen, at(40));
-    assert_eq!(last[0].src, ep(P));
+    assert_eq!((last[0].first_seen, last[0].last_seen), (at(0), at(40)));
+    // The first occurrence stays the example: summary and source agree.
+    assert_eq!(last[0].src, ep("10.244.1.5:40000"));
+    assert_eq!(last[0].summary, emitted[0].summary);
     assert!(d.finish(at(200)).is_empty(), "reported once");
 }
 
