@@ -159,13 +159,21 @@ fn report_ct_alloc(hook: u32, net: u64, orig: u64, ret: u64) {
 #[kprobe(function = "nf_ct_l4proto_log_invalid")]
 pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
     let k = &config().kernel;
-    let fmt_arg = k.ct_invalid_fmt_arg as usize;
-    let (Some(skb), Some(ct), Some(fmt)) = (
+    // Registers are read at fixed positions (the verifier refuses a
+    // computed context offset), then chosen by the kernel's layout.
+    let (Some(skb), Some(ct), Some(a2), Some(a3), Some(a4)) = (
         ctx.arg::<u64>(0),
         ctx.arg::<u64>(1),
-        ctx.arg::<u64>(fmt_arg),
+        ctx.arg::<u64>(2),
+        ctx.arg::<u64>(3),
+        ctx.arg::<u64>(4),
     ) else {
         return 0;
+    };
+    let (fmt, after_fmt) = if k.ct_invalid_fmt_arg == 2 {
+        (a2, a3)
+    } else {
+        (a3, a4)
     };
     let mut msg = [0u8; 40];
     // SAFETY: a NUL-bounded read into our buffer; faults fail cleanly.
@@ -176,10 +184,8 @@ pub fn ct_invalid_entry(ctx: ProbeContext) -> u32 {
     // "%pV" with a struct va_format { const char *fmt; va_list *va; }
     // (6.1 before 6.1.187, 6.12 before 6.12.102).
     let inner = match (msg[0], msg[1], msg[2], msg[3]) {
-        (b'%', b's', 0, _) => ctx.arg::<u64>(fmt_arg + 1),
-        (b'%', b'p', b'V', 0) => ctx
-            .arg::<u64>(fmt_arg + 1)
-            .and_then(|vaf| kernel::read::<u64>(vaf, 0)),
+        (b'%', b's', 0, _) => Some(after_fmt),
+        (b'%', b'p', b'V', 0) => kernel::read::<u64>(after_fmt, 0),
         _ => Some(0),
     };
     match inner {
