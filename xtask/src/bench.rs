@@ -11,6 +11,9 @@ use super::{cargo, ensure_setup, is_root, output_of, step, workspace_root};
 /// Where a smoke run writes (never over the committed results).
 const SMOKE_OUT: &str = "target/bench-smoke";
 
+/// The criterion benches of the userspace pipeline.
+const CRITERION_BENCHES: [&str; 4] = ["--bench", "pipeline", "--bench", "attribution"];
+
 pub fn bench(smoke: bool) -> Result<()> {
     ensure_setup()?;
     if !is_root() {
@@ -26,15 +29,9 @@ pub fn bench(smoke: bool) -> Result<()> {
         )?;
         step(
             "criterion benches (test mode)",
-            cargo().args([
-                "test",
-                "-p",
-                "tcptrace",
-                "--bench",
-                "pipeline",
-                "--bench",
-                "attribution",
-            ]),
+            cargo()
+                .args(["test", "-p", "tcptrace"])
+                .args(CRITERION_BENCHES),
         )?;
         "debug"
     } else {
@@ -52,15 +49,9 @@ pub fn bench(smoke: bool) -> Result<()> {
         )?;
         step(
             "criterion benches",
-            cargo().args([
-                "bench",
-                "-p",
-                "tcptrace",
-                "--bench",
-                "pipeline",
-                "--bench",
-                "attribution",
-            ]),
+            cargo()
+                .args(["bench", "-p", "tcptrace"])
+                .args(CRITERION_BENCHES),
         )?;
         "release"
     };

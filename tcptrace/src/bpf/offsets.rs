@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use aya::util::KernelVersion;
 use btf_rs::{Btf, Type};
 use tcptrace_common::{ABSENT, KERNEL_ABSENT, KernelOffsets, TcpStates, TracepointOffsets};
 
@@ -236,20 +237,12 @@ fn opt(v: Option<u32>) -> u32 {
     v.unwrap_or(KERNEL_ABSENT)
 }
 
-/// Whether the running kernel is at least `major.minor` (unknown: yes).
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    release_at_least(&release, major, minor)
-}
-
-fn release_at_least(release: &str, major: u32, minor: u32) -> bool {
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().ok());
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(a), Some(b)) => (a, b) >= (major, minor),
-        _ => true,
+/// Which argument of nf_ct_l4proto_log_invalid is its format on `kernel`:
+/// 5.16 added the hook state before it (unknown kernel: the current layout).
+fn ct_invalid_fmt_arg(kernel: Option<KernelVersion>) -> u32 {
+    match kernel {
+        Some(v) if v < KernelVersion::new(5, 16, 0) => 2,
+        _ => 3,
     }
 }
 
@@ -295,7 +288,7 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_err: sock(&["sk_err"]),
         sock_protocol: sock(&["sk_protocol"]),
         ct_net: opt(btf.offset("nf_conn", &["ct_net"])),
-        ct_invalid_fmt_arg: if kernel_at_least(5, 16) { 3 } else { 2 },
+        ct_invalid_fmt_arg: ct_invalid_fmt_arg(KernelVersion::current().ok()),
         _pad: 0,
         task_nsproxy: opt(btf.offset("task_struct", &["nsproxy"])),
         nsproxy_net: opt(btf.offset("nsproxy", &["net_ns"])),
@@ -395,12 +388,13 @@ print fmt: \"skbaddr=%p\", REC->skbaddr
 ";
 
     #[test]
-    fn compares_kernel_releases() {
-        assert!(release_at_least("6.1.0-56-cloud-amd64\n", 5, 16));
-        assert!(release_at_least("5.16.0", 5, 16));
-        assert!(!release_at_least("5.15.0-91-generic", 5, 16));
-        assert!(!release_at_least("4.19.0", 5, 16));
-        assert!(release_at_least("", 5, 16), "unknown: the current layout");
+    fn picks_the_format_argument_by_kernel() {
+        let v = |a, b, c| Some(KernelVersion::new(a, b, c));
+        assert_eq!(ct_invalid_fmt_arg(v(6, 1, 0)), 3);
+        assert_eq!(ct_invalid_fmt_arg(v(5, 16, 0)), 3);
+        assert_eq!(ct_invalid_fmt_arg(v(5, 15, 91)), 2);
+        assert_eq!(ct_invalid_fmt_arg(v(4, 19, 0)), 2);
+        assert_eq!(ct_invalid_fmt_arg(None), 3, "unknown: the current layout");
     }
 
     #[test]
