@@ -66,13 +66,13 @@ pub mod hook {
     /// (program name in the ELF, kind, kernel hook). Kinds: a tracepoint
     /// category, `raw_tp`, `fexit`, `kprobe` or `kretprobe`.
     pub const PROGRAMS: [(&str, &str, &str); COUNT as usize] = [
-        ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
-        ("tcp_retransmit_synack", "tcp", "tcp_retransmit_synack"),
-        ("tcp_send_reset", "tcp", "tcp_send_reset"),
+        ("tcp_retransmit_skb", "raw_tp", "tcp_retransmit_skb"),
+        ("tcp_retransmit_synack", "raw_tp", "tcp_retransmit_synack"),
+        ("tcp_send_reset", "raw_tp", "tcp_send_reset"),
         ("tcp_receive_reset", "raw_tp", "tcp_receive_reset"),
         ("inet_sock_set_state", "raw_tp", "inet_sock_set_state"),
         ("inet_sk_error_report", "raw_tp", "inet_sk_error_report"),
-        ("kfree_skb", "skb", "kfree_skb"),
+        ("kfree_skb", "raw_tp", "kfree_skb"),
         ("sys_enter_bind", "syscalls", "sys_enter_bind"),
         ("sys_exit_bind", "syscalls", "sys_exit_bind"),
         ("inet_hash_connect_fexit", "fexit", "inet_hash_connect"),
@@ -282,49 +282,50 @@ const _: () = assert!(size_of::<BindArgs>() == 32);
 pub type FieldOffset = u16;
 pub const ABSENT: FieldOffset = u16::MAX;
 
-/// Where a tracepoint keeps the fields tcptrace reads, from its format file.
+/// Where the syscall tracepoints keep their values (`struct
+/// syscall_trace_enter` / `syscall_trace_exit`, from BTF).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TracepointOffsets {
-    pub skaddr: FieldOffset,
-    pub skbaddr: FieldOffset,
-    pub state: FieldOffset,
-    pub sport: FieldOffset,
-    pub dport: FieldOffset,
-    pub family: FieldOffset,
-    pub saddr: FieldOffset,
-    pub daddr: FieldOffset,
-    pub saddr_v6: FieldOffset,
-    pub daddr_v6: FieldOffset,
-    /// send_reset on newer kernels: saddr/daddr are 28-byte sockaddrs.
-    pub saddr_sockaddr: FieldOffset,
-    pub daddr_sockaddr: FieldOffset,
-    /// err / error / reason / oldstate, depending on the tracepoint.
-    pub extra: FieldOffset,
-    /// newstate / protocol / location, depending on the tracepoint.
-    pub extra2: FieldOffset,
-    pub extra3: FieldOffset,
-    pub _pad: u16,
+pub struct SyscallOffsets {
+    /// syscall_trace_enter.args: the syscall's arguments, 8 bytes each.
+    pub args: FieldOffset,
+    /// syscall_trace_exit.ret
+    pub ret: FieldOffset,
 }
 
-impl TracepointOffsets {
+impl SyscallOffsets {
     pub const NONE: Self = Self {
-        skaddr: ABSENT,
-        skbaddr: ABSENT,
-        state: ABSENT,
-        sport: ABSENT,
-        dport: ABSENT,
-        family: ABSENT,
-        saddr: ABSENT,
-        daddr: ABSENT,
-        saddr_v6: ABSENT,
-        daddr_v6: ABSENT,
-        saddr_sockaddr: ABSENT,
-        daddr_sockaddr: ABSENT,
-        extra: ABSENT,
-        extra2: ABSENT,
-        extra3: ABSENT,
-        _pad: 0,
+        args: ABSENT,
+        ret: ABSENT,
+    };
+}
+
+/// Position of a raw tracepoint argument that is not there on every kernel.
+pub type ArgIndex = u32;
+/// The running kernel's tracepoint has no such argument.
+pub const NO_ARG: ArgIndex = u32::MAX;
+
+/// Positions of raw tracepoint arguments that kernels added over time,
+/// from the tracepoints' prototypes in BTF (`btf_trace_<name>`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawTpArgs {
+    /// tcp_send_reset's `enum sk_rst_reason` (6.10+).
+    pub send_reset_reason: ArgIndex,
+    /// kfree_skb's `enum skb_drop_reason` (5.17+).
+    pub kfree_skb_reason: ArgIndex,
+    /// kfree_skb's `void *location`.
+    pub kfree_skb_location: ArgIndex,
+    /// kfree_skb's `struct sock *rx_sk`, the socket the packet was for (6.12+).
+    pub kfree_skb_rx_sk: ArgIndex,
+}
+
+impl RawTpArgs {
+    pub const NONE: Self = Self {
+        send_reset_reason: NO_ARG,
+        kfree_skb_reason: NO_ARG,
+        kfree_skb_location: NO_ARG,
+        kfree_skb_rx_sk: NO_ARG,
     };
 }
 
@@ -373,6 +374,10 @@ pub struct KernelOffsets {
     pub inet_sport: u32,
     /// sock.__sk_common.skc_dport (u16, network order)
     pub sock_dport: u32,
+    /// sock.__sk_common.skc_num (u16, host order; request socks' local port)
+    pub sock_num: u32,
+    /// sk_buff.protocol (u16, network order)
+    pub skb_protocol: u32,
     /// sock.__sk_common.skc_rcv_saddr
     pub sock_rcv_saddr: u32,
     /// sock.__sk_common.skc_daddr
@@ -433,6 +438,8 @@ impl KernelOffsets {
         sock_family: KERNEL_ABSENT,
         inet_sport: KERNEL_ABSENT,
         sock_dport: KERNEL_ABSENT,
+        sock_num: KERNEL_ABSENT,
+        skb_protocol: KERNEL_ABSENT,
         sock_rcv_saddr: KERNEL_ABSENT,
         sock_daddr: KERNEL_ABSENT,
         sock_v6_rcv_saddr: KERNEL_ABSENT,
@@ -487,14 +494,9 @@ pub struct Config {
     /// Drop reasons worth reporting, as a bitmap over reason numbers.
     pub drop_reasons: [u64; 4],
     pub kernel: KernelOffsets,
-    pub retransmit_skb: TracepointOffsets,
-    pub retransmit_synack: TracepointOffsets,
-    pub send_reset: TracepointOffsets,
-    pub kfree_skb: TracepointOffsets,
-    /// sys_enter_bind: `extra` = umyaddr, `extra2` = addrlen.
-    pub enter_bind: TracepointOffsets,
-    /// sys_exit_bind: `extra` = ret.
-    pub exit_bind: TracepointOffsets,
+    pub args: RawTpArgs,
+    pub syscalls: SyscallOffsets,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -517,17 +519,14 @@ impl Config {
         },
         drop_reasons: [0; 4],
         kernel: KernelOffsets::NONE,
-        retransmit_skb: TracepointOffsets::NONE,
-        retransmit_synack: TracepointOffsets::NONE,
-        send_reset: TracepointOffsets::NONE,
-        kfree_skb: TracepointOffsets::NONE,
-        enter_bind: TracepointOffsets::NONE,
-        exit_bind: TracepointOffsets::NONE,
+        args: RawTpArgs::NONE,
+        syscalls: SyscallOffsets::NONE,
+        _pad: 0,
     };
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 88 + size_of::<KernelOffsets>() + 6 * 32);
+const _: () = assert!(size_of::<Config>() == 88 + size_of::<KernelOffsets>() + 16 + 8);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -7,10 +7,11 @@ use aya_ebpf::{
         generated::bpf_ktime_get_boot_ns,
     },
     maps::ring_buf::RingBufEntry,
+    programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets, Owner,
-    TracepointOffsets, flag,
+    ABSENT, AF_INET, AF_INET6, ArgIndex, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets, Owner,
+    flag,
 };
 
 use crate::maps::{self, EVENTS, OWNERS};
@@ -135,62 +136,22 @@ pub fn attach_owner(ev: &mut Event, sk: u64) -> bool {
     true
 }
 
-/// Reads the 4-tuple of a tracepoint record into the event.
+/// A raw tracepoint argument whose position this kernel's BTF gave, or
+/// `None` when the tracepoint lacks it. Read through the helper: a
+/// context load needs an offset the compiler keeps constant, and reading
+/// past a tracepoint's last argument would refuse the attach.
 #[inline(always)]
-pub fn tuple_from_tp<C: EbpfContext>(ctx: &C, tp: &TracepointOffsets, ev: &mut Event) {
-    if tp.saddr_sockaddr != ABSENT {
-        sockaddr_into(
-            ctx,
-            tp.saddr_sockaddr,
-            &mut ev.saddr,
-            &mut ev.sport,
-            &mut ev.family,
-        );
-        sockaddr_into(
-            ctx,
-            tp.daddr_sockaddr,
-            &mut ev.daddr,
-            &mut ev.dport,
-            &mut ev.family,
-        );
-        return;
+pub fn raw_arg(ctx: &RawTracePointContext, index: ArgIndex) -> Option<u64> {
+    if index >= MAX_RAW_ARGS {
+        return None;
     }
-    let family: u16 = field(ctx, tp.family).unwrap_or(AF_INET as u16);
-    ev.family = family as u8;
-    ev.sport = field(ctx, tp.sport).unwrap_or(0);
-    ev.dport = field(ctx, tp.dport).unwrap_or(0);
-    if ev.family == AF_INET6 {
-        ev.saddr = field(ctx, tp.saddr_v6).unwrap_or([0; 16]);
-        ev.daddr = field(ctx, tp.daddr_v6).unwrap_or([0; 16]);
-    } else {
-        let s: [u8; 4] = field(ctx, tp.saddr).unwrap_or([0; 4]);
-        let d: [u8; 4] = field(ctx, tp.daddr).unwrap_or([0; 4]);
-        ev.saddr[..4].copy_from_slice(&s);
-        ev.daddr[..4].copy_from_slice(&d);
-    }
+    // SAFETY: the index is below the tracepoint's argument count (BTF), so
+    // the read stays inside the argument array; the helper checks anyway.
+    unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(index as usize)).ok() }
 }
 
-/// A `struct sockaddr_in`/`sockaddr_in6` stored inside a tracepoint record.
-#[inline(always)]
-fn sockaddr_into<C: EbpfContext>(
-    ctx: &C,
-    offset: FieldOffset,
-    addr: &mut [u8; 16],
-    port: &mut u16,
-    family: &mut u8,
-) {
-    let Some(raw) = field::<C, [u8; 28]>(ctx, offset) else {
-        return;
-    };
-    let fam = u16::from_ne_bytes([raw[0], raw[1]]);
-    *family = fam as u8;
-    *port = u16::from_be_bytes([raw[2], raw[3]]);
-    if fam == AF_INET6 as u16 {
-        addr.copy_from_slice(&raw[8..24]);
-    } else {
-        addr[..4].copy_from_slice(&raw[4..8]);
-    }
-}
+/// Raw tracepoints pass at most 12 arguments.
+const MAX_RAW_ARGS: ArgIndex = 12;
 
 /// Reads the 4-tuple and state straight from a `struct sock`.
 #[inline(always)]
@@ -205,6 +166,24 @@ pub fn tuple_from_sock(sk: u64, k: &KernelOffsets, ev: &mut Event) {
     } else {
         let s: [u8; 4] = read(sk, k.sock_rcv_saddr).unwrap_or([0; 4]);
         let d: [u8; 4] = read(sk, k.sock_daddr).unwrap_or([0; 4]);
+        ev.saddr[..4].copy_from_slice(&s);
+        ev.daddr[..4].copy_from_slice(&d);
+    }
+}
+
+/// Reads the 4-tuple of a request socket (a connection still in its
+/// handshake): its local port is `skc_num`, it has no `inet_sock`.
+#[inline(always)]
+pub fn tuple_from_request(req: u64, k: &KernelOffsets, ev: &mut Event) {
+    ev.family = read::<u16>(req, k.sock_family).unwrap_or(0) as u8;
+    ev.sport = read::<u16>(req, k.sock_num).unwrap_or(0);
+    ev.dport = u16::from_be(read::<u16>(req, k.sock_dport).unwrap_or(0));
+    if ev.family == AF_INET6 {
+        ev.saddr = read(req, k.sock_v6_rcv_saddr).unwrap_or([0; 16]);
+        ev.daddr = read(req, k.sock_v6_daddr).unwrap_or([0; 16]);
+    } else {
+        let s: [u8; 4] = read(req, k.sock_rcv_saddr).unwrap_or([0; 4]);
+        let d: [u8; 4] = read(req, k.sock_daddr).unwrap_or([0; 4]);
         ev.saddr[..4].copy_from_slice(&s);
         ev.daddr[..4].copy_from_slice(&d);
     }
@@ -231,6 +210,17 @@ impl Segment {
         ev.dport = self.dport;
         ev.tcp_flags = self.flags;
         ev.flags |= flag::TCP_FLAGS_KNOWN;
+    }
+
+    /// Copies the addresses of a reply to the segment (a reset answering
+    /// it): from its destination back to its source.
+    #[inline(always)]
+    pub fn fill_reply(&self, ev: &mut Event) {
+        ev.family = self.family;
+        ev.saddr = self.daddr;
+        ev.daddr = self.saddr;
+        ev.sport = self.dport;
+        ev.dport = self.sport;
     }
 }
 
@@ -275,6 +265,14 @@ pub fn skb_segment(skb: u64, k: &KernelOffsets) -> Option<Segment> {
     seg.dport = u16::from_be_bytes([th[2], th[3]]);
     seg.flags = th[13];
     Some(seg)
+}
+
+/// Whether a socket in `state` is a full `struct sock` (not a time-wait
+/// or request socket, which end after `struct sock_common`).
+#[inline(always)]
+pub fn is_full_sock(state: u32) -> bool {
+    let s = &maps::config().states;
+    state != s.time_wait && state != s.new_syn_recv
 }
 
 /// Whether `state` is one of a full, synchronized TCP socket, whose

@@ -163,8 +163,15 @@ pub struct Running {
 /// Starts the tcptrace binary and waits (bounded) until it reports that
 /// tracing is live.
 pub fn start_tcptrace(args: &[&str]) -> Running {
-    let mut child = Command::new(tcptrace_bin())
-        .args(args)
+    let mut cmd = Command::new(tcptrace_bin());
+    cmd.args(args);
+    start_traced(cmd)
+}
+
+/// Starts `cmd`, a command that ends up exec'ing tcptrace, and waits
+/// (bounded) until tcptrace reports that tracing is live.
+pub fn start_traced(mut cmd: Command) -> Running {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Result, bail};
 
-use super::{cargo, ensure_setup, is_root, output_of, step, workspace_root};
+use super::{cargo, is_root, output_of, step, workspace_root};
 
 /// Where a smoke run writes (never over the committed results).
 const SMOKE_OUT: &str = "target/bench-smoke";
@@ -15,10 +15,13 @@ const SMOKE_OUT: &str = "target/bench-smoke";
 const CRITERION_BENCHES: [&str; 4] = ["--bench", "pipeline", "--bench", "attribution"];
 
 pub fn bench(smoke: bool) -> Result<()> {
-    ensure_setup()?;
+    crate::setup::ensure()?;
     if !is_root() {
         bail!("the benchmarks load BPF programs and create network namespaces: rerun as root");
     }
+    // bpftrace needs tracefs; it is mounted where only this run sees it.
+    crate::private_mounts()?;
+    crate::mount_tracefs()?;
     let root = workspace_root();
     let profile = if smoke {
         // Numbers from a smoke run mean nothing: a debug build is enough
@@ -88,12 +91,7 @@ fn ensure_bpftrace() -> Result<()> {
     if output_of("bpftrace", &["--version"]).is_some() {
         return Ok(());
     }
-    step(
-        "apt-get install bpftrace",
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends", "bpftrace"]),
-    )
+    crate::apt::install(&["bpftrace"])
 }
 
 /// The smoke run must leave a results file and a report behind.

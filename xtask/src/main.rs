@@ -8,40 +8,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod apt;
 mod bench;
 mod elf;
 mod kind;
+mod setup;
 mod vm;
-
-/// Debian packages the build and the tests need. rustc-web ships a
-/// precompiled `core` for bpfel-unknown-none (no nightly, no build-std).
-const RUST_WEB_VERSION: &str = "1.96.0+dfsg1-1~deb12u2";
-const APT_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "rust-web-clippy",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-    "bpftool",
-    "iptables",
-    "nftables",
-    "iproute2",
-    "conntrack",
-    "tmux",
-    "python3",
-];
-const PINNED: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "rust-web-clippy",
-];
-const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian's rustc, registered with rustup; aya-build runs it by this name.
-const BPF_TOOLCHAIN: &str = "debian-rust";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "tcptrace project tasks")]
@@ -138,7 +110,7 @@ fn main() -> ExitCode {
 
 fn run(task: Task) -> Result<()> {
     match task {
-        Task::Setup => setup(),
+        Task::Setup => setup::setup(),
         Task::Build { release, static_ } => {
             if static_ {
                 build_static().map(|_| ())
@@ -147,7 +119,7 @@ fn run(task: Task) -> Result<()> {
             }
         }
         Task::Run { args } => {
-            ensure_setup()?;
+            setup::ensure()?;
             build(true)?;
             let bin = target_dir().join("release/tcptrace");
             let status = Command::new(&bin)
@@ -173,7 +145,7 @@ fn run(task: Task) -> Result<()> {
                     args: k.args,
                 },
                 || {
-                    ensure_setup()?;
+                    setup::ensure()?;
                     build_static()
                 },
             ),
@@ -225,91 +197,6 @@ fn output_of(cmd: &str, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn missing_packages() -> Vec<&'static str> {
-    APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            output_of("dpkg-query", &["-W", "-f=${Status}", p])
-                .is_none_or(|s| !s.contains("install ok installed"))
-        })
-        .collect()
-}
-
-fn toolchain_linked() -> bool {
-    output_of("rustup", &["toolchain", "list"])
-        .is_some_and(|s| s.lines().any(|l| l.starts_with(BPF_TOOLCHAIN)))
-}
-
-fn bpf_linker_ok() -> bool {
-    output_of("bpf-linker", &["--version"]).is_some_and(|s| s.contains(BPF_LINKER_VERSION))
-}
-
-fn setup_complete() -> bool {
-    missing_packages().is_empty() && toolchain_linked() && bpf_linker_ok()
-}
-
-fn ensure_setup() -> Result<()> {
-    if setup_complete() { Ok(()) } else { setup() }
-}
-
-fn setup() -> Result<()> {
-    let missing = missing_packages();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "setup must run as root to install {}: rerun as root",
-                missing.join(" ")
-            );
-        }
-        if output_of("apt-get", &["--version"]).is_none() {
-            bail!(
-                "apt-get not found: install {} with your package manager (Debian 12 names)",
-                missing.join(" ")
-            );
-        }
-        step(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-q"]),
-        )?;
-        let specs: Vec<String> = missing
-            .iter()
-            .map(|p| {
-                if PINNED.contains(p) {
-                    format!("{p}={RUST_WEB_VERSION}")
-                } else {
-                    (*p).to_string()
-                }
-            })
-            .collect();
-        step(
-            "apt-get install",
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&specs),
-        )?;
-    }
-    if !toolchain_linked() {
-        step(
-            "rustup toolchain link",
-            Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]),
-        )?;
-    }
-    if !bpf_linker_ok() {
-        // Debian's /usr/bin/llvm-config is LLVM 14; bpf-linker needs 22.
-        step(
-            "cargo install bpf-linker",
-            cargo()
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-                .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
-        )?;
-    }
-    eprintln!("xtask: setup complete");
-    Ok(())
 }
 
 fn build(release: bool) -> Result<()> {
@@ -378,7 +265,7 @@ fn bpf_clippy() -> Command {
         )
         .args([
             "run",
-            BPF_TOOLCHAIN,
+            setup::BPF_TOOLCHAIN,
             "cargo",
             "clippy",
             "--package",
@@ -395,7 +282,7 @@ fn bpf_clippy() -> Command {
 }
 
 fn test(no_root: bool, no_vm: bool) -> Result<()> {
-    ensure_setup()?;
+    setup::ensure()?;
     step(
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
@@ -433,6 +320,9 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         );
     }
     build(false)?;
+    // What the tests and tcptrace mount (tracefs, network namespaces) stays
+    // in a mount namespace of this run's own and is gone with it.
+    private_mounts()?;
     step(
         "root integration tests",
         cargo()
@@ -452,6 +342,38 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         return Ok(());
     }
     vm::vm_test(&vm::VmTestArgs::ci())
+}
+
+/// Moves this process (and what it starts) into a mount namespace of its
+/// own whose mounts do not propagate to the host's.
+pub(crate) fn private_mounts() -> Result<()> {
+    use nix::{mount::MsFlags, sched::CloneFlags};
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private in the test mount namespace")
+}
+
+/// tracefs in this process's (private) mount namespace, for tools that do
+/// not mount it themselves (bpftrace).
+pub(crate) fn mount_tracefs() -> Result<()> {
+    let root = Path::new("/sys/kernel/tracing");
+    if root.join("events").is_dir() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("nodev"),
+        root,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting tracefs at /sys/kernel/tracing")
 }
 
 /// The binary shipped to nodes (`build --static`, also used by `kind` and

@@ -334,7 +334,6 @@ impl KernelReport {
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     let started = Instant::now();
-    ensure_qemu()?;
     let mut bins = build_binaries()?;
     if !args.suites.is_empty() {
         for wanted in &args.suites {
@@ -415,22 +414,6 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     Ok(())
 }
 
-fn ensure_qemu() -> Result<()> {
-    if output_of("qemu-system-x86_64", &["--version"]).is_some() {
-        return Ok(());
-    }
-    if !super::is_root() {
-        bail!("qemu-system-x86_64 not found: install qemu-system-x86 (apt-get) or rerun as root");
-    }
-    step(
-        "apt-get install qemu-system-x86",
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .arg("qemu-system-x86"),
-    )
-}
-
 /// The binaries that run in the guest.
 struct Binaries {
     tcptrace: PathBuf,
@@ -438,7 +421,7 @@ struct Binaries {
 }
 
 fn build_binaries() -> Result<Binaries> {
-    super::ensure_setup()?;
+    crate::setup::ensure()?;
     super::build(false)?;
     eprintln!("xtask: cargo test --no-run (tcptrace-tests)");
     let out = cargo()
@@ -550,46 +533,6 @@ fn run_bounded(cmd: &mut Command, timeout: Duration, echo: bool) -> Result<(Opti
     Ok((Some(status.code().unwrap_or(-1)), text))
 }
 
-/// `apt-get download` into `dir`; returns the .deb.
-fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
-    fs::create_dir_all(dir)?;
-    let attempt = || {
-        Command::new("apt-get")
-            .current_dir(dir)
-            .args(["-q", "-o", "APT::Sandbox::User=root", "download", package])
-            .output()
-    };
-    let mut out = attempt().context("starting apt-get download")?;
-    if !out.status.success() && super::is_root() {
-        // A fresh machine may have no package lists yet.
-        step(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-q"]),
-        )?;
-        out = attempt().context("starting apt-get download")?;
-    }
-    if !out.status.success() {
-        bail!(
-            "apt-get download {package} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let prefix = format!("{package}_");
-    fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "apt-get download {package} left no .deb in {}",
-                dir.display()
-            )
-        })
-}
-
 /// Unpacks `package` once into `dir` (cached by a marker file).
 fn fetch_unpacked(package: &str, dir: &Path) -> Result<()> {
     let marker = dir.join(".unpacked");
@@ -600,7 +543,7 @@ fn fetch_unpacked(package: &str, dir: &Path) -> Result<()> {
     let dl = dir.with_extension("download");
     let _ = fs::remove_dir_all(&dl);
     let t = Instant::now();
-    let deb = apt_download(package, &dl)?;
+    let deb = crate::apt::download(package, &dl)?;
     step(
         &format!("dpkg -x {package}"),
         Command::new("dpkg").arg("-x").arg(&deb).arg(dir),
@@ -627,15 +570,7 @@ fn fetch_busybox(vm_dir: &Path) -> Result<PathBuf> {
 /// The concrete image package behind a meta-package, e.g.
 /// linux-image-6.1.0-56-cloud-amd64-unsigned.
 fn resolve_kernel_package(meta: &str) -> Result<String> {
-    let query = || output_of("apt-cache", &["depends", "--no-recommends", meta]);
-    let mut text = query().unwrap_or_default();
-    if !text.contains("Depends:") && super::is_root() {
-        step(
-            "apt-get update",
-            Command::new("apt-get").args(["update", "-q"]),
-        )?;
-        text = query().unwrap_or_default();
-    }
+    let text = crate::apt::depends(meta)?;
     let dep = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))

@@ -12,16 +12,26 @@ use crate::{
     maps::{BIND_ARGS, config},
 };
 
+/// Argument `n` of the syscall whose entry is traced.
+#[inline(always)]
+fn syscall_arg(ctx: &TracePointContext, n: u16) -> Option<u64> {
+    let args = config().syscalls.args;
+    if args == tcptrace_common::ABSENT {
+        return None;
+    }
+    field(ctx, args + 8 * n)
+}
+
 const EADDRINUSE: i64 = 98;
 const EADDRNOTAVAIL: i64 = 99;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
 pub fn sys_enter_bind(ctx: TracePointContext) -> u32 {
-    let tp = &config().enter_bind;
-    let Some(uaddr) = field::<_, u64>(&ctx, tp.extra) else {
+    // bind(int fd, struct sockaddr *umyaddr, int addrlen)
+    let Some(uaddr) = syscall_arg(&ctx, 1) else {
         return 0;
     };
-    let len = field::<_, u64>(&ctx, tp.extra2).unwrap_or(0);
+    let len = syscall_arg(&ctx, 2).unwrap_or(0);
     let mut args = BindArgs {
         addr: [0; 28],
         _pad: 0,
@@ -53,7 +63,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = BIND_ARGS.remove(id);
-    let ret = field::<_, i64>(&ctx, config().exit_bind.extra).unwrap_or(0);
+    let ret = field::<_, i64>(&ctx, config().syscalls.ret).unwrap_or(0);
     if ret != -EADDRINUSE && ret != -EADDRNOTAVAIL {
         return 0;
     }

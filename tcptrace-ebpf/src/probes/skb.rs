@@ -1,10 +1,10 @@
-//! skb:kfree_skb: packets dropped for a reason worth reporting (netfilter,
-//! TCP), TCP over IPv4/IPv6 only.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+//! skb:kfree_skb (raw): packets dropped for a reason worth reporting
+//! (netfilter, TCP), TCP over IPv4/IPv6 only.
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
-    kernel::{self, Segment, field, read},
+    kernel::{self, Segment, read},
     maps::config,
 };
 
@@ -12,13 +12,15 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const TCP_RST: u8 = 0x04;
 
-#[tracepoint(category = "skb", name = "kfree_skb")]
-pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+/// TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason
+/// reason[, struct sock *rx_sk])
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
     let cfg = config();
-    let tp = &cfg.kfree_skb;
-    let Some(reason) = field::<_, u32>(&ctx, tp.extra) else {
+    let Some(reason) = kernel::raw_arg(&ctx, cfg.args.kfree_skb_reason) else {
         return 0;
     };
+    let reason = reason as u32;
     // Cheap filters first: this tracepoint fires for every dropped packet.
     let reset = cfg.reset_from_drop != 0 && reason == cfg.no_socket_reason;
     let word = (reason / 64) as usize;
@@ -27,13 +29,12 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     if !wanted && !reset {
         return 0;
     }
-    // The tracepoint stores ntohs(skb->protocol).
-    let protocol = field::<_, u16>(&ctx, tp.extra2).unwrap_or(0);
+    let skb: u64 = ctx.arg(0);
+    let k = &cfg.kernel;
+    let protocol = u16::from_be(read::<u16>(skb, k.skb_protocol).unwrap_or(0));
     if protocol != ETH_P_IP && protocol != ETH_P_IPV6 {
         return 0;
     }
-    let skb: u64 = field(&ctx, tp.skbaddr).unwrap_or(0);
-    let k = &cfg.kernel;
     let Some(seg) = kernel::skb_segment(skb, k) else {
         return 0;
     };
@@ -52,11 +53,15 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
     seg.fill(ev);
     ev.reason = reason;
-    ev.location = field(&ctx, tp.extra3).unwrap_or(0);
-    // Namespace of the device the packet was on, else of its socket.
+    ev.location = kernel::raw_arg(&ctx, cfg.args.kfree_skb_location).unwrap_or(0);
+    // Namespace of the device the packet was on, else of its socket: the
+    // one the kernel found for it (rx_sk), else the skb's own.
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
-    let sk: u64 = read(skb, k.skb_sk).unwrap_or(0);
+    let sk = match kernel::raw_arg(&ctx, cfg.args.kfree_skb_rx_sk) {
+        Some(rx_sk) if rx_sk != 0 => rx_sk,
+        _ => read(skb, k.skb_sk).unwrap_or(0),
+    };
     if sk != 0 {
         if ev.netns == 0 {
             ev.netns = kernel::net_inum(kernel::sock_net(sk, k), k);
@@ -81,11 +86,7 @@ fn report_reset(skb: u64, seg: &Segment) {
     };
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
-    ev.family = seg.family;
-    ev.saddr = seg.daddr;
-    ev.daddr = seg.saddr;
-    ev.sport = seg.dport;
-    ev.dport = seg.sport;
+    seg.fill_reply(ev);
     ev.flags |= flag::RESET_FROM_DROP;
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);

@@ -1,13 +1,11 @@
-//! tcp:* tracepoints: retransmits and resets, all in softirq or timer
-//! context, so the owner comes from the socket, never from `current`.
-use aya_ebpf::{
-    macros::{raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TracePointContext},
-};
+//! tcp:* tracepoints, raw (no tracefs, no record built first):
+//! retransmits and resets, all in softirq or timer context, so the owner
+//! comes from the socket, never from `current`.
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
-    kernel::{self, field, read},
+    kernel::{self, read},
     maps::{config, mark_reset},
 };
 
@@ -31,22 +29,22 @@ fn describe_sock(ev: &mut Event, sk: u64, with_detail: bool) -> bool {
     true
 }
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
-    let tp = &config().retransmit_skb;
+/// TP_PROTO(const struct sock *sk, const struct sk_buff *skb, ...)
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: RawTracePointContext) -> u32 {
+    let k = &config().kernel;
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
     let Some(mut entry) = kernel::reserve(hook::RETRANSMIT_SKB, kind::RETRANSMIT) else {
         return 0;
     };
     // SAFETY: reserve() initialised the entry.
     let ev = unsafe { entry.assume_init_mut() };
-    kernel::tuple_from_tp(&ctx, tp, ev);
-    ev.state = field::<_, i32>(&ctx, tp.state).unwrap_or(0) as u8;
-    let skb: u64 = field(&ctx, tp.skbaddr).unwrap_or(0);
-    if let Some(flags) = read::<u8>(skb, config().kernel.skb_tcp_flags) {
+    kernel::tuple_from_sock(sk, k, ev);
+    if let Some(flags) = read::<u8>(skb, k.skb_tcp_flags) {
         ev.tcp_flags = flags;
         ev.flags |= flag::TCP_FLAGS_KNOWN;
     }
-    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
     if !describe_sock(ev, sk, true) {
         entry.discard(0);
         return 0;
@@ -55,18 +53,20 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_retransmit_synack")]
-pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
-    let tp = &config().retransmit_synack;
+/// TP_PROTO(const struct sock *sk, const struct request_sock *req)
+#[raw_tracepoint(tracepoint = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack(ctx: RawTracePointContext) -> u32 {
+    let cfg = config();
+    let sk: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
     let Some(mut entry) = kernel::reserve(hook::RETRANSMIT_SYNACK, kind::SYNACK_RETRANSMIT) else {
         return 0;
     };
     // SAFETY: reserve() initialised the entry.
     let ev = unsafe { entry.assume_init_mut() };
-    kernel::tuple_from_tp(&ctx, tp, ev);
-    ev.state = config().states.syn_recv as u8;
-    // skaddr is the listener; its owner is the server process.
-    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
+    kernel::tuple_from_request(req, &cfg.kernel, ev);
+    ev.state = cfg.states.syn_recv as u8;
+    // sk is the listener; its owner is the server process.
     if !describe_sock(ev, sk, false) {
         entry.discard(0);
         return 0;
@@ -75,29 +75,41 @@ pub fn tcp_retransmit_synack(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "tcp", name = "tcp_send_reset")]
-pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+/// TP_PROTO(const struct sock *sk, const struct sk_buff *skb[, enum
+/// sk_rst_reason reason]): `skb` is the segment answered (none for an
+/// active reset), `sk` may be a full, request or time-wait socket, or none.
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     let cfg = config();
-    let tp = &cfg.send_reset;
+    let k = &cfg.kernel;
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
     let Some(mut entry) = kernel::reserve(hook::SEND_RESET, kind::RESET_SENT) else {
         return 0;
     };
     // SAFETY: reserve() initialised the entry.
     let ev = unsafe { entry.assume_init_mut() };
-    kernel::tuple_from_tp(&ctx, tp, ev);
-    ev.state = field::<_, i32>(&ctx, tp.state).unwrap_or(0) as u8;
-    if let Some(reason) = field::<_, u32>(&ctx, tp.extra) {
-        ev.reason = reason;
+    if let Some(reason) = kernel::raw_arg(&ctx, cfg.args.send_reset_reason) {
+        ev.reason = reason as u32;
         ev.flags |= flag::REASON_KNOWN;
     }
-    let sk: u64 = field(&ctx, tp.skaddr).unwrap_or(0);
+    // A reset answering a segment goes from its destination back to its
+    // source (also when the socket is a listener or a time-wait socket,
+    // which have no inet_sock with both ends); an active reset has only the
+    // socket.
+    if let Some(seg) = kernel::skb_segment(skb, k) {
+        seg.fill_reply(ev);
+    } else {
+        kernel::tuple_from_sock(sk, k, ev);
+    }
+    let state = read::<u8>(sk, k.sock_state).unwrap_or(0);
+    let full_sock = sk != 0 && kernel::is_full_sock(state as u32);
+    ev.state = state;
     if sk == 0 {
         // No socket: the namespace is the receiving device's.
-        let skb: u64 = field(&ctx, tp.skbaddr).unwrap_or(0);
-        let dev: u64 = read(skb, cfg.kernel.skb_dev).unwrap_or(0);
-        let net: u64 = read(dev, cfg.kernel.dev_net).unwrap_or(0);
-        ev.netns = kernel::net_inum(net, &cfg.kernel);
-    } else if !describe_sock(ev, sk, true) {
+        let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
+        ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
+    } else if !describe_sock(ev, sk, full_sock) {
         entry.discard(0);
         return 0;
     }

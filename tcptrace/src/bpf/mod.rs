@@ -2,6 +2,7 @@
 //! hooks, drains the ring buffer and decodes records into model events.
 pub mod decode;
 pub mod offsets;
+pub mod tracefs;
 
 use std::{
     path::{Path, PathBuf},
@@ -132,9 +133,29 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Lines of a verifier log kept in a message: the refused instruction and
+/// the verifier's reason.
+const VERIFIER_LINES: usize = 2;
+
+/// The error without the verifier's full trace (thousands of lines): its
+/// first line and the verifier's last words before its statistics.
+fn shorten_verifier_log(text: &str) -> String {
+    let Some((head, log)) = text.split_once(" Verifier output:") else {
+        return text.to_string();
+    };
+    let statistics = ["verification time", "stack depth", "processed ", ":"];
+    let lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !statistics.iter().any(|s| l.starts_with(s)))
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(VERIFIER_LINES)..];
+    format!("{head} (verifier: {})", tail.join(" | "))
+}
+
 /// Explains why a program could not be loaded, in words a user can act on.
 fn explain_load_error(e: &ProgramError) -> String {
-    let text = chain(e);
+    let text = shorten_verifier_log(&chain(e));
     if text.to_lowercase().contains("unknown btf type") {
         return format!(
             "{text} (the function is not in vmlinux BTF, e.g. it lives in a module such as \
@@ -183,15 +204,8 @@ fn boot_wall_time() -> Result<SystemTime> {
         .ok_or_else(|| anyhow!("system clock is before boot time"))
 }
 
-/// Builds the program configuration for the running kernel.
+/// Builds the program configuration for the running kernel, from BTF only.
 pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions) -> Result<Config> {
-    use offsets::{read_format, tracefs_root, tracepoint_offsets};
-    let root = tracefs_root().ok_or_else(|| {
-        anyhow!("tracefs not found at /sys/kernel/tracing: mount it with `mount -t tracefs nodev /sys/kernel/tracing`")
-    })?;
-    let tp = |cat: &str, name: &str, extras: [&str; 3]| {
-        read_format(&root, cat, name).map(|f| tracepoint_offsets(&f, extras))
-    };
     let mut drop_reasons = [0u64; 4];
     for name in DROP_REASONS {
         if let Some(v) = names.drop_reason_value(name)
@@ -200,12 +214,12 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
             drop_reasons[(v / 64) as usize] |= 1 << (v % 64);
         }
     }
-    // Before 6.10, tcp_send_reset has no reason field and is not called for
+    let args = offsets::raw_tp_args(btf);
+    // Before 6.10, tcp_send_reset has no reason and is not called for
     // segments without a socket.
-    let socketless_resets_traced = read_format(&root, "tcp", "tcp_send_reset")
-        .is_ok_and(|fields| fields.contains_key("reason"));
+    let socketless_resets_traced = args.send_reset_reason != tcptrace_common::NO_ARG;
     let no_socket = names.drop_reason_value("NO_SOCKET");
-    let mut cfg = Config {
+    Ok(Config {
         self_tgid: if opts.ignore_self {
             std::process::id()
         } else {
@@ -217,17 +231,10 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         states: names.states.numbers()?,
         drop_reasons,
         kernel: offsets::kernel_offsets(btf),
+        args,
+        syscalls: offsets::syscall_offsets(btf),
         ..Config::ZERO
-    };
-    // A missing format leaves the offsets ABSENT; attaching reports it.
-    let none = tcptrace_common::TracepointOffsets::NONE;
-    cfg.retransmit_skb = tp("tcp", "tcp_retransmit_skb", ["", "", ""]).unwrap_or(none);
-    cfg.retransmit_synack = tp("tcp", "tcp_retransmit_synack", ["", "", ""]).unwrap_or(none);
-    cfg.send_reset = tp("tcp", "tcp_send_reset", ["reason", "", ""]).unwrap_or(none);
-    cfg.kfree_skb = tp("skb", "kfree_skb", ["reason", "protocol", "location"]).unwrap_or(none);
-    cfg.enter_bind = tp("syscalls", "sys_enter_bind", ["umyaddr", "addrlen", ""]).unwrap_or(none);
-    cfg.exit_bind = tp("syscalls", "sys_exit_bind", ["ret", "", ""]).unwrap_or(none);
-    Ok(cfg)
+    })
 }
 
 impl Tracer {
@@ -259,6 +266,19 @@ impl Tracer {
                     anyhow!("loading the BPF object: {text}")
                 }
             })?;
+        // Only the syscall tracepoints need tracefs (their ids); every other
+        // hook is a raw tracepoint, fexit or kprobe.
+        let tracefs = if opts.syscall_hooks {
+            tracefs::ensure()
+        } else {
+            Err(String::new())
+        };
+        if let Ok(tracefs::Tracefs::Mounted(at)) = &tracefs {
+            eprintln!(
+                "tcptrace: tracefs was not mounted: mounted it at {}",
+                at.display()
+            );
+        }
         let mut probes: Vec<ProbeStatus> = Vec::new();
         // Parsed for the fexit tier only, on first use.
         let mut aya_btf = None;
@@ -282,6 +302,8 @@ impl Tracer {
                 .any(|p| p.tracepoint == fexit_hook && p.state == ProbeState::Attached);
             let state = if syscall && !opts.syscall_hooks {
                 ProbeState::Disabled("--no-syscall-hooks".into())
+            } else if let (true, Err(why)) = (syscall, &tracefs) {
+                ProbeState::Unavailable(why.clone())
             } else if tier == Tier::Kprobe && fexit_live {
                 ProbeState::Disabled("the fexit tier is live".into())
             } else {
@@ -439,4 +461,23 @@ fn attach(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten_verifier_log;
+
+    #[test]
+    fn a_verifier_log_is_cut_to_its_reason() {
+        let log = "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). \
+                   Verifier output: 0: R1=ctx() R10=fp0\n1: (bf) r9 = r1\n2: (79) r1 = *(u64 *)(r9 +8)\n\
+                   57: (79) r1 = *(u64 *)(r9 +0)\ndereference of modified ctx ptr R9 off=16 disallowed\n\
+                   verification time 1379 usec\nstack depth 120\nprocessed 726 insns\n: Permission denied (os error 13)";
+        assert_eq!(
+            shorten_verifier_log(log),
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). (verifier: \
+             57: (79) r1 = *(u64 *)(r9 +0) | dereference of modified ctx ptr R9 off=16 disallowed)"
+        );
+        assert_eq!(shorten_verifier_log("refused"), "refused");
+    }
 }

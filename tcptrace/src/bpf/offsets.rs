@@ -1,105 +1,16 @@
-//! Resolves what the BPF programs need to know about the running kernel:
-//! tracepoint record layouts from tracefs format files, struct member
-//! offsets and enum values from BTF.
-use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
-};
+//! Resolves what the BPF programs need to know about the running kernel
+//! from its BTF: struct member offsets, enum values and the arguments of
+//! raw tracepoints. No tracefs: its format files are not needed.
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::util::KernelVersion;
 use btf_rs::{Btf, Type};
-use tcptrace_common::{ABSENT, KERNEL_ABSENT, KernelOffsets, TcpStates, TracepointOffsets};
+use tcptrace_common::{
+    ABSENT, ArgIndex, KERNEL_ABSENT, KernelOffsets, NO_ARG, RawTpArgs, SyscallOffsets, TcpStates,
+};
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
-const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-
-/// One field of a tracepoint format file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TpField {
-    pub offset: u16,
-    pub size: u16,
-}
-
-/// Parses a tracefs `format` file into field name -> offset/size.
-pub fn parse_format(text: &str) -> HashMap<String, TpField> {
-    let mut fields = HashMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else {
-            continue;
-        };
-        let mut decl = None;
-        let mut offset = None;
-        let mut size = None;
-        for part in rest.split(';') {
-            let part = part.trim();
-            if let Some(v) = part.strip_prefix("offset:") {
-                offset = v.parse::<u16>().ok();
-            } else if let Some(v) = part.strip_prefix("size:") {
-                size = v.parse::<u16>().ok();
-            } else if decl.is_none() && !part.is_empty() {
-                decl = Some(part);
-            }
-        }
-        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
-            continue;
-        };
-        // "const void * skaddr", "__u8 saddr[4]" -> last word without array suffix
-        let name = decl.rsplit([' ', '*']).next().unwrap_or(decl);
-        let name = name.split('[').next().unwrap_or(name);
-        fields.insert(name.to_string(), TpField { offset, size });
-    }
-    fields
-}
-
-pub fn tracefs_root() -> Option<PathBuf> {
-    TRACEFS_ROOTS
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("events").is_dir())
-}
-
-pub fn read_format(root: &Path, category: &str, name: &str) -> Result<HashMap<String, TpField>> {
-    let path = root.join("events").join(category).join(name).join("format");
-    let text = fs::read_to_string(&path)
-        .with_context(|| format!("reading tracepoint format {}", path.display()))?;
-    Ok(parse_format(&text))
-}
-
-/// Maps a tracepoint's fields onto [`TracepointOffsets`]; `extras` name the
-/// fields that go into `extra`, `extra2` and `extra3`.
-pub fn tracepoint_offsets(
-    fields: &HashMap<String, TpField>,
-    extras: [&str; 3],
-) -> TracepointOffsets {
-    let at = |name: &str| fields.get(name).map_or(ABSENT, |f| f.offset);
-    let mut t = TracepointOffsets {
-        skaddr: at("skaddr"),
-        skbaddr: at("skbaddr"),
-        state: at("state"),
-        sport: at("sport"),
-        dport: at("dport"),
-        family: at("family"),
-        saddr: at("saddr"),
-        daddr: at("daddr"),
-        saddr_v6: at("saddr_v6"),
-        daddr_v6: at("daddr_v6"),
-        extra: at(extras[0]),
-        extra2: at(extras[1]),
-        extra3: at(extras[2]),
-        ..TracepointOffsets::NONE
-    };
-    // Newer tcp_send_reset records carry whole sockaddrs.
-    if fields.get("saddr").is_some_and(|f| f.size == 28) {
-        t.saddr_sockaddr = t.saddr;
-        t.daddr_sockaddr = t.daddr;
-        t.saddr = ABSENT;
-        t.daddr = ABSENT;
-    }
-    t
-}
 
 /// Enum members whose enums tcptrace reads; enums are found by a member
 /// because several of them (TCP states) are anonymous.
@@ -196,6 +107,75 @@ impl KernelBtf {
         bits.is_multiple_of(8).then_some(bits / 8)
     }
 
+    /// The C types of a tracepoint's arguments as its raw tracepoint passes
+    /// them (`btf_trace_<name>` without its leading `void *__data`), e.g.
+    /// `["struct sk_buff *", "void *", "enum skb_drop_reason"]`; `None` when
+    /// this kernel has no such tracepoint.
+    pub fn raw_tracepoint_args(&self, name: &str) -> Option<Vec<String>> {
+        let typedef = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .ok()?
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Typedef(t) => Some(t),
+                _ => None,
+            })?;
+        let Type::Ptr(ptr) = self.btf.resolve_chained_type(&typedef).ok()? else {
+            return None;
+        };
+        let Type::FuncProto(proto) = self.btf.resolve_chained_type(&ptr).ok()? else {
+            return None;
+        };
+        let params = proto
+            .parameters
+            .iter()
+            .map(|p| {
+                self.btf
+                    .resolve_chained_type(p)
+                    .map_or_else(|_| "?".to_string(), |t| self.c_type(t, 0))
+            })
+            .collect::<Vec<_>>();
+        Some(params.into_iter().skip(1).collect())
+    }
+
+    /// A type as C spells it, without qualifiers: "struct sock *", "int".
+    fn c_type(&self, t: Type, depth: u32) -> String {
+        if depth > 8 {
+            return "?".into();
+        }
+        let named = |kind: &str, t: &dyn btf_rs::BtfType| {
+            let name = self.btf.resolve_name(t).unwrap_or_default();
+            if kind.is_empty() {
+                name
+            } else {
+                format!("{kind} {name}")
+            }
+        };
+        let inner = |x: &dyn btf_rs::BtfType| {
+            self.btf
+                .resolve_chained_type(x)
+                .map_or_else(|_| "?".to_string(), |t| self.c_type(t, depth + 1))
+        };
+        match &t {
+            Type::Void => "void".into(),
+            Type::Int(x) => named("", x),
+            Type::Float(x) => named("", x),
+            Type::Typedef(x) => named("", x),
+            Type::Struct(x) => named("struct", x),
+            Type::Union(x) => named("union", x),
+            Type::Enum(x) => named("enum", x),
+            Type::Enum64(x) => named("enum", x),
+            Type::Fwd(x) => named("struct", x),
+            Type::Ptr(x) => format!("{} *", inner(x)),
+            Type::Const(x) => inner(x),
+            Type::Volatile(x) => inner(x),
+            Type::Restrict(x) => inner(x),
+            Type::TypeTag(x) => inner(x),
+            _ => "?".into(),
+        }
+    }
+
     /// Name -> value of every member of the enum that has `member` (one of
     /// [`ENUM_ANCHORS`]); empty when this kernel has no such enum.
     pub fn enum_with_member(&self, member: &str) -> HashMap<String, u64> {
@@ -246,6 +226,40 @@ fn ct_invalid_fmt_arg(kernel: Option<KernelVersion>) -> u32 {
     }
 }
 
+/// The position of the first argument of C type `ty` in `args`.
+fn arg_of_type(args: &[String], ty: &str) -> ArgIndex {
+    args.iter()
+        .position(|a| a == ty)
+        .map_or(NO_ARG, |i| i as ArgIndex)
+}
+
+/// Positions of the raw tracepoint arguments that moved between kernels.
+pub fn raw_tp_args(btf: &KernelBtf) -> RawTpArgs {
+    let send_reset = btf
+        .raw_tracepoint_args("tcp_send_reset")
+        .unwrap_or_default();
+    let kfree_skb = btf.raw_tracepoint_args("kfree_skb").unwrap_or_default();
+    RawTpArgs {
+        send_reset_reason: arg_of_type(&send_reset, "enum sk_rst_reason"),
+        kfree_skb_reason: arg_of_type(&kfree_skb, "enum skb_drop_reason"),
+        kfree_skb_location: arg_of_type(&kfree_skb, "void *"),
+        kfree_skb_rx_sk: arg_of_type(&kfree_skb, "struct sock *"),
+    }
+}
+
+/// Where the syscall tracepoints keep the arguments and the return value.
+pub fn syscall_offsets(btf: &KernelBtf) -> SyscallOffsets {
+    let at = |s: &str, m: &str| {
+        btf.offset(s, &[m])
+            .and_then(|o| u16::try_from(o).ok())
+            .unwrap_or(ABSENT)
+    };
+    SyscallOffsets {
+        args: at("syscall_trace_enter", "args"),
+        ret: at("syscall_trace_exit", "ret"),
+    }
+}
+
 /// Struct member offsets the programs read.
 pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
     let sock = |p: &[&str]| opt(btf.offset("sock", p));
@@ -281,6 +295,8 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_family: sock(&["__sk_common", "skc_family"]),
         inet_sport: opt(btf.offset("inet_sock", &["inet_sport"])),
         sock_dport: sock(&["__sk_common", "skc_dport"]),
+        sock_num: sock(&["__sk_common", "skc_num"]),
+        skb_protocol: opt(btf.offset("sk_buff", &["protocol"])),
         sock_rcv_saddr: sock(&["__sk_common", "skc_rcv_saddr"]),
         sock_daddr: sock(&["__sk_common", "skc_daddr"]),
         sock_v6_rcv_saddr: sock(&["__sk_common", "skc_v6_rcv_saddr"]),
@@ -368,25 +384,6 @@ pub fn enum_names(btf: &KernelBtf, member: &str, prefix: &str) -> HashMap<u32, S
 mod tests {
     use super::*;
 
-    const RETRANSMIT_FORMAT: &str = "name: tcp_retransmit_skb
-ID: 2281
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
-\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
-\tfield:__u16 sport;\toffset:28;\tsize:2;\tsigned:0;
-\tfield:__u16 dport;\toffset:30;\tsize:2;\tsigned:0;
-\tfield:__u16 family;\toffset:32;\tsize:2;\tsigned:0;
-\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;
-\tfield:__u8 daddr[4];\toffset:38;\tsize:4;\tsigned:0;
-\tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
-\tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
-\tfield:int err;\toffset:76;\tsize:4;\tsigned:1;
-
-print fmt: \"skbaddr=%p\", REC->skbaddr
-";
-
     #[test]
     fn picks_the_format_argument_by_kernel() {
         let v = |a, b, c| Some(KernelVersion::new(a, b, c));
@@ -397,44 +394,26 @@ print fmt: \"skbaddr=%p\", REC->skbaddr
         assert_eq!(ct_invalid_fmt_arg(None), 3, "unknown: the current layout");
     }
 
-    #[test]
-    fn parses_tracefs_format() {
-        let f = parse_format(RETRANSMIT_FORMAT);
-        assert_eq!(
-            f["skaddr"],
-            TpField {
-                offset: 16,
-                size: 8
-            }
-        );
-        assert_eq!(
-            f["saddr_v6"],
-            TpField {
-                offset: 42,
-                size: 16
-            }
-        );
-        assert_eq!(
-            f["err"],
-            TpField {
-                offset: 76,
-                size: 4
-            }
-        );
-        let t = tracepoint_offsets(&f, ["err", "", ""]);
-        assert_eq!((t.state, t.sport, t.daddr, t.extra), (24, 28, 38, 76));
-        assert_eq!(t.extra2, ABSENT);
-        assert_eq!(t.saddr_sockaddr, ABSENT);
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
     }
 
     #[test]
-    fn send_reset_sockaddr_layout_is_recognised() {
-        let f = parse_format(
-            "\tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;\n\
-             \tfield:__u8 daddr[28];\toffset:60;\tsize:28;\tsigned:0;\n",
-        );
-        let t = tracepoint_offsets(&f, ["reason", "", ""]);
-        assert_eq!((t.saddr_sockaddr, t.daddr_sockaddr), (32, 60));
-        assert_eq!((t.saddr, t.daddr), (ABSENT, ABSENT));
+    fn finds_raw_tracepoint_arguments_by_type() {
+        // kfree_skb on 6.1 and on 6.12+ (rx_sk added).
+        let v61 = args(&["struct sk_buff *", "void *", "enum skb_drop_reason"]);
+        let v612 = args(&[
+            "struct sk_buff *",
+            "void *",
+            "enum skb_drop_reason",
+            "struct sock *",
+        ]);
+        assert_eq!(arg_of_type(&v61, "enum skb_drop_reason"), 2);
+        assert_eq!(arg_of_type(&v61, "void *"), 1);
+        assert_eq!(arg_of_type(&v61, "struct sock *"), NO_ARG);
+        assert_eq!(arg_of_type(&v612, "struct sock *"), 3);
+        // tcp_send_reset before 6.10 has no reason.
+        let old = args(&["struct sock *", "struct sk_buff *"]);
+        assert_eq!(arg_of_type(&old, "enum sk_rst_reason"), NO_ARG);
     }
 }
