@@ -667,7 +667,7 @@ fn startup(ctx: &Ctx) -> Result<Value> {
         attached = tracer
             .probes
             .iter()
-            .filter(|p| p.state == tcptrace::bpf::ProbeState::Attached)
+            .filter(|p| p.state == tcptrace::model::ProbeState::Attached)
             .count();
         drop(tracer);
         check_stop()?;

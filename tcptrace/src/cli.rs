@@ -133,9 +133,10 @@ pub struct TraceArgs {
     /// Do not trace bind() through syscall tracepoints (no bind_error events).
     #[arg(long)]
     pub no_syscall_hooks: bool,
-    /// Kernel BTF file, for kernels that ship it outside /sys/kernel/btf.
-    #[arg(long, value_name = "FILE", default_value = crate::bpf::offsets::BTF_PATH)]
-    pub btf: PathBuf,
+    /// Kernel BTF file, for kernels that ship it outside /sys/kernel/btf
+    /// [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
     /// Seconds between reads of the node facts (sysctls, conntrack).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub facts_interval: f64,

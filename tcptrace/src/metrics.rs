@@ -35,8 +35,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    bpf::{ProbeState, ProbeStatus},
     model::{PodRef, Record},
+    model::{ProbeState, ProbeStatus},
     output::Sink,
 };
 
@@ -414,8 +414,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        bpf::Tier,
-        diagnosis::{Cause, Confidence, Verdict},
+        model::{Cause, Confidence, ProbeState, ProbeStatus, Tier, Verdict},
         model::{Endpoint, Event, EventKind, HookStats, IdentityLevel, Stats},
     };
 

@@ -112,8 +112,9 @@ mod tests {
     use super::*;
     use crate::{
         attribution::AttributionConfig,
-        diagnosis::{Cause, NetnsFacts},
-        model::{Endpoint, EventKind, IdentityLevel},
+        diagnosis::NetnsFacts,
+        model::Cause,
+        model::{Endpoint, Errno, EventKind, IdentityLevel, TcpState},
     };
 
     fn connect_error(netns: u32) -> Event {
@@ -124,9 +125,9 @@ mod tests {
             Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80),
             netns,
         );
-        ev.errno = Some("EADDRNOTAVAIL".into());
-        ev.state = Some("CLOSE".into());
-        ev.old_state = Some("SYN_SENT".into());
+        ev.errno = Some(Errno::EADDRNOTAVAIL);
+        ev.state = Some(TcpState::Close);
+        ev.old_state = Some(TcpState::SynSent);
         ev
     }
 

@@ -6,19 +6,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{MapData, RingBuf};
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::{AttributionConfig, Attributor, NodeScope},
-    bpf::{ProbeState, ProbeStatus, Tier, Tracer, TracerOptions},
+    bpf::{Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
     metrics::MeteredSink,
-    model::{Record, Stats},
+    model::{ProbeState, ProbeStatus, Record, Stats, Tier},
     node::{self, FactsConfig, Refresher},
     output::{ChannelSink, NdjsonWriter, Sink},
     pipeline::Pipeline,
@@ -50,12 +46,13 @@ pub async fn main(cli: Cli) -> Result<()> {
 }
 
 fn options(args: &TraceArgs) -> TracerOptions {
+    let defaults = TracerOptions::default();
     TracerOptions {
         ring_buffer_bytes: args.ring_buffer_size,
         all_states: args.all_states,
         syscall_hooks: !args.no_syscall_hooks,
         ignore_self: true,
-        btf_path: args.btf.clone(),
+        btf_path: args.btf.clone().unwrap_or(defaults.btf_path),
     }
 }
 
@@ -214,7 +211,6 @@ struct Signals {
 
 /// A loaded tracer and the stages its records pass through.
 struct Session {
-    ring: AsyncFd<RingBuf<MapData>>,
     stages: Stages,
 }
 
@@ -222,7 +218,7 @@ impl Session {
     fn start(args: &TraceArgs) -> Result<Self> {
         let mut tracer = Tracer::load(&options(args))?;
         report_unavailable(&tracer.probes);
-        let ring = tracer.events()?;
+        tracer.use_runtime()?;
         let attributor = Attributor::new(AttributionConfig {
             host_root: args.node.host_root.clone(),
             node_scope: args.node_scope.clone().map(NodeScope::CgroupPrefix),
@@ -243,7 +239,6 @@ impl Session {
         )
         .context("starting the node facts reader")?;
         Ok(Self {
-            ring,
             stages: Stages {
                 tracer,
                 pipeline,
@@ -296,12 +291,9 @@ impl Session {
         stats_tick.tick().await;
         loop {
             tokio::select! {
-                guard = self.ring.readable_mut() => {
-                    let mut guard = guard.context("waiting for events")?;
-                    let drained = self.stages.drain(guard.get_inner_mut(), sink)?;
-                    if drained < DRAIN_BATCH {
-                        guard.clear_ready();
-                    }
+                ready = self.stages.tracer.wait() => {
+                    ready?;
+                    let drained = self.stages.drain(sink)?;
                     sink.flush()?;
                     if drained > 0 && drained < DRAIN_BATCH {
                         tokio::time::sleep(LINGER).await;
@@ -328,7 +320,7 @@ impl Session {
             }
         }
         // Whatever the kernel produced before we stopped is still delivered.
-        while self.stages.drain(self.ring.get_mut(), sink)? == DRAIN_BATCH {}
+        while self.stages.drain(sink)? == DRAIN_BATCH {}
         for record in self.stages.pipeline.finish(SystemTime::now()) {
             sink.write(&record)?;
         }
@@ -371,31 +363,36 @@ struct Stages {
 
 impl Stages {
     /// Decodes, names, diagnoses and writes at most [`DRAIN_BATCH`] records.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, sink: &mut impl Sink) -> Result<usize> {
-        apply_updates(&self.refresher, &mut self.pipeline);
-        let mut n = 0;
-        while n < DRAIN_BATCH {
-            let Some(item) = ring.next() else { break };
-            n += 1;
-            match self.tracer.decode(&item) {
-                Ok(ev) => {
-                    let processed = self.pipeline.event(ev);
-                    if processed.needs_facts {
-                        self.refresher.wake();
-                    }
-                    for record in &processed.records {
-                        sink.write(record)?;
-                    }
+    fn drain(&mut self, sink: &mut impl Sink) -> Result<usize> {
+        let Self {
+            tracer,
+            pipeline,
+            refresher,
+            tally,
+            notices,
+        } = self;
+        apply_updates(refresher, pipeline);
+        let mut written = Ok(());
+        let n = tracer.drain(DRAIN_BATCH, |decoded| match decoded {
+            Ok(ev) => {
+                let processed = pipeline.event(ev);
+                if processed.needs_facts {
+                    refresher.wake();
                 }
-                Err(e) => {
-                    self.tally.malformed += 1;
-                    if self.tally.malformed == 1 {
-                        self.notices.warn(format!("skipping malformed record: {e}"));
+                for record in &processed.records {
+                    if written.is_ok() {
+                        written = sink.write(record);
                     }
                 }
             }
-        }
-        Ok(n)
+            Err(e) => {
+                tally.malformed += 1;
+                if tally.malformed == 1 {
+                    notices.warn(format!("skipping malformed record: {e}"));
+                }
+            }
+        });
+        written.map(|()| n)
     }
 }
 

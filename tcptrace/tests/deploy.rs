@@ -123,7 +123,14 @@ fn host_mounts_are_read_only_and_match_the_flags() {
         mounted.insert(target);
     }
     // What tcptrace reads: BTF and tracefs at fixed paths, the rest under the root.
-    let btf = cli.trace.btf.parent().unwrap().to_path_buf();
+    let btf = cli
+        .trace
+        .btf
+        .as_deref()
+        .expect("the manifest names the BTF file")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     assert!(
         mounted.contains(&btf),
         "BTF dir {} not mounted",

@@ -11,7 +11,6 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -44,10 +43,9 @@ impl std::ops::Deref for Netns {
     }
 }
 
-/// The tracer and its ring buffer, shared by the tests of one binary.
+/// The tracer, shared by the tests of one binary.
 pub struct Capture {
     pub tracer: Tracer,
-    ring: RingBuf<MapData>,
     /// Events drained but not yet claimed by a test, by namespace.
     pending: Vec<Event>,
 }
@@ -64,12 +62,10 @@ pub fn capture() -> MutexGuard<'static, Capture> {
             ignore_self: false,
             ..TracerOptions::default()
         };
-        let mut tracer =
+        let tracer =
             Tracer::load(&opts).expect("loading tcptrace's BPF programs (tests need root)");
-        let ring = tracer.ring_buffer().expect("ring buffer");
         Mutex::new(Capture {
             tracer,
-            ring,
             pending: Vec::new(),
         })
     });
@@ -81,13 +77,9 @@ pub fn capture() -> MutexGuard<'static, Capture> {
 
 impl Capture {
     fn drain(&mut self) {
-        while let Some(item) = self.ring.next() {
-            let bytes = item.to_vec();
-            drop(item);
-            if let Ok(ev) = self.tracer.decode(&bytes) {
-                self.pending.push(ev);
-            }
-        }
+        let pending = &mut self.pending;
+        self.tracer
+            .drain(usize::MAX, |decoded| pending.extend(decoded.ok()));
     }
 
     /// Collects events of namespace `netns` until `done` holds for them or
@@ -194,7 +186,13 @@ pub fn start_traced(mut cmd: Command) -> Running {
         match running.stderr.recv_timeout(left) {
             Ok(line) if line.starts_with("tcptrace: tracing,") => return running,
             Ok(line) => running.before_ready.push(line),
-            Err(_) => panic!("tcptrace did not report readiness within 30 s"),
+            Err(_) => {
+                let status = running.child.try_wait().ok().flatten();
+                panic!(
+                    "tcptrace did not report readiness within 30 s (exit: {status:?}); stderr:\n{}",
+                    running.before_ready.join("\n")
+                )
+            }
         }
     }
 }

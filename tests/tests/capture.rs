@@ -8,7 +8,7 @@ use std::{
 };
 
 use nix::sys::socket::{setsockopt, sockopt};
-use tcptrace::model::{Event, EventKind};
+use tcptrace::model::{Errno, Event, EventKind, TcpFlags, TcpState};
 use tcptrace_tests::{Netns, capture, show};
 
 fn addr(port: u16) -> SocketAddr {
@@ -47,8 +47,8 @@ fn syn_retransmit_and_netfilter_drop_are_recorded_exactly() {
         show(&events)
     );
     let r = rtx[0];
-    assert_eq!(r.state.as_deref(), Some("SYN_SENT"));
-    assert_eq!(r.tcp_flags.as_deref(), Some("SYN"));
+    assert_eq!(r.state, Some(TcpState::SynSent));
+    assert_eq!(r.tcp_flags, Some(TcpFlags::SYN));
     assert_eq!(r.dst, tcptrace::model::Endpoint::new(addr(81).ip(), 81));
     assert_eq!(r.src.ip, addr(81).ip());
     assert_ne!(r.src.port, 0);
@@ -59,8 +59,8 @@ fn syn_retransmit_and_netfilter_drop_are_recorded_exactly() {
 
     let closed = of_kind(&events, EventKind::StateChange);
     assert_eq!(closed.len(), 1, "{}", show(&events));
-    assert_eq!(closed[0].old_state.as_deref(), Some("SYN_SENT"));
-    assert_eq!(closed[0].state.as_deref(), Some("CLOSE"));
+    assert_eq!(closed[0].old_state, Some(TcpState::SynSent));
+    assert_eq!(closed[0].state, Some(TcpState::Close));
     assert_eq!((closed[0].src.port, closed[0].dst.port), (r.src.port, 81));
     assert_eq!(closed[0].sock, r.sock);
 
@@ -69,7 +69,7 @@ fn syn_retransmit_and_netfilter_drop_are_recorded_exactly() {
     assert_eq!(drops.len(), 2, "{}", show(&events));
     for d in drops {
         assert_eq!(d.reason.as_deref(), Some("NETFILTER_DROP"));
-        assert_eq!(d.tcp_flags.as_deref(), Some("SYN"));
+        assert_eq!(d.tcp_flags, Some(TcpFlags::SYN));
         assert_eq!((d.src.port, d.dst.port), (r.src.port, 81));
         // iptables-legacy drops in nf_hook_slow, iptables-nft in nft_do_chain.
         let location = d.location.as_deref().unwrap_or_default();
@@ -98,7 +98,7 @@ fn refused_connect_gives_exactly_the_reset_pair() {
     let received = of_kind(&events, EventKind::ResetReceived);
     assert_eq!(received.len(), 1, "{}", show(&events));
     let rr = received[0];
-    assert_eq!(rr.state.as_deref(), Some("SYN_SENT"));
+    assert_eq!(rr.state, Some(TcpState::SynSent));
     assert_eq!(rr.dst.port, 82);
     assert_eq!(rr.comm.as_deref(), Some("tt-refused"));
     let client_port = rr.src.port;
@@ -146,9 +146,9 @@ fn data_retransmit_on_established() {
     let rtx = of_kind(&events, EventKind::Retransmit);
     assert!(!rtx.is_empty(), "{}", show(&events));
     let r = rtx[0];
-    assert_eq!(r.state.as_deref(), Some("ESTABLISHED"));
+    assert_eq!(r.state, Some(TcpState::Established));
     assert_eq!((r.src.port, r.dst.port), (client_port, 83));
-    assert_eq!(r.tcp_flags.as_deref(), Some("PSH|ACK"));
+    assert_eq!(r.tcp_flags, Some(TcpFlags::PSH | TcpFlags::ACK));
     assert_eq!(r.comm.as_deref(), Some("tt-data"));
     let tcp = r.tcp.as_ref().expect("tcp detail on an established socket");
     assert!(!tcp.keepalive);
@@ -190,7 +190,7 @@ fn synack_retransmit_is_attributed_to_the_listener() {
     let sa = of_kind(&events, EventKind::SynackRetransmit);
     assert!(!sa.is_empty(), "{}", show(&events));
     assert_eq!((sa[0].src.port, sa[0].dst.port), (84, client_port));
-    assert_eq!(sa[0].state.as_deref(), Some("SYN_RECV"));
+    assert_eq!(sa[0].state, Some(TcpState::SynRecv));
     assert_eq!(sa[0].comm.as_deref(), Some("tt-listener"));
     drop((listener, client));
 }
@@ -217,10 +217,10 @@ fn port_exhaustion_gives_eaddrnotavail_with_destination() {
     });
     let ce = of_kind(&events, EventKind::ConnectError);
     assert_eq!(ce.len(), 1, "{}", show(&events));
-    assert_eq!(ce[0].errno.as_deref(), Some("EADDRNOTAVAIL"));
+    assert_eq!(ce[0].errno, Some(Errno::EADDRNOTAVAIL));
     assert_eq!(ce[0].dst, tcptrace::model::Endpoint::new(addr(85).ip(), 85));
     assert_eq!(ce[0].src.port, 0);
-    assert_eq!(ce[0].old_state.as_deref(), Some("SYN_SENT"));
+    assert_eq!(ce[0].old_state, Some(TcpState::SynSent));
     assert_eq!(ce[0].comm.as_deref(), Some("tt-exhaust"));
     assert_eq!(ce[0].pid, Some(std::process::id()));
 }
@@ -242,7 +242,7 @@ fn bind_conflict_gives_eaddrinuse() {
     });
     let be = of_kind(&events, EventKind::BindError);
     assert_eq!(be.len(), 1, "{}", show(&events));
-    assert_eq!(be[0].errno.as_deref(), Some("EADDRINUSE"));
+    assert_eq!(be[0].errno, Some(Errno::EADDRINUSE));
     assert_eq!(be[0].src, tcptrace::model::Endpoint::new(addr(86).ip(), 86));
     assert_eq!(be[0].comm.as_deref(), Some("tt-binder"));
     assert_eq!(be[0].netns, ns.inode());
@@ -298,7 +298,7 @@ fn reset_after_idle_reports_idle_ms_and_keepalive() {
     let resets = of_kind(&events, EventKind::ResetReceived);
     assert_eq!(resets.len(), 2, "{}", show(&events));
     for r in &resets {
-        assert_eq!(r.state.as_deref(), Some("ESTABLISHED"));
+        assert_eq!(r.state, Some(TcpState::Established));
         let tcp = r.tcp.as_ref().expect("tcp detail");
         assert!((1400..3000).contains(&tcp.idle_ms), "idle {tcp:?}");
         if r.src.port == ports[0] {

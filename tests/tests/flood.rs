@@ -28,8 +28,7 @@ fn losses_are_counted_exactly_and_nothing_blocks() {
         ..TracerOptions::default()
     })
     .unwrap();
-    let mut ring = tracer.ring_buffer().unwrap();
-    while ring.next().is_some() {}
+    tracer.drain(usize::MAX, |_| {});
     let ns = Netns::new("flood").unwrap();
     let (seen0, lost0) = counters(&tracer, "tcp_receive_reset");
 
@@ -71,19 +70,18 @@ fn losses_are_counted_exactly_and_nothing_blocks() {
     let mut delivered_here = 0u64;
     let mut delivered_elsewhere = 0u64;
     let mut records = 0usize;
-    while let Some(item) = ring.next() {
+    let inode = ns.inode();
+    tracer.drain(usize::MAX, |decoded| {
         records += 1;
-        let bytes = item.to_vec();
-        drop(item);
-        let ev = tracer.decode(&bytes).unwrap();
+        let ev = decoded.unwrap();
         if ev.kind == EventKind::ResetReceived {
-            if ev.netns == ns.inode() {
+            if ev.netns == inode {
                 delivered_here += 1;
             } else {
                 delivered_elsewhere += 1;
             }
         }
-    }
+    });
     let (seen1, lost1) = counters(&tracer, "tcp_receive_reset");
     let (seen, lost) = (seen1 - seen0, lost1 - lost0);
 
@@ -109,7 +107,6 @@ fn losses_are_counted_exactly_and_nothing_blocks() {
 #[test]
 fn own_sockets_are_ignored() {
     let mut tracer = Tracer::load(&TracerOptions::default()).unwrap();
-    let mut ring = tracer.ring_buffer().unwrap();
     let ns = Netns::new("self").unwrap();
     ns.run("tt-self", || {
         let addr = SocketAddr::from(([127, 0, 0, 1], 9));
@@ -118,14 +115,13 @@ fn own_sockets_are_ignored() {
     .unwrap();
     thread::sleep(Duration::from_millis(200));
     let mut kinds = Vec::new();
-    while let Some(item) = ring.next() {
-        let bytes = item.to_vec();
-        drop(item);
-        let ev = tracer.decode(&bytes).unwrap();
-        if ev.netns == ns.inode() {
+    let inode = ns.inode();
+    tracer.drain(usize::MAX, |decoded| {
+        let ev = decoded.unwrap();
+        if ev.netns == inode {
             kinds.push((ev.kind, ev.reason.clone()));
         }
-    }
+    });
     assert_eq!(
         kinds,
         vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]

@@ -31,10 +31,11 @@ fn host_mounts() -> Vec<String> {
 /// tcptrace in a private mount namespace where tracefs, debugfs and bpffs
 /// are unmounted first; `wrapper` goes between the shell and tcptrace.
 fn start_unmounted(wrapper: &str) -> Running {
+    // Busybox (in the VMs) has no mountpoint(1): /proc/self/mounts says.
     let script = format!(
         "for m in /sys/kernel/debug/tracing /sys/kernel/tracing /sys/kernel/debug /sys/fs/bpf; do \
-           for _ in 1 2 3 4; do mountpoint -q $m || break; umount $m; done; \
-           ! mountpoint -q $m || exit 3; \
+           for _ in 1 2 3 4; do grep -q \" $m \" /proc/self/mounts || break; umount $m || exit 3; done; \
+           ! grep -q \" $m \" /proc/self/mounts || exit 3; \
          done; \
          exec {wrapper} {} --format json --stats-interval 0.5",
         tcptrace_bin().display()

@@ -12,12 +12,12 @@ use std::{
 
 use serde_json::Value;
 use tcptrace::{
-    diagnosis::{Cause, Verdict},
     lab::{
         self,
         scenarios::{self, CT_TIMEOUT_S, CaseResult, NODEPORTS},
         selftest::Observer,
     },
+    model::{Cause, Verdict},
 };
 
 static OBSERVER: OnceLock<Mutex<Observer>> = OnceLock::new();

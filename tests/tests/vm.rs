@@ -11,10 +11,8 @@ use std::{
 
 use nix::sys::socket::{SockaddrIn, bind, connect, socket};
 use tcptrace::{
-    bpf::{ProbeState, Tier},
-    diagnosis::{Cause, Confidence},
     lab::{scenarios, selftest::Observer},
-    model::{Event, EventKind},
+    model::{Cause, Confidence, Errno, Event, EventKind, ProbeState, Tier},
 };
 use tcptrace_tests::{Netns, capture, show};
 
@@ -97,7 +95,7 @@ fn port_exhaustion_is_reported_once_by_the_direct_hook() {
     let errors = of_kind(&events, EventKind::ConnectError);
     assert_eq!(errors.len(), 1, "exactly one record: {}", show(&events));
     let e = errors[0];
-    assert_eq!(e.errno.as_deref(), Some("EADDRNOTAVAIL"));
+    assert_eq!(e.errno, Some(Errno::EADDRNOTAVAIL));
     assert_eq!(e.dst.to_string(), "127.0.0.1:80");
     assert_eq!(e.src.port, 0, "no source port was found");
     assert_eq!(e.comm.as_deref(), Some("tt-vm-ports"));
@@ -195,7 +193,7 @@ fn full_conntrack_table_is_reported_by_the_allocation_hook() {
         assert_eq!(d.location.as_deref(), Some("__nf_conntrack_alloc"));
         assert_eq!(d.src.to_string(), "127.0.0.1:45000");
         assert_eq!(d.dst.to_string(), "127.0.0.1:8080");
-        assert_eq!(d.errno.as_deref(), Some("ENOMEM"));
+        assert_eq!(d.errno, Some(Errno::ENOMEM));
     }
 }
 

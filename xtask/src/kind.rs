@@ -35,6 +35,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
 
 /// kind labels every node container with its cluster name and role.
 pub const CLUSTER_LABEL: &str = "io.x-k8s.kind.cluster";
@@ -228,30 +230,17 @@ pub fn stop_cmd(node: &str) -> Vec<String> {
 /// Exit code of `stop_cmd` when the node runs no agent.
 pub const NO_AGENT: i32 = 3;
 
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// Tags one NDJSON line with its node: `{"node":"kind-worker",...}`. Lines
-/// that are not JSON objects are not records and are left out (`None`).
+/// Tags one NDJSON line with its node: `{"node":"kind-worker",...}`, the
+/// record's own fields after it as they were. Lines that are not JSON
+/// objects are not records and are left out (`None`).
 pub fn tag_line(node: &str, line: &str) -> Option<String> {
-    let rest = line.trim_end().strip_prefix('{')?;
-    let tag = format!("{{\"node\":{}", json_string(node));
-    Some(if rest.trim_start().starts_with('}') {
-        format!("{tag}}}")
-    } else {
-        format!("{tag},{rest}")
-    })
+    let mut record: IndexMap<String, Box<RawValue>> = serde_json::from_str(line).ok()?;
+    record.shift_insert(
+        0,
+        "node".into(),
+        serde_json::value::to_raw_value(node).ok()?,
+    );
+    serde_json::to_string(&record).ok()
 }
 
 /// What `cargo xtask kind` was asked.
@@ -652,5 +641,12 @@ mod tests {
         assert_eq!(tag_line("n\"1", "{}").unwrap(), r#"{"node":"n\"1"}"#);
         assert_eq!(tag_line("n", "{ }\r").unwrap(), r#"{"node":"n"}"#);
         assert_eq!(tag_line("n", "tcptrace: tracing"), None);
+        // Nested values are kept as they were; a record's own "node" gives way.
+        assert_eq!(
+            tag_line("n\n", r#"{"a":{"b": [1.50]},"node":"x"}"#).unwrap(),
+            r#"{"node":"n\n","a":{"b": [1.50]}}"#
+        );
+        assert_eq!(tag_line("n", "[1]"), None);
+        assert_eq!(tag_line("n", "{truncated"), None);
     }
 }

@@ -12,7 +12,7 @@ use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, ct_invalid, flag, ki
 use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
-use crate::model::{Endpoint, Event, EventKind, TcpDetail};
+use crate::model::{Endpoint, Errno, Event, EventKind, SockPtr, TcpDetail, TcpFlags, TcpState};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -115,30 +115,6 @@ impl Symbolizer {
     }
 }
 
-pub fn errno_name(errno: i32) -> String {
-    let e = nix::errno::Errno::from_raw(errno.abs());
-    if e == nix::errno::Errno::UnknownErrno {
-        format!("E{}", errno.abs())
-    } else {
-        format!("{e:?}")
-    }
-}
-
-pub fn tcp_flags_name(flags: u8) -> String {
-    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    let set: Vec<&str> = NAMES
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| flags & (1 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if set.is_empty() {
-        "NONE".into()
-    } else {
-        set.join("|")
-    }
-}
-
 /// Decodes records using the kernel's names and a boot->wall clock offset.
 pub struct Decoder {
     pub names: KernelNames,
@@ -160,11 +136,8 @@ impl Decoder {
         u64::from(j) * 1000 / u64::from(self.names.hz.max(1))
     }
 
-    fn state(&self, s: u8) -> String {
-        self.names
-            .states
-            .name(u32::from(s))
-            .map_or_else(|| format!("UNKNOWN({s})"), str::to_string)
+    fn state(&self, s: u8) -> Option<TcpState> {
+        self.names.states.state(u32::from(s))
     }
 
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
@@ -203,20 +176,20 @@ impl Decoder {
             ev.cgroup_id = Some(raw.cgroup_id);
         }
         if raw.sk != 0 {
-            ev.sock = Some(format!("{:#x}", raw.sk));
+            ev.sock = Some(SockPtr(raw.sk));
         }
         let has_state = !matches!(
             kind,
             EventKind::Drop | EventKind::BindError | EventKind::ConntrackInvalid
         );
         if has_state && raw.state != 0 {
-            ev.state = Some(self.state(raw.state));
+            ev.state = self.state(raw.state);
         }
         if matches!(kind, EventKind::StateChange | EventKind::ConnectError) {
-            ev.old_state = Some(self.state(raw.old_state));
+            ev.old_state = self.state(raw.old_state);
         }
         if raw.errno != 0 {
-            ev.errno = Some(errno_name(raw.errno));
+            ev.errno = Some(Errno::from_raw(raw.errno));
         }
         match kind {
             EventKind::Drop if raw.flags & flag::CT_ALLOC_FAILED != 0 => {
@@ -256,7 +229,7 @@ impl Decoder {
             _ => {}
         }
         if raw.flags & flag::TCP_FLAGS_KNOWN != 0 {
-            ev.tcp_flags = Some(tcp_flags_name(raw.tcp_flags));
+            ev.tcp_flags = Some(TcpFlags::from_bits_retain(raw.tcp_flags));
         }
         if raw.flags & flag::TCP_DETAIL != 0 {
             ev.tcp = Some(TcpDetail {
@@ -302,12 +275,10 @@ mod tests {
     use super::*;
 
     fn names() -> KernelNames {
-        let mut states = HashMap::new();
-        for (v, n) in [(1, "ESTABLISHED"), (2, "SYN_SENT"), (7, "CLOSE")] {
-            states.insert(v, n.to_string());
-        }
+        let states =
+            [(1, "ESTABLISHED"), (2, "SYN_SENT"), (7, "CLOSE")].map(|(v, n)| (v, n.to_string()));
         KernelNames {
-            states: TcpStateNames::from_map(states),
+            states: TcpStateNames::from_names(states),
             drop_reasons: HashMap::from([(12, "NETFILTER_DROP".to_string())]),
             reset_reasons: HashMap::from([(1, "NO_SOCKET".to_string())]),
             hz: 250,
@@ -405,9 +376,9 @@ mod tests {
         r.errno = -99;
         let ev = d.decode(&bytes(&r)).unwrap();
         assert_eq!(ev.kind, EventKind::ConnectError);
-        assert_eq!(ev.errno.as_deref(), Some("EADDRNOTAVAIL"));
-        assert_eq!(ev.old_state.as_deref(), Some("SYN_SENT"));
-        assert_eq!(ev.state.as_deref(), Some("CLOSE"));
+        assert_eq!(ev.errno, Some(Errno::EADDRNOTAVAIL));
+        assert_eq!(ev.old_state, Some(TcpState::SynSent));
+        assert_eq!(ev.state, Some(TcpState::Close));
         assert_eq!(ev.tcp, None);
 
         let mut r = raw();
@@ -429,7 +400,7 @@ mod tests {
         let ev = d.decode(&bytes(&r)).unwrap();
         assert_eq!(ev.reason.as_deref(), Some("CONNTRACK_TABLE_FULL"));
         assert_eq!(ev.location.as_deref(), Some("__nf_conntrack_alloc"));
-        assert_eq!(ev.errno.as_deref(), Some("ENOMEM"));
+        assert_eq!(ev.errno, Some(Errno::ENOMEM));
     }
 
     #[test]
@@ -444,7 +415,7 @@ mod tests {
         assert_eq!(ev.kind, EventKind::ConntrackInvalid);
         assert_eq!(ev.reason.as_deref(), Some("SEQ_OVER"));
         assert_eq!(ev.location.as_deref(), Some("nf_ct_l4proto_log_invalid"));
-        assert_eq!(ev.tcp_flags.as_deref(), Some("PSH|ACK"));
+        assert_eq!(ev.tcp_flags, Some(TcpFlags::PSH | TcpFlags::ACK));
         assert_eq!(ev.state, None);
         r.reason = 77;
         assert_eq!(
@@ -464,7 +435,5 @@ mod tests {
             parse_config_hz("# x\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n"),
             Some(250)
         );
-        assert_eq!(tcp_flags_name(0x12), "SYN|ACK");
-        assert_eq!(errno_name(-111), "ECONNREFUSED");
     }
 }

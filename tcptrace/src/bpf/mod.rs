@@ -15,7 +15,6 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
-use serde::Serialize;
 use tcptrace_common::{
     CONFIG_GLOBAL, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, DIRECT_MAP, EVENTS_MAP,
     counter_index, direct, hook,
@@ -26,7 +25,7 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, HookStats};
+use crate::model::{Event, HookStats, ProbeState, ProbeStatus, Tier};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -75,50 +74,23 @@ impl Default for TracerOptions {
     }
 }
 
-/// How a hook is attached on this kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Tier {
-    Fexit,
-    Kprobe,
-    Tracepoint,
-    RawTracepoint,
-}
-
-impl Tier {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Fexit => "fexit",
-            Tier::Kprobe => "kprobe",
-            Tier::Tracepoint => "tracepoint",
-            Tier::RawTracepoint => "raw_tracepoint",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
-pub enum ProbeState {
-    Attached,
-    Disabled(String),
-    Unavailable(String),
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProbeStatus {
-    pub hook: &'static str,
-    pub tracepoint: String,
-    pub tier: Tier,
-    #[serde(flatten)]
-    pub state: ProbeState,
-}
-
+/// The loaded programs and their ring buffer. Records leave it decoded,
+/// through [`Tracer::drain`]; nothing of aya shows outside this module.
 pub struct Tracer {
     ebpf: Ebpf,
     pub probes: Vec<ProbeStatus>,
-    pub decoder: Decoder,
-    /// Kernel's cumulative counters as last read, per hook.
-    started: SystemTime,
+    decoder: Decoder,
+    ring: Ring,
+    /// The last drain stopped at its limit: records are waiting.
+    backlog: bool,
+}
+
+/// The ring buffer, polled, or registered with tokio for readiness.
+enum Ring {
+    Polled(RingBuf<MapData>),
+    Async(AsyncFd<RingBuf<MapData>>),
+    /// Only while switching from one to the other.
+    Switching,
 }
 
 /// An error with its causes, e.g. "error reading X: No such file".
@@ -330,31 +302,74 @@ impl Tracer {
                 .collect();
             bail!("no hook could be attached: {}", why.join("; "));
         }
+        let map = ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| anyhow!("BPF object has no {EVENTS_MAP} map"))?;
+        let ring = RingBuf::try_from(map).context("opening the event ring buffer")?;
         Ok(Self {
             ebpf,
             probes,
             decoder: Decoder::new(names, boot_wall_time()?),
-            started: SystemTime::now(),
+            ring: Ring::Polled(ring),
+            backlog: false,
         })
     }
 
-    /// The ring buffer for synchronous polling; can be taken once.
-    pub fn ring_buffer(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(EVENTS_MAP)
-            .ok_or_else(|| anyhow!("the event ring buffer was already taken"))?;
-        RingBuf::try_from(map).context("opening the event ring buffer")
-    }
-
-    /// The ring buffer, registered with tokio for readiness.
-    pub fn events(&mut self) -> Result<AsyncFd<RingBuf<MapData>>> {
-        let ring = self.ring_buffer()?;
+    /// Registers the ring buffer with the running tokio runtime, for
+    /// [`Tracer::wait`].
+    pub fn use_runtime(&mut self) -> Result<()> {
+        let Ring::Polled(ring) = std::mem::replace(&mut self.ring, Ring::Switching) else {
+            bail!("the ring buffer is already registered with the runtime");
+        };
         // SAFETY: the ring buffer owns its map fd, which stays open and
         // unchanged until the AsyncFd (and the RingBuf inside it) is dropped.
         #[allow(unsafe_code)]
         let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-        fd.map_err(|e| anyhow!("registering the ring buffer with the event loop: {e}"))
+        self.ring = Ring::Async(
+            fd.map_err(|e| anyhow!("registering the ring buffer with the event loop: {e}"))?,
+        );
+        Ok(())
+    }
+
+    /// Waits until records are ready (after [`Tracer::use_runtime`]).
+    /// Readiness is cleared before the caller drains: a record submitted
+    /// after that wakes the next wait.
+    pub async fn wait(&mut self) -> Result<()> {
+        if self.backlog {
+            return Ok(());
+        }
+        let Ring::Async(fd) = &mut self.ring else {
+            bail!("Tracer::wait needs Tracer::use_runtime first");
+        };
+        let mut guard = fd.readable_mut().await.context("waiting for events")?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Decodes up to `max` waiting records, in order, into `each`; returns
+    /// how many records it read (malformed ones included).
+    pub fn drain(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(Result<Event, decode::DecodeError>),
+    ) -> usize {
+        let ring = match &mut self.ring {
+            Ring::Polled(ring) => ring,
+            Ring::Async(fd) => fd.get_mut(),
+            Ring::Switching => return 0,
+        };
+        let mut n = 0;
+        while n < max {
+            let Some(item) = ring.next() else { break };
+            n += 1;
+            let decoded = self.decoder.decode(&item);
+            // The record's space goes back to the kernel before the event
+            // is handled.
+            drop(item);
+            each(decoded);
+        }
+        self.backlog = n == max;
+        n
     }
 
     /// Cumulative per-hook counters summed over CPUs.
@@ -383,15 +398,6 @@ impl Tracer {
                 })
             })
             .collect()
-    }
-
-    pub fn started(&self) -> SystemTime {
-        self.started
-    }
-
-    /// Decodes one ring-buffer record.
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, decode::DecodeError> {
-        self.decoder.decode(bytes)
     }
 }
 

@@ -6,6 +6,8 @@ use std::{collections::HashMap, path::Path};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::util::KernelVersion;
 use btf_rs::{Btf, Type};
+
+use crate::model::TcpState;
 use tcptrace_common::{
     ABSENT, ArgIndex, KERNEL_ABSENT, KernelOffsets, NO_ARG, RawTpArgs, SyscallOffsets, TcpStates,
 };
@@ -320,53 +322,57 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
     }
 }
 
-/// TCP state numbers and names of the running kernel.
+/// The running kernel's TCP state numbers, by the names its BTF gives them.
 #[derive(Clone, Debug, Default)]
 pub struct TcpStateNames {
-    names: HashMap<u32, String>,
+    states: HashMap<u32, TcpState>,
 }
 
 impl TcpStateNames {
     pub fn from_btf(btf: &KernelBtf) -> Self {
-        let names = btf
-            .enum_with_member("TCP_ESTABLISHED")
+        Self::from_names(
+            btf.enum_with_member("TCP_ESTABLISHED")
+                .into_iter()
+                .filter_map(|(n, v)| Some((v as u32, n.strip_prefix("TCP_")?.to_string()))),
+        )
+    }
+
+    /// Names this tcptrace does not know (TCP_MAX_STATES, or a state
+    /// newer than it) are left out.
+    pub fn from_names(names: impl IntoIterator<Item = (u32, String)>) -> Self {
+        let states = names
             .into_iter()
-            .filter_map(|(n, v)| {
-                let short = n.strip_prefix("TCP_")?;
-                (short != "MAX_STATES").then(|| (v as u32, short.to_string()))
-            })
+            .filter_map(|(v, n)| Some((v, n.parse::<TcpState>().ok()?)))
             .collect();
-        Self { names }
+        Self { states }
     }
 
-    #[cfg(test)]
-    pub fn from_map(names: HashMap<u32, String>) -> Self {
-        Self { names }
+    pub fn state(&self, value: u32) -> Option<TcpState> {
+        self.states.get(&value).copied()
     }
 
-    pub fn name(&self, value: u32) -> Option<&str> {
-        self.names.get(&value).map(String::as_str)
-    }
-
-    pub fn value(&self, name: &str) -> Option<u32> {
-        self.names.iter().find(|(_, n)| *n == name).map(|(v, _)| *v)
+    pub fn value(&self, state: TcpState) -> Option<u32> {
+        self.states
+            .iter()
+            .find(|(_, s)| **s == state)
+            .map(|(v, _)| *v)
     }
 
     pub fn numbers(&self) -> Result<TcpStates> {
-        let v = |n: &str| {
-            self.value(n)
-                .ok_or_else(|| anyhow!("kernel BTF has no TCP_{n} state"))
+        let v = |s: TcpState| {
+            self.value(s)
+                .ok_or_else(|| anyhow!("kernel BTF has no TCP_{s} state"))
         };
         Ok(TcpStates {
-            established: v("ESTABLISHED")?,
-            syn_sent: v("SYN_SENT")?,
-            syn_recv: v("SYN_RECV")?,
-            fin_wait1: v("FIN_WAIT1")?,
-            close: v("CLOSE")?,
-            listen: v("LISTEN")?,
-            time_wait: v("TIME_WAIT")?,
-            new_syn_recv: v("NEW_SYN_RECV")?,
-            close_wait: v("CLOSE_WAIT")?,
+            established: v(TcpState::Established)?,
+            syn_sent: v(TcpState::SynSent)?,
+            syn_recv: v(TcpState::SynRecv)?,
+            fin_wait1: v(TcpState::FinWait1)?,
+            close: v(TcpState::Close)?,
+            listen: v(TcpState::Listen)?,
+            time_wait: v(TcpState::TimeWait)?,
+            new_syn_recv: v(TcpState::NewSynRecv)?,
+            close_wait: v(TcpState::CloseWait)?,
             _pad: 0,
         })
     }

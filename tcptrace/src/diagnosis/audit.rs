@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::model::{Cause, Confidence};
+
 use super::{
-    Cause, Confidence,
     causes::suggested_keepalive_s,
     facts::{NetnsFacts, NodeFacts, format_port_list, wider_range},
 };

@@ -4,11 +4,10 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use super::{
-    Cause, Confidence, Verdict,
-    facts::{ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range},
+use super::facts::{
+    ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
 };
-use crate::model::{Event, TcpDetail};
+use crate::model::{Cause, Confidence, Event, TcpDetail, Verdict};
 
 /// A verdict for one occurrence, or a confirmation of an earlier one.
 pub(super) struct Candidate {

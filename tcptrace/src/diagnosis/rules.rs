@@ -11,14 +11,16 @@ use foldhash::HashMap;
 use serde_json::json;
 
 use super::{
-    Cause, Confidence, Verdict,
     causes::{
         Candidate, CtTrend, InvalidEvidence, bind_conflict, conntrack_invalid, idle_cause,
         idle_timeout, nodeport_collision, obj, port_exhaustion, table_full, verdict, who,
     },
     facts::{ConntrackFacts, ConntrackStats, NodeFacts},
 };
-use crate::model::{Endpoint, Event, EventKind, IdentityLevel, PodRef, TcpDetail};
+use crate::model::{
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, TcpDetail,
+    TcpFlags, TcpState, Verdict,
+};
 
 #[derive(Clone, Debug)]
 pub struct DiagnoserConfig {
@@ -113,13 +115,7 @@ impl SockKey {
     fn of(ev: &Event) -> Self {
         let (a, b) = ((ev.src.ip, ev.src.port), (ev.dst.ip, ev.dst.port));
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        // Addresses are hex; any other text (a hand-written file) is hashed.
-        let sock = ev.sock.as_deref().map(|s| {
-            u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or_else(|_| {
-                use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-                BuildHasherDefault::<DefaultHasher>::default().hash_one(s)
-            })
-        });
+        let sock = ev.sock.map(|s| s.0);
         Self {
             sock,
             netns: if sock.is_some() { 0 } else { ev.netns },
@@ -215,24 +211,23 @@ impl Diagnoser {
 
     fn rules(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
         let key = SockKey::of(ev);
-        let state = ev.state.as_deref().unwrap_or("");
-        let errno = ev.errno.as_deref().unwrap_or("");
+        let state = ev.state;
+        let errno = ev.errno;
         match ev.kind {
             EventKind::StateChange => {
-                let old = ev.old_state.as_deref().unwrap_or("");
-                if state == "SYN_SENT" || state == "SYN_RECV" {
+                if matches!(state, Some(TcpState::SynSent | TcpState::SynRecv)) {
                     // A new connection, possibly on a reused sock address.
                     let s = self.sock(&key, ev.time, true);
-                    s.syn_sent = state == "SYN_SENT";
+                    s.syn_sent = state == Some(TcpState::SynSent);
                     return vec![];
                 }
                 let s = self.sock(&key, ev.time, false);
-                if state == "ESTABLISHED" {
+                if state == Some(TcpState::Established) {
                     s.established = true;
                     s.syn_sent = false;
                 }
-                if old == "SYN_SENT"
-                    && state == "CLOSE"
+                if ev.old_state == Some(TcpState::SynSent)
+                    && state == Some(TcpState::Close)
                     && s.syn_retrans > 0
                     && s.concluded.is_none()
                 {
@@ -240,7 +235,7 @@ impl Diagnoser {
                 }
                 vec![]
             }
-            EventKind::Retransmit if state == "SYN_SENT" => {
+            EventKind::Retransmit if state == Some(TcpState::SynSent) => {
                 let s = self.sock(&key, ev.time, false);
                 s.syn_sent = true;
                 s.syn_retrans += 1;
@@ -253,24 +248,30 @@ impl Diagnoser {
                 }
                 vec![]
             }
-            EventKind::Retransmit if state == "ESTABLISHED" => {
+            EventKind::Retransmit if state == Some(TcpState::Established) => {
                 self.data_retransmit(&key, ev, facts)
             }
-            EventKind::ResetReceived if state == "SYN_SENT" => self.refused(&key, ev, "reset"),
-            EventKind::ResetReceived if state == "ESTABLISHED" => {
+            EventKind::ResetReceived if state == Some(TcpState::SynSent) => {
+                self.refused(&key, ev, "reset")
+            }
+            EventKind::ResetReceived if state == Some(TcpState::Established) => {
                 self.reset_established(&key, ev, facts)
             }
             EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
                 self.reset_sent(ev, facts)
             }
-            EventKind::SocketError if errno == "ECONNREFUSED" => self.refused(&key, ev, "errno"),
-            EventKind::SocketError if errno == "ETIMEDOUT" => self.timed_out(&key, ev, facts),
+            EventKind::SocketError if errno == Some(Errno::ECONNREFUSED) => {
+                self.refused(&key, ev, "errno")
+            }
+            EventKind::SocketError if errno == Some(Errno::ETIMEDOUT) => {
+                self.timed_out(&key, ev, facts)
+            }
             EventKind::Drop => self.netfilter_drop(ev, facts),
             EventKind::ConntrackInvalid => self.invalid_marked(ev, facts),
-            EventKind::ConnectError if errno == "EADDRNOTAVAIL" => {
+            EventKind::ConnectError if errno == Some(Errno::EADDRNOTAVAIL) => {
                 vec![port_exhaustion(ev, facts, Confidence::Certain)]
             }
-            EventKind::BindError if errno == "EADDRINUSE" => {
+            EventKind::BindError if errno == Some(Errno::EADDRINUSE) => {
                 // bind() to port 0 fails with EADDRINUSE when no ephemeral
                 // port is left (what nc reports), not on a conflict.
                 if ev.src.port == 0 {
@@ -502,10 +503,10 @@ impl Diagnoser {
                 vec![c]
             }
             Some(_) => vec![],
-            None if (s.syn_sent && !s.established) || state_is(ev, "SYN_SENT") => {
+            None if (s.syn_sent && !s.established) || state_is(ev, TcpState::SynSent) => {
                 self.syn_failed(key, ev, facts)
             }
-            None if !s.established && !state_is(ev, "ESTABLISHED") => vec![],
+            None if !s.established && !state_is(ev, TcpState::Established) => vec![],
             None => {
                 // Without the retransmits, the idle time at the error also
                 // counts the retransmission period: only possible.
@@ -644,7 +645,7 @@ impl Diagnoser {
     }
 
     fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
-        if ev.reason.as_deref() != Some("NETFILTER_DROP") || !is_bare_syn(ev.tcp_flags.as_deref()) {
+        if ev.reason.as_deref() != Some("NETFILTER_DROP") || !is_bare_syn(ev.tcp_flags) {
             return vec![];
         }
         let netns = if facts.netns.get(&ev.netns).is_some_and(|f| f.ct.is_some()) {
@@ -832,8 +833,8 @@ impl Diagnoser {
     }
 }
 
-fn state_is(ev: &Event, name: &str) -> bool {
-    ev.state.as_deref() == Some(name) || ev.old_state.as_deref() == Some(name)
+fn state_is(ev: &Event, state: TcpState) -> bool {
+    ev.state == Some(state) || ev.old_state == Some(state)
 }
 
 /// Both events concern the same pair of endpoints, in either direction.
@@ -843,10 +844,8 @@ fn same_conn(a: &Event, b: &Event) -> bool {
         || (ep(&a.src) == ep(&b.dst) && ep(&a.dst) == ep(&b.src))
 }
 
-fn is_bare_syn(flags: Option<&str>) -> bool {
-    let Some(f) = flags else { return false };
-    let mut it = f.split('|').map(str::trim);
-    it.clone().any(|x| x == "SYN") && !it.any(|x| x == "ACK")
+fn is_bare_syn(flags: Option<TcpFlags>) -> bool {
+    flags.is_some_and(|f| f.contains(TcpFlags::SYN) && !f.contains(TcpFlags::ACK))
 }
 
 fn elapsed(from: SystemTime, to: SystemTime) -> Duration {
@@ -889,6 +888,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
+    use crate::model::SockPtr;
 
     #[test]
     fn memory_stays_bounded() {
@@ -910,8 +910,8 @@ mod tests {
                 Endpoint::new(ip, 80),
                 7,
             );
-            ev.sock = Some(format!("{i:x}"));
-            ev.errno = Some("ECONNREFUSED".into());
+            ev.sock = Some(SockPtr(u64::from(i)));
+            ev.errno = Some(Errno::ECONNREFUSED);
             emitted += d.observe(&ev, &facts).len();
             assert!(d.socks.len() <= 64 && d.aggs.len() <= 16, "at {i}");
         }

@@ -7,12 +7,15 @@ use std::{
 use serde_json::json;
 
 use super::{
-    Cause::{self, *},
-    Confidence::{self, *},
-    Diagnoser, DiagnoserConfig, Verdict,
+    Diagnoser, DiagnoserConfig,
     facts::{ConntrackFacts, NetnsFacts, NodeFacts},
 };
-use crate::model::{Endpoint, Event, EventKind, IdentityLevel, PodRef, TcpDetail};
+use crate::model::{
+    Cause::{self, *},
+    Confidence::{self, *},
+    Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, SockPtr, TcpDetail, TcpFlags,
+    TcpState, Verdict,
+};
 
 const NODE: u32 = 1;
 const CLIENT: u32 = 10;
@@ -54,28 +57,28 @@ fn ev(ms: u64, kind: EventKind, netns: u32, src: &str, dst: &str) -> E {
 }
 
 impl E {
-    fn sock(mut self, s: &str) -> Self {
-        self.0.sock = Some(s.into());
+    fn sock(mut self, s: u64) -> Self {
+        self.0.sock = Some(SockPtr(s));
         self
     }
-    fn state(mut self, s: &str) -> Self {
-        self.0.state = Some(s.into());
+    fn state(mut self, s: TcpState) -> Self {
+        self.0.state = Some(s);
         self
     }
-    fn from(mut self, s: &str) -> Self {
-        self.0.old_state = Some(s.into());
+    fn from(mut self, s: TcpState) -> Self {
+        self.0.old_state = Some(s);
         self
     }
-    fn errno(mut self, s: &str) -> Self {
-        self.0.errno = Some(s.into());
+    fn errno(mut self, e: Errno) -> Self {
+        self.0.errno = Some(e);
         self
     }
     fn reason(mut self, s: &str) -> Self {
         self.0.reason = Some(s.into());
         self
     }
-    fn flags(mut self, s: &str) -> Self {
-        self.0.tcp_flags = Some(s.into());
+    fn flags(mut self, f: TcpFlags) -> Self {
+        self.0.tcp_flags = Some(f);
         self
     }
     fn tcp(mut self, idle_ms: u64, keepalive: bool, keepalive_time_ms: u64) -> Self {
@@ -163,35 +166,35 @@ fn causes(v: &[Verdict]) -> Vec<(Cause, Confidence, u64)> {
 }
 
 /// A client connection to the Service that got established.
-fn connected(sock: &str) -> Vec<Step> {
+fn connected(sock: u64) -> Vec<Step> {
     vec![
         Ev(ev(0, StateChange, CLIENT, P, SVC)
             .sock(sock)
-            .from("CLOSE")
-            .state("SYN_SENT")),
+            .from(TcpState::Close)
+            .state(TcpState::SynSent)),
         Ev(ev(1, StateChange, CLIENT, P, SVC)
             .sock(sock)
-            .from("SYN_SENT")
-            .state("ESTABLISHED")),
+            .from(TcpState::SynSent)
+            .state(TcpState::Established)),
     ]
 }
 
 #[test]
 fn idle_timeout_reset_after_ipvs_forgot_the_connection() {
-    let mut steps = connected("s1");
+    let mut steps = connected(0x1000);
     steps.extend([
         Ev(ev(1_200_000, ResetReceived, CLIENT, P, SVC)
-            .sock("s1")
-            .state("ESTABLISHED")
+            .sock(0x1000)
+            .state(TcpState::Established)
             .tcp(1_200_000, false, 7_200_000)),
         Ev(ev(1_200_001, StateChange, CLIENT, P, SVC)
-            .sock("s1")
-            .from("ESTABLISHED")
-            .state("CLOSE")),
+            .sock(0x1000)
+            .from(TcpState::Established)
+            .state(TcpState::Close)),
         Ev(ev(1_200_001, SocketError, CLIENT, P, SVC)
-            .sock("s1")
-            .state("CLOSE")
-            .errno("ECONNRESET")),
+            .sock(0x1000)
+            .state(TcpState::Close)
+            .errno(Errno::ECONNRESET)),
         Tick(1_230_000),
     ]);
     let v = run(facts(), steps);
@@ -219,7 +222,7 @@ fn idle_timeout_reset_after_ipvs_forgot_the_connection() {
 }
 
 fn black_hole(keepalive: bool) -> Vec<Step> {
-    let mut steps = connected("s2");
+    let mut steps = connected(0x1001);
     // RTO doubling after a 61 s quiet period; the peer is never heard again.
     for (i, ms) in [61_200u64, 61_600, 62_400, 64_000, 67_200]
         .into_iter()
@@ -227,18 +230,18 @@ fn black_hole(keepalive: bool) -> Vec<Step> {
     {
         let idle = 61_000 + 200 * (1 << i);
         steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
-            .sock("s2")
-            .state("ESTABLISHED")
+            .sock(0x1001)
+            .state(TcpState::Established)
             .tcp(idle, keepalive, 30_000)));
     }
     steps.push(Ev(ev(80_000, StateChange, CLIENT, P, SVC)
-        .sock("s2")
-        .from("ESTABLISHED")
-        .state("CLOSE")));
+        .sock(0x1001)
+        .from(TcpState::Established)
+        .state(TcpState::Close)));
     steps.push(Ev(ev(80_000, SocketError, CLIENT, P, SVC)
-        .sock("s2")
-        .state("CLOSE")
-        .errno("ETIMEDOUT")));
+        .sock(0x1001)
+        .state(TcpState::Close)
+        .errno(Errno::ETIMEDOUT)));
     steps.push(Tick(95_000));
     steps
 }
@@ -268,11 +271,11 @@ fn idle_timeout_black_hole_is_likely_then_certain() {
 fn timeout_without_retransmit_history_is_only_possible() {
     let mut f = facts();
     f.middlebox_timeout_s = Some(60);
-    let mut steps = connected("s2");
+    let mut steps = connected(0x1001);
     steps.push(Ev(ev(900_000, SocketError, CLIENT, P, SVC)
-        .sock("s2")
-        .state("ESTABLISHED")
-        .errno("ETIMEDOUT")
+        .sock(0x1001)
+        .state(TcpState::Established)
+        .errno(Errno::ETIMEDOUT)
         .tcp(900_000, false, 7_200_000)));
     let v = run(f, steps);
     assert_eq!(causes(&v), vec![(IdleTimeout, Possible, 1)]);
@@ -284,10 +287,10 @@ fn node_conntrack_timeout_is_a_path_timeout() {
     let mut f = facts();
     f.ipvs_tcp_timeout_s = None;
     node_ct(&mut f).established_timeout_s = 5;
-    let mut steps = connected("s1");
+    let mut steps = connected(0x1000);
     steps.push(Ev(ev(9_000, ResetReceived, CLIENT, P, SVC)
-        .sock("s1")
-        .state("ESTABLISHED")
+        .sock(0x1000)
+        .state(TcpState::Established)
         .tcp(8_000, false, 7_200_000)));
     let v = run(f, steps);
     assert_eq!(causes(&v), vec![(IdleTimeout, Certain, 1)]);
@@ -307,8 +310,8 @@ fn keepalive_client_on_the_same_path_is_healthy() {
     let mut steps = black_hole(true);
     steps.truncate(5);
     steps.push(Ev(ev(70_000, ResetReceived, CLIENT, P, SVC)
-        .sock("s2")
-        .state("ESTABLISHED")
+        .sock(0x1001)
+        .state(TcpState::Established)
         .tcp(70_000, true, 30_000)));
     steps.push(Tick(90_000));
     assert_eq!(causes(&run(f, steps)), vec![]);
@@ -319,10 +322,10 @@ fn keepalive_client_on_the_same_path_is_healthy() {
 fn invalid_pair(received_first: bool) -> Vec<Step> {
     let sent = Ev(ev(1_000, ResetSent, CLIENT, P, B)
         .reason("NO_SOCKET")
-        .flags("RST"));
+        .flags(TcpFlags::RST));
     let received = Ev(ev(1_001, ResetReceived, SERVER, B, P)
-        .sock("srv")
-        .state("ESTABLISHED")
+        .sock(0x1002)
+        .state(TcpState::Established)
         .tcp(40, false, 7_200_000));
     if received_first {
         vec![received, sent]
@@ -403,7 +406,7 @@ fn conntrack_invalid_reset_reported_before_its_cause() {
 fn marked(ms: u64) -> Step {
     Ev(ev(ms, EventKind::ConntrackInvalid, NODE, B, P)
         .reason("SEQ_OVER")
-        .flags("PSH|ACK"))
+        .flags(TcpFlags::PSH | TcpFlags::ACK))
 }
 
 #[test]
@@ -459,8 +462,8 @@ fn conntrack_invalid_counter_and_unpaired_reset_is_likely() {
     let steps = vec![
         Tick(0),
         Ev(ev(500, ResetReceived, SERVER, B, P)
-            .sock("srv")
-            .state("ESTABLISHED")
+            .sock(0x1002)
+            .state(TcpState::Established)
             .tcp(40, false, 7_200_000)),
         Facts(|f| node_ct(f).stats.invalid += 3),
         Tick(1_000),
@@ -479,14 +482,14 @@ fn below_window_segment_without_reset_is_nothing() {
         Facts(|f| node_ct(f).stats.invalid += 1),
         Tick(1_000),
     ];
-    steps.extend(connected("s1"));
+    steps.extend(connected(0x1000));
     steps.push(Tick(12_000));
     assert_eq!(causes(&run(facts(), steps)), vec![]);
     // A plain application reset with no pair and no counter rise is nothing too.
     let steps = vec![
         Ev(ev(500, ResetReceived, SERVER, B, P)
-            .sock("srv")
-            .state("ESTABLISHED")
+            .sock(0x1002)
+            .state(TcpState::Established)
             .tcp(40, false, 7_200_000)),
         Tick(40_000),
     ];
@@ -498,10 +501,10 @@ fn idle_timeout_takes_priority_over_a_reset_pair() {
     let steps = vec![
         Ev(ev(1_000, ResetSent, NODE, SVC, P)
             .reason("NO_SOCKET")
-            .flags("RST")),
+            .flags(TcpFlags::RST)),
         Ev(ev(1_001, ResetReceived, CLIENT, P, SVC)
-            .sock("s1")
-            .state("ESTABLISHED")
+            .sock(0x1000)
+            .state(TcpState::Established)
             .tcp(1_000_000, false, 7_200_000)),
     ];
     assert_eq!(
@@ -518,31 +521,31 @@ fn conntrack_table_full_drops_syns_and_the_client_times_out() {
     let steps = vec![
         Tick(0),
         Ev(ev(0, StateChange, CLIENT, s, SVC)
-            .sock("s3")
-            .from("CLOSE")
-            .state("SYN_SENT")),
+            .sock(0x1003)
+            .from(TcpState::Close)
+            .state(TcpState::SynSent)),
         Ev(ev(1, Drop, NODE, s, SVC)
             .reason("NETFILTER_DROP")
-            .flags("SYN")),
+            .flags(TcpFlags::SYN)),
         Ev(ev(1_000, Retransmit, CLIENT, s, SVC)
-            .sock("s3")
-            .state("SYN_SENT")),
+            .sock(0x1003)
+            .state(TcpState::SynSent)),
         Ev(ev(1_001, Drop, NODE, s, SVC)
             .reason("NETFILTER_DROP")
-            .flags("SYN")),
+            .flags(TcpFlags::SYN)),
         Facts(|f| node_ct(f).stats.drop += 2),
         Tick(2_000),
         Ev(ev(3_000, Retransmit, CLIENT, s, SVC)
-            .sock("s3")
-            .state("SYN_SENT")),
+            .sock(0x1003)
+            .state(TcpState::SynSent)),
         Ev(ev(7_000, StateChange, CLIENT, s, SVC)
-            .sock("s3")
-            .from("SYN_SENT")
-            .state("CLOSE")),
+            .sock(0x1003)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
         Ev(ev(7_000, SocketError, CLIENT, s, SVC)
-            .sock("s3")
-            .state("CLOSE")
-            .errno("ETIMEDOUT")),
+            .sock(0x1003)
+            .state(TcpState::Close)
+            .errno(Errno::ETIMEDOUT)),
         Tick(12_000),
     ];
     let v = run(f, steps);
@@ -587,10 +590,10 @@ fn syn_drop_without_table_pressure_is_not_table_full() {
         Tick(0),
         Ev(ev(1, Drop, NODE, P, SVC)
             .reason("NETFILTER_DROP")
-            .flags("SYN")),
+            .flags(TcpFlags::SYN)),
         Ev(ev(2, Drop, NODE, P, SVC)
             .reason("NETFILTER_DROP")
-            .flags("ACK|PSH")),
+            .flags(TcpFlags::ACK | TcpFlags::PSH)),
         Tick(2_000),
     ];
     assert_eq!(causes(&run(facts(), steps)), vec![]);
@@ -604,7 +607,7 @@ fn early_drop_alone_makes_table_full_likely() {
         Tick(1_000),
         Ev(ev(1_500, Drop, NODE, P, SVC)
             .reason("NETFILTER_DROP")
-            .flags("SYN")),
+            .flags(TcpFlags::SYN)),
     ];
     let v = run(facts(), steps);
     assert_eq!(causes(&v), vec![(ConntrackTableFull, Likely, 1)]);
@@ -613,11 +616,13 @@ fn early_drop_alone_makes_table_full_likely() {
 
 #[test]
 fn port_exhaustion_aggregates_repeats() {
-    let mut steps: Vec<Step> = (0..3)
-        .map(
-            |i| Ev(ev(i * 1_000, ConnectError, CLIENT, "10.244.1.5:0", SVC).errno("EADDRNOTAVAIL")),
-        )
-        .collect();
+    let mut steps: Vec<Step> =
+        (0..3)
+            .map(|i| {
+                Ev(ev(i * 1_000, ConnectError, CLIENT, "10.244.1.5:0", SVC)
+                    .errno(Errno::EADDRNOTAVAIL))
+            })
+            .collect();
     steps.push(Tick(5_000));
     steps.push(Tick(11_000));
     steps.push(Tick(30_000));
@@ -645,7 +650,7 @@ fn bind_failures() {
     let v = run(
         facts(),
         vec![Ev(
-            ev(0, BindError, CLIENT, "0.0.0.0:0", "0.0.0.0:0").errno("EADDRINUSE")
+            ev(0, BindError, CLIENT, "0.0.0.0:0", "0.0.0.0:0").errno(Errno::EADDRINUSE)
         )],
     );
     assert_eq!(causes(&v), vec![(PortExhaustion, Likely, 1)]);
@@ -653,7 +658,7 @@ fn bind_failures() {
     let v = run(
         facts(),
         vec![Ev(
-            ev(0, BindError, SERVER, "0.0.0.0:45000", "0.0.0.0:0").errno("EADDRINUSE")
+            ev(0, BindError, SERVER, "0.0.0.0:45000", "0.0.0.0:0").errno(Errno::EADDRINUSE)
         )],
     );
     assert_eq!(causes(&v), vec![(BindConflict, Certain, 1)]);
@@ -672,25 +677,25 @@ fn kubelet_connect(sport: u16, netns: u32) -> Vec<Step> {
     let dst = "10.244.1.7:80";
     vec![
         Ev(ev(0, StateChange, netns, src, dst)
-            .sock("k")
-            .from("CLOSE")
-            .state("SYN_SENT")),
+            .sock(0x1004)
+            .from(TcpState::Close)
+            .state(TcpState::SynSent)),
         Ev(ev(1_000, Retransmit, netns, src, dst)
-            .sock("k")
-            .state("SYN_SENT")
-            .flags("SYN")),
+            .sock(0x1004)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)),
         Ev(ev(3_000, Retransmit, netns, src, dst)
-            .sock("k")
-            .state("SYN_SENT")
-            .flags("SYN")),
+            .sock(0x1004)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)),
         Ev(ev(7_000, StateChange, netns, src, dst)
-            .sock("k")
-            .from("SYN_SENT")
-            .state("CLOSE")),
+            .sock(0x1004)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
         Ev(ev(7_000, SocketError, netns, src, dst)
-            .sock("k")
-            .state("CLOSE")
-            .errno("ETIMEDOUT")),
+            .sock(0x1004)
+            .state(TcpState::Close)
+            .errno(Errno::ETIMEDOUT)),
         Tick(20_000),
     ]
 }
@@ -738,9 +743,9 @@ fn syn_timeout_never_nodeport_collision_without_overlap() {
         "192.168.66.27:30500",
         "10.244.1.7:80",
     )
-    .sock("k")
-    .from("SYN_SENT")
-    .state("ESTABLISHED")));
+    .sock(0x1004)
+    .from(TcpState::SynSent)
+    .state(TcpState::Established)));
     steps.push(Tick(20_000));
     assert_eq!(causes(&run(f.clone(), steps)), vec![]);
     // Retransmits that time out: syn_timeout only.
@@ -758,25 +763,25 @@ fn refused_connect_is_only_connection_refused() {
     let s = "10.244.1.5:40001";
     let steps = vec![
         Ev(ev(0, StateChange, CLIENT, s, SVC)
-            .sock("r")
-            .from("CLOSE")
-            .state("SYN_SENT")),
+            .sock(0x1005)
+            .from(TcpState::Close)
+            .state(TcpState::SynSent)),
         Ev(ev(1_000, Retransmit, CLIENT, s, SVC)
-            .sock("r")
-            .state("SYN_SENT")
-            .flags("SYN")),
+            .sock(0x1005)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)),
         Ev(ev(1_001, ResetReceived, CLIENT, s, SVC)
-            .sock("r")
-            .state("SYN_SENT")
+            .sock(0x1005)
+            .state(TcpState::SynSent)
             .tcp(5_000_000, false, 7_200_000)),
         Ev(ev(1_001, StateChange, CLIENT, s, SVC)
-            .sock("r")
-            .from("SYN_SENT")
-            .state("CLOSE")),
+            .sock(0x1005)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
         Ev(ev(1_001, SocketError, CLIENT, s, SVC)
-            .sock("r")
-            .state("CLOSE")
-            .errno("ECONNREFUSED")),
+            .sock(0x1005)
+            .state(TcpState::Close)
+            .errno(Errno::ECONNREFUSED)),
         Tick(30_000),
     ];
     let v = run(facts(), steps);
@@ -790,9 +795,9 @@ fn refused_connect_is_only_connection_refused() {
     let v = run(
         facts(),
         vec![Ev(ev(0, SocketError, CLIENT, s, SVC)
-            .sock("r2")
-            .state("CLOSE")
-            .errno("ECONNREFUSED"))],
+            .sock(0x1006)
+            .state(TcpState::Close)
+            .errno(Errno::ECONNREFUSED))],
     );
     assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
 }
@@ -801,13 +806,13 @@ fn refused_connect_is_only_connection_refused() {
 fn refused_connects_never_flood() {
     let mut steps = Vec::new();
     for i in 0..100u64 {
-        let sock = format!("r{i}");
+        let sock = 0x2000 + i;
         steps.push(Ev(ev(i * 50, ResetReceived, CLIENT, P, SVC)
-            .sock(&sock)
-            .state("SYN_SENT")));
+            .sock(sock)
+            .state(TcpState::SynSent)));
         steps.push(Ev(ev(i * 50, SocketError, CLIENT, P, SVC)
-            .sock(&sock)
-            .errno("ECONNREFUSED")));
+            .sock(sock)
+            .errno(Errno::ECONNREFUSED)));
     }
     steps.extend([Tick(6_000), Tick(11_000), Tick(12_000), Tick(25_000)]);
     let v = run(facts(), steps);
@@ -830,8 +835,8 @@ fn finish_reports_counts_not_yet_emitted() {
     for i in 0..5u64 {
         let src = format!("10.244.1.5:{}", 40000 + i);
         let e = ev(i * 10, ResetReceived, CLIENT, &src, SVC)
-            .sock(&format!("{:#x}", 0xffff_0000 + i))
-            .state("SYN_SENT");
+            .sock(0xffff_0000 + i)
+            .state(TcpState::SynSent);
         emitted.extend(d.observe(&e.0, &f));
     }
     assert_eq!(causes(&emitted), vec![(ConnectionRefused, Certain, 1)]);
@@ -858,11 +863,11 @@ fn reused_sock_address_starts_a_new_connection() {
     {
         let t = i as u64 * 100;
         steps.push(Ev(ev(t, ResetReceived, CLIENT, src, dst)
-            .sock("0xffff0001")
-            .state("SYN_SENT")));
+            .sock(0xffff0001)
+            .state(TcpState::SynSent)));
         steps.push(Ev(ev(t, SocketError, CLIENT, src, dst)
-            .sock("0xffff0001")
-            .errno("ECONNREFUSED")));
+            .sock(0xffff0001)
+            .errno(Errno::ECONNREFUSED)));
     }
     let v = run(facts(), steps);
     assert_eq!(
@@ -877,11 +882,11 @@ fn reused_sock_address_starts_a_new_connection() {
 
 #[test]
 fn retransmit_storm_on_a_busy_connection() {
-    let mut steps = connected("s4");
+    let mut steps = connected(0x1007);
     for i in 0..6u64 {
         steps.push(Ev(ev(10_000 + i * 500, Retransmit, CLIENT, P, SVC)
-            .sock("s4")
-            .state("ESTABLISHED")
+            .sock(0x1007)
+            .state(TcpState::Established)
             .tcp(30 + i, false, 7_200_000)));
     }
     let v = run(facts(), steps);
@@ -889,11 +894,11 @@ fn retransmit_storm_on_a_busy_connection() {
     assert_eq!(v[0].evidence["retransmits"], json!(5));
     assert_eq!(v[0].evidence["window_s"], json!(10));
     // Four retransmits, or five spread over more than 10 s, are not a storm.
-    let mut steps = connected("s4");
+    let mut steps = connected(0x1007);
     for i in 0..5u64 {
         steps.push(Ev(ev(10_000 + i * 3_000, Retransmit, CLIENT, P, SVC)
-            .sock("s4")
-            .state("ESTABLISHED")
+            .sock(0x1007)
+            .state(TcpState::Established)
             .tcp(30, false, 7_200_000)));
     }
     assert_eq!(causes(&run(facts(), steps)), vec![]);
@@ -904,7 +909,7 @@ fn verdicts_serialize_with_stable_names() {
     let v = run(
         facts(),
         vec![Ev(
-            ev(0, ConnectError, CLIENT, "10.244.1.5:0", SVC).errno("EADDRNOTAVAIL")
+            ev(0, ConnectError, CLIENT, "10.244.1.5:0", SVC).errno(Errno::EADDRNOTAVAIL)
         )],
     );
     let j = serde_json::to_value(&v[0]).expect("serialize");

@@ -16,8 +16,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 use super::{Lab, LabSpec, Pod, conntrack, selftest::Observer, which};
 use crate::{
-    diagnosis::{Cause, Verdict},
-    model::{Event, PodRef},
+    model::{Cause, Event, PodRef, TcpState, Verdict},
     netns::{in_netns, sysctl},
 };
 
@@ -205,11 +204,8 @@ fn explain(o: &Outcome) -> String {
             format!(
                 "{}[{}{}]{}->{}",
                 e.kind.as_str(),
-                e.state.as_deref().unwrap_or(""),
-                e.errno
-                    .as_deref()
-                    .map(|x| format!(" {x}"))
-                    .unwrap_or_default(),
+                e.state.map(TcpState::as_str).unwrap_or(""),
+                e.errno.map(|x| format!(" {x}")).unwrap_or_default(),
                 e.src,
                 e.dst
             )

@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
 
 use super::{
@@ -18,7 +17,8 @@ use crate::{
     attribution::{AttributionConfig, Attributor, ServiceMap, collect_services},
     bpf::{Tracer, TracerOptions},
     cli::TableFormat,
-    diagnosis::{DiagnoserConfig, Verdict},
+    diagnosis::DiagnoserConfig,
+    model::Verdict,
     model::{Event, Record},
     node::{self, FactsConfig},
     output::NdjsonWriter,
@@ -33,7 +33,6 @@ const MAX_DRAIN: usize = 65_536;
 /// The tracer, loaded once, watching this process's sockets too.
 pub struct Observer {
     tracer: Tracer,
-    ring: RingBuf<MapData>,
 }
 
 impl Observer {
@@ -45,9 +44,9 @@ impl Observer {
             ring_buffer_bytes: 1 << 24,
             ..TracerOptions::default()
         };
-        let mut tracer = Tracer::load(&opts)?;
-        let ring = tracer.ring_buffer()?;
-        Ok(Self { tracer, ring })
+        Ok(Self {
+            tracer: Tracer::load(&opts)?,
+        })
     }
 
     /// Events lost so far because the ring buffer was full.
@@ -60,18 +59,13 @@ impl Observer {
 
     /// Decodes what the kernel produced, keeping events of `netns`.
     fn drain(&mut self, netns: &HashSet<u32>, out: &mut Vec<Event>) {
-        let mut n = 0;
-        while n < MAX_DRAIN {
-            let Some(item) = self.ring.next() else { break };
-            n += 1;
-            let decoded = self.tracer.decode(&item);
-            drop(item);
+        self.tracer.drain(MAX_DRAIN, |decoded| {
             if let Ok(ev) = decoded
                 && netns.contains(&ev.netns)
             {
                 out.push(ev);
             }
-        }
+        });
     }
 
     /// Starts watching a lab: a fresh pipeline with the lab as the node.
@@ -172,7 +166,7 @@ impl Watch<'_> {
     }
 
     /// Whether some verdict has this cause and namespace.
-    pub fn has(&self, cause: crate::diagnosis::Cause, netns: u32) -> bool {
+    pub fn has(&self, cause: crate::model::Cause, netns: u32) -> bool {
         self.verdicts
             .iter()
             .any(|v| v.cause == cause && v.netns == netns)

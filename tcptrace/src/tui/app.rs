@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    diagnosis::{Cause, Verdict},
+    model::{Cause, Verdict},
     model::{Event, EventKind, PodRef, Record},
 };
 
@@ -522,7 +522,9 @@ fn event_haystack(e: &Event) -> String {
     if let Some(p) = &e.pod {
         s.push_str(&format!(" {}/{}", p.namespace, p.name));
     }
-    for extra in [&e.netns_name, &e.comm, &e.errno, &e.reason, &e.state]
+    let state = e.state.map(|x| x.as_str().to_string());
+    let errno = e.errno.map(|x| x.to_string());
+    for extra in [&e.netns_name, &e.comm, &errno, &e.reason, &state]
         .into_iter()
         .flatten()
     {

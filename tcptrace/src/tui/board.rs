@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    diagnosis::{Cause, Confidence, Verdict},
+    model::{Cause, Confidence, Verdict},
     model::{Endpoint, EventKind, PodRef},
 };
 

@@ -10,7 +10,7 @@ use ratatui::{
 };
 use time::OffsetDateTime;
 
-use crate::{diagnosis::Confidence, model::Event};
+use crate::model::{Confidence, Event};
 
 use super::{
     app::{App, Focus, Mode, Sort, unix_secs},
@@ -257,7 +257,9 @@ fn event_line(e: &Event) -> Line<'static> {
         e.src,
         e.dst
     );
-    for extra in [&e.state, &e.errno, &e.reason].into_iter().flatten() {
+    let state = e.state.map(|x| x.as_str().to_string());
+    let errno = e.errno.map(|x| x.to_string());
+    for extra in [&state, &errno, &e.reason].into_iter().flatten() {
         text.push(' ');
         text.push_str(extra);
     }

@@ -189,7 +189,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        model::{Event, EventKind},
+        model::{Event, EventKind, TcpState},
         tui::testdata::{at, ep, event, header, incident_ndjson, pod},
     };
 
@@ -314,7 +314,7 @@ mod tests {
                     ep("10.244.0.1", 30_000 + (i % 20_000) as u16),
                     ep("10.96.0.1", 8_000 + (i % 50) as u16),
                 );
-                e.state = Some("ESTABLISHED".into());
+                e.state = Some(TcpState::Established);
                 let line = serde_json::to_string(&Record::Event(Box::new(e))).expect("serialize");
                 writeln!(out, "{line}").expect("write");
             }

@@ -7,12 +7,9 @@ use std::{
 
 use serde_json::json;
 
-use crate::{
-    diagnosis::{Cause, Confidence, Verdict},
-    model::{
-        Endpoint, Event, EventKind, HookStats, IdentityLevel, PodRef, Record, ServiceRef, Stats,
-        TcpDetail,
-    },
+use crate::model::{
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, HookStats, IdentityLevel, PodRef, Record,
+    ServiceRef, Stats, TcpDetail, TcpFlags, TcpState, Verdict,
 };
 
 use super::app::Header;
@@ -195,7 +192,7 @@ pub(crate) fn incident() -> Vec<Record> {
             idle_src.clone(),
             postgres.clone(),
         );
-        e.state = Some("ESTABLISHED".into());
+        e.state = Some(TcpState::Established);
         e.tcp = Some(TcpDetail {
             idle_ms: 912_000 + ms - 10_000,
             since_send_ms: 912_000,
@@ -223,8 +220,8 @@ pub(crate) fn incident() -> Vec<Record> {
         idle_src.clone(),
         postgres.clone(),
     );
-    err.state = Some("ESTABLISHED".into());
-    err.errno = Some("ETIMEDOUT".into());
+    err.state = Some(TcpState::Established);
+    err.errno = Some(Errno::ETIMEDOUT);
     push(err);
 
     // port_exhaustion: connect() fails with EADDRNOTAVAIL, more and more often.
@@ -236,7 +233,7 @@ pub(crate) fn incident() -> Vec<Record> {
             ep("10.244.1.33", 0),
             store.clone(),
         );
-        e.errno = Some("EADDRNOTAVAIL".into());
+        e.errno = Some(Errno::EADDRNOTAVAIL);
         e.comm = Some("exporter".into());
         push(e);
     }
@@ -260,7 +257,7 @@ pub(crate) fn incident() -> Vec<Record> {
         ep("10.244.2.40", 8080),
         gw_src.clone(),
     );
-    rcv.state = Some("ESTABLISHED".into());
+    rcv.state = Some(TcpState::Established);
     push(rcv);
 
     // nodeport_collision: kubelet's health check picked NodePort 30517 as its
@@ -268,9 +265,9 @@ pub(crate) fn incident() -> Vec<Record> {
     let kubelet = ep("172.18.0.3", 30517);
     for ms in [44_000, 45_000, 47_000, 51_000] {
         let mut e = event(ms, Retransmit, None, kubelet.clone(), ingress.clone());
-        e.state = Some("SYN_SENT".into());
+        e.state = Some(TcpState::SynSent);
         e.comm = Some("kubelet".into());
-        e.tcp_flags = Some("SYN".into());
+        e.tcp_flags = Some(TcpFlags::SYN);
         push(e);
     }
 
@@ -283,7 +280,7 @@ pub(crate) fn incident() -> Vec<Record> {
             ep("10.244.1.50", 38800 + ms as u16 % 7),
             redis.clone(),
         );
-        e.state = Some("SYN_SENT".into());
+        e.state = Some(TcpState::SynSent);
         push(e);
     }
     // Noise: a normal state change is shown in the feed, not on the board.
@@ -294,8 +291,8 @@ pub(crate) fn incident() -> Vec<Record> {
         ep("10.244.1.50", 38900),
         ep("10.96.0.10", 53),
     );
-    sc.old_state = Some("SYN_SENT".into());
-    sc.state = Some("ESTABLISHED".into());
+    sc.old_state = Some(TcpState::SynSent);
+    sc.state = Some(TcpState::Established);
     push(sc);
 
     out.push(Record::Stats(stats(30_000, 120, 0, false)));
