@@ -84,7 +84,7 @@ struct Plan {
 
 impl Plan {
     fn new(args: &Args) -> Self {
-        let clients = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let clients = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
         if args.smoke {
             Self {
                 rounds: args.rounds.unwrap_or(1),
@@ -295,9 +295,9 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 fn start_tcptrace(ctx: &mut Ctx, extra: &[&str], stdout: Stdio) -> Result<Traced> {
     let mut args: Vec<String> = ["--format", "json", "--stats-interval", "3600"]
         .iter()
-        .map(|s| s.to_string())
+        .map(ToString::to_string)
         .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(ToString::to_string));
     let (t, ready) = Traced::start(
         Spawn {
             program: &ctx.args.tcptrace,
@@ -371,7 +371,7 @@ fn one_storm(
     s: Storm,
     count: u64,
     tag: &str,
-) -> Result<(Outcome, tcptrace::netns::Netns)> {
+) -> Result<(Outcome, tcptrace_lab::netns::Netns)> {
     let ns = bench_netns(tag)?;
     let out = storm::run(&ns, s, count, ctx.plan.clients, ctx.plan.limit, &STOP)?;
     check_stop()?;

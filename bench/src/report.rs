@@ -52,7 +52,7 @@ pub fn machine(bpftrace: Option<&Path>) -> Value {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
     let dirty = first_line("git", &["status", "--porcelain", "--untracked-files=no"]).is_some();
     json!({
-        "nproc": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "nproc": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpu": cpu,
         "mem_total_bytes": mem_kb.map(|k| k * 1024),
@@ -412,7 +412,7 @@ fn programs(s: &mut String, r: &Value) {
 fn pipeline(s: &mut String, r: &Value) {
     let _ = writeln!(s, "## 4. Userspace pipeline (criterion, one core)\n");
     let rows = r["pipeline"].as_array();
-    if rows.is_none_or(|r| r.is_empty()) {
+    if rows.is_none_or(Vec::is_empty) {
         let _ = writeln!(s, "Not measured in this run.\n");
         return;
     }

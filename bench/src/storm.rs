@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
 
-use tcptrace::netns::Netns;
+use tcptrace_lab::netns::Netns;
 
 /// Port of the accept storm's listener; nothing listens on the refused
 /// storm's port.

@@ -17,7 +17,7 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use tcptrace::netns::{Netns, delete_netns};
+use tcptrace_lab::netns::{Netns, delete_netns};
 
 /// Prefix of every namespace the benchmark creates.
 const NETNS_PREFIX: &str = "tcptrace-bench-";

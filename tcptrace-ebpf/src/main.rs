@@ -2,6 +2,8 @@
 //! into `tcptrace_common::Event` records on a ring buffer.
 #![no_std]
 #![no_main]
+// aya's program macros hand every program its context by value.
+#![allow(clippy::needless_pass_by_value)]
 
 mod kernel;
 mod maps;

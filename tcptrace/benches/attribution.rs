@@ -73,10 +73,10 @@ fn bench(c: &mut Criterion) {
     );
 
     c.bench_function("attribute/cgroup_hit", |b| {
-        b.iter(|| a.attribute(black_box(&mut by_cgroup)))
+        b.iter(|| a.attribute(black_box(&mut by_cgroup)));
     });
     c.bench_function("attribute/netns_hit", |b| {
-        b.iter(|| a.attribute(black_box(&mut by_netns)))
+        b.iter(|| a.attribute(black_box(&mut by_netns)));
     });
 }
 

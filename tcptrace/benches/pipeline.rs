@@ -21,8 +21,8 @@ use tcptrace::{
         decode::{Decoder, KernelNames},
         offsets::{BTF_PATH, KernelBtf},
     },
-    diagnosis::{Diagnoser, DiagnoserConfig, NodeFacts},
-    model::{Event, Record},
+    diagnosis::{Diagnoser, DiagnoserConfig},
+    model::{Event, Record, facts::NodeFacts},
     output::NdjsonWriter,
     pipeline::Pipeline,
 };
@@ -154,7 +154,7 @@ fn bench(c: &mut Criterion) {
     let mut diag = Diagnoser::new(DiagnoserConfig::default());
     let mut next = cycle(&evs);
     g.bench_function("diagnose", |b| {
-        b.iter(|| diag.observe(black_box(next()), &facts))
+        b.iter(|| diag.observe(black_box(next()), &facts));
     });
 
     let records: Vec<Record> = evs
@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
     let mut sink = NdjsonWriter::new(io::sink());
     let mut next = cycle(&records);
     g.bench_function("ndjson", |b| {
-        b.iter(|| sink.write(black_box(next())).expect("sink"))
+        b.iter(|| sink.write(black_box(next())).expect("sink"));
     });
 
     // Everything run.rs does per record: decode, attribute, diagnose, write.
@@ -182,7 +182,7 @@ fn bench(c: &mut Criterion) {
             for r in &pipeline.event(ev).records {
                 sink.write(r).expect("sink");
             }
-        })
+        });
     });
     g.finish();
 }

@@ -7,8 +7,8 @@ use std::{
 
 use crate::{
     attribution::{Attributor, ServiceMap},
-    diagnosis::{Diagnoser, DiagnoserConfig, NodeFacts},
-    model::{Event, Record},
+    diagnosis::{Diagnoser, DiagnoserConfig},
+    model::{Event, Record, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
@@ -18,6 +18,8 @@ pub struct Pipeline {
     attributor: Attributor,
     diagnoser: Diagnoser,
     facts: NodeFacts,
+    /// kube-proxy's NodePorts, added to every facts update.
+    nodeports: Vec<(u16, String)>,
     /// Namespaces seen in events but not yet in the facts.
     unknown_netns: HashSet<u32>,
 }
@@ -35,16 +37,20 @@ impl Pipeline {
             attributor,
             diagnoser: Diagnoser::new(cfg),
             facts: NodeFacts::default(),
+            nodeports: Vec::new(),
             unknown_netns: HashSet::new(),
         }
     }
 
-    pub fn set_facts(&mut self, facts: NodeFacts) {
+    pub fn set_facts(&mut self, mut facts: NodeFacts) {
         self.unknown_netns.retain(|n| !facts.netns.contains_key(n));
+        facts.add_nodeports(self.nodeports.iter().cloned());
         self.facts = facts;
     }
 
     pub fn set_services(&mut self, services: ServiceMap) {
+        self.nodeports = services.nodeport_names().collect();
+        self.facts.add_nodeports(self.nodeports.iter().cloned());
         self.attributor.set_services(services);
     }
 
@@ -112,8 +118,7 @@ mod tests {
     use super::*;
     use crate::{
         attribution::AttributionConfig,
-        diagnosis::NetnsFacts,
-        model::Cause,
+        model::{Cause, facts::NetnsFacts},
         model::{Endpoint, Errno, EventKind, IdentityLevel, TcpState},
     };
 

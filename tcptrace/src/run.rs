@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution::{AttributionConfig, Attributor, NodeScope},
+    attribution::{AttributionConfig, Attributor, NodeScope, ServiceMap},
     bpf::{Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
     diagnosis::{DiagnoserConfig, audit, render_table},
@@ -38,8 +38,8 @@ pub async fn main(cli: Cli) -> Result<()> {
         Some(Command::Replay { file, speed }) => {
             crate::tui::run_replay(&file, speed, crate::tui::Header::default()).await
         }
-        Some(Command::Selftest { scenarios, format }) => {
-            crate::lab::selftest::main(&scenarios, format)
+        Some(Command::Selftest { .. }) => {
+            anyhow::bail!("`tcptrace selftest` is the lab's: run it from the tcptrace binary")
         }
         None => trace(cli.trace).await,
     }
@@ -68,7 +68,8 @@ fn facts_config(node: &NodeArgs) -> FactsConfig {
 fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
     crate::bpf::require_privileges()?;
     let cfg = facts_config(node);
-    let (facts, names) = node::collect(&cfg, &node::services(&cfg));
+    let (mut facts, names) = node::collect(&cfg);
+    facts.add_nodeports(ServiceMap::from_dumps(&node::rules(&cfg)).nodeport_names());
     let findings = audit(&facts, &names);
     match format {
         TableFormat::Json => {
@@ -94,23 +95,22 @@ fn probes(args: &TraceArgs, format: TableFormat) -> Result<()> {
 }
 
 pub fn probe_table(probes: &[ProbeStatus]) -> String {
-    let mut out = format!(
-        "{:<25} {:<32} {:<15} {}\n",
-        "HOOK", "KERNEL HOOK", "TIER", "STATE"
-    );
-    for p in probes {
-        let tier = p.tier.as_str();
-        let state = match &p.state {
-            ProbeState::Attached => "attached".to_string(),
-            ProbeState::Disabled(why) => format!("disabled ({why})"),
-            ProbeState::Unavailable(why) => format!("unavailable: {why}"),
-        };
-        out.push_str(&format!(
-            "{:<25} {:<32} {:<15} {}\n",
-            p.hook, p.tracepoint, tier, state
-        ));
-    }
-    out
+    crate::output::table(
+        &["HOOK", "KERNEL HOOK", "TIER", "STATE"],
+        probes.iter().map(|p| {
+            let state = match &p.state {
+                ProbeState::Attached => "attached".to_string(),
+                ProbeState::Disabled(why) => format!("disabled ({why})"),
+                ProbeState::Unavailable(why) => format!("unavailable: {why}"),
+            };
+            [
+                p.hook.to_string(),
+                p.tracepoint.clone(),
+                p.tier.as_str().to_string(),
+                state,
+            ]
+        }),
+    )
 }
 
 /// Counts of what this process handled, for stats records.
@@ -228,14 +228,12 @@ impl Session {
         // The first facts are read before tracing is announced, so the first
         // events are already named and diagnosed with them.
         let facts_cfg = facts_config(&args.node);
-        let services = node::services(&facts_cfg);
-        let (facts, _) = node::collect(&facts_cfg, &services);
+        pipeline.set_services(ServiceMap::from_dumps(&node::rules(&facts_cfg)));
+        let (facts, _) = node::collect(&facts_cfg);
         pipeline.set_facts(facts);
-        pipeline.set_services(services.clone());
         let refresher = Refresher::start(
             facts_cfg,
             Duration::from_secs_f64(args.facts_interval.max(0.5)),
-            services,
         )
         .context("starting the node facts reader")?;
         Ok(Self {
@@ -345,10 +343,10 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 fn apply_updates(refresher: &Refresher, pipeline: &mut Pipeline) {
     for update in refresher.updates() {
-        pipeline.set_facts(update.facts);
-        if let Some(services) = update.services {
-            pipeline.set_services(services);
+        if let Some(rules) = &update.rules {
+            pipeline.set_services(ServiceMap::from_dumps(rules));
         }
+        pipeline.set_facts(update.facts);
     }
 }
 

@@ -22,11 +22,11 @@ use tcptrace::{
 
 /// A network namespace `tt-<name>-<pid>`, deleted (with every process in
 /// it) when dropped, also when a test panics.
-pub struct Netns(tcptrace::netns::Netns);
+pub struct Netns(tcptrace_lab::netns::Netns);
 
 impl Netns {
     pub fn new(name: &str) -> Result<Self> {
-        tcptrace::netns::Netns::create(format!("tt-{name}-{}", std::process::id())).map(Self)
+        tcptrace_lab::netns::Netns::create(format!("tt-{name}-{}", std::process::id())).map(Self)
     }
 
     /// The namespace inode, as tcptrace reports it (0 when it is gone).
@@ -36,7 +36,7 @@ impl Netns {
 }
 
 impl std::ops::Deref for Netns {
-    type Target = tcptrace::netns::Netns;
+    type Target = tcptrace_lab::netns::Netns;
 
     fn deref(&self) -> &Self::Target {
         &self.0
@@ -69,7 +69,9 @@ pub fn capture() -> MutexGuard<'static, Capture> {
             pending: Vec::new(),
         })
     });
-    let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+    let mut guard = cell
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     guard.drain();
     guard.pending.clear();
     guard

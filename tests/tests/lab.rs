@@ -11,13 +11,11 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace::{
-    lab::{
-        self,
-        scenarios::{self, CT_TIMEOUT_S, CaseResult, NODEPORTS},
-        selftest::Observer,
-    },
-    model::{Cause, Verdict},
+use tcptrace::model::{Cause, Verdict};
+use tcptrace_lab::{
+    self as lab,
+    observer::Observer,
+    scenarios::{self, CT_TIMEOUT_S, CaseResult, NODEPORTS},
 };
 
 static OBSERVER: OnceLock<Mutex<Observer>> = OnceLock::new();
@@ -29,7 +27,7 @@ fn observer() -> MutexGuard<'static, Observer> {
             Mutex::new(Observer::load().expect("loading tcptrace's BPF programs (tests need root)"))
         })
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn run(scenario: &str) -> Vec<CaseResult> {

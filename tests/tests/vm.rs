@@ -10,10 +10,8 @@ use std::{
 };
 
 use nix::sys::socket::{SockaddrIn, bind, connect, socket};
-use tcptrace::{
-    lab::{scenarios, selftest::Observer},
-    model::{Cause, Confidence, Errno, Event, EventKind, ProbeState, Tier},
-};
+use tcptrace::model::{Cause, Confidence, Errno, Event, EventKind, ProbeState, Tier};
+use tcptrace_lab::{observer::Observer, scenarios};
 use tcptrace_tests::{Netns, capture, show};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -58,7 +56,7 @@ fn port_exhaustion_is_reported_once_by_the_direct_hook() {
         "inet_hash_connect_return"
     };
     assert_eq!(
-        attached_tier(hook).map(|t| t.as_str()),
+        attached_tier(hook).map(Tier::as_str),
         Some(if hook.ends_with("fexit") {
             "fexit"
         } else {
@@ -207,7 +205,7 @@ fn full_conntrack_table_is_reported_by_the_allocation_hook() {
 fn invalid_segment_is_named_by_the_direct_hook() {
     in_vm();
     assert_eq!(
-        attached_tier("ct_invalid_entry").map(|t| t.as_str()),
+        attached_tier("ct_invalid_entry").map(Tier::as_str),
         Some("kprobe"),
         "no kprobe on nf_ct_l4proto_log_invalid"
     );

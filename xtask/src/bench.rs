@@ -28,7 +28,7 @@ pub fn bench(smoke: bool) -> Result<()> {
         // to show every phase runs, and CI has one already.
         step(
             "cargo build (bench, debug)",
-            cargo().args(["build", "-p", "tcptrace", "-p", "tcptrace-bench"]),
+            cargo().args(["build", "-p", "tcptrace-cli", "-p", "tcptrace-bench"]),
         )?;
         step(
             "criterion benches (test mode)",
@@ -45,7 +45,7 @@ pub fn bench(smoke: bool) -> Result<()> {
                 "build",
                 "--release",
                 "-p",
-                "tcptrace",
+                "tcptrace-cli",
                 "-p",
                 "tcptrace-bench",
             ]),

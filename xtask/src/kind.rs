@@ -374,7 +374,9 @@ fn merge(started: &[(String, Vec<String>)]) -> Result<()> {
         readers.push(thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Some(tagged) = tag_line(&n1, &line) {
-                    let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut w = sink
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if writeln!(w, "{tagged}").and_then(|()| w.flush()).is_err() {
                         break;
                     }

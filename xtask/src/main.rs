@@ -201,7 +201,7 @@ fn output_of(cmd: &str, args: &[&str]) -> Option<String> {
 
 fn build(release: bool) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "tcptrace"]);
+    cmd.args(["build", "--package", "tcptrace-cli"]);
     if release {
         cmd.arg("--release");
     }
@@ -226,7 +226,7 @@ fn build_static() -> Result<PathBuf> {
                 "build",
                 "--release",
                 "--package",
-                "tcptrace",
+                "tcptrace-cli",
                 "--target",
                 target,
             ]),

@@ -3,7 +3,9 @@
 //! - `/var/log/containers/<pod>_<namespace>_<container>-<container id>.log`,
 //!   a symlink into the first tree; the only place that maps a container id
 //!   to its name without asking the runtime.
-use std::{collections::HashMap, fs, io, path::Path};
+use std::{collections::HashMap, io, path::Path};
+
+use crate::node;
 
 /// A pod as its log directory names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,20 +55,9 @@ pub fn parse_container_log_name(file: &str) -> Option<(&str, &str, &str, &str)> 
 /// Pods under `dir` (`<root>/var/log/pods`), keyed by uid.
 pub fn read_pod_logs(dir: &Path) -> io::Result<HashMap<String, PodMeta>> {
     let mut pods = HashMap::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        let Some((namespace, name, uid)) = file_name.to_str().and_then(parse_pod_dir_name) else {
+    for (dir_name, mut containers) in node::host::read_subdirs(dir)? {
+        let Some((namespace, name, uid)) = parse_pod_dir_name(&dir_name) else {
             continue;
-        };
-        // A pod being deleted can vanish between the two reads.
-        let mut containers: Vec<String> = match fs::read_dir(entry.path()) {
-            Ok(rd) => rd
-                .filter_map(Result::ok)
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect(),
-            Err(_) => Vec::new(),
         };
         containers.sort();
         pods.insert(
@@ -85,16 +76,12 @@ pub fn read_pod_logs(dir: &Path) -> io::Result<HashMap<String, PodMeta>> {
 /// Containers under `dir` (`<root>/var/log/containers`), keyed by container id.
 pub fn read_container_logs(dir: &Path) -> io::Result<HashMap<String, ContainerLog>> {
     let mut containers = HashMap::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_name = entry.file_name();
-        let Some((pod, namespace, container, id)) =
-            file_name.to_str().and_then(parse_container_log_name)
-        else {
+    for (file_name, target) in node::host::read_links(dir)? {
+        let Some((pod, namespace, container, id)) = parse_container_log_name(&file_name) else {
             continue;
         };
         // Target: /var/log/pods/<ns>_<pod>_<uid>/<container>/<n>.log
-        let pod_uid = fs::read_link(entry.path()).ok().and_then(|target| {
+        let pod_uid = target.and_then(|target| {
             let pod_dir = target.parent()?.parent()?.file_name()?.to_str()?;
             let (_, _, uid) = parse_pod_dir_name(pod_dir)?;
             Some(uid.to_string())
@@ -114,7 +101,7 @@ pub fn read_container_logs(dir: &Path) -> io::Result<HashMap<String, ContainerLo
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::{fs, os::unix::fs::symlink};
 
     use super::*;
 

@@ -15,7 +15,6 @@ mod cgroup;
 mod host;
 mod kubelet;
 mod services;
-pub(crate) use services::run_in_netns;
 
 #[cfg(test)]
 mod root_tests;
@@ -31,12 +30,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use self::services::{ServiceMap, collect_services};
+pub use self::services::ServiceMap;
 use self::{
     cgroup::{CgroupOwner, parse_cgroup_path, parse_proc_cgroup},
     kubelet::{ContainerLog, PodMeta},
 };
-use crate::model::{Endpoint, Event, IdentityLevel, PodRef};
+use crate::{
+    model::{Endpoint, Event, IdentityLevel, PodRef},
+    node,
+};
 
 /// A miss rescans the host at most this often.
 const MISS_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -320,7 +322,7 @@ impl Attributor {
             containers: &containers,
         };
         let netns_dir = root.join("run/netns");
-        let names = match host::read_netns_names(&netns_dir) {
+        let names = match node::netns::names(&root) {
             Ok(names) => names,
             // No named namespace yet: nothing to name.
             Err(e) if e.kind() == io::ErrorKind::NotFound => HashMap::new(),
@@ -330,9 +332,9 @@ impl Attributor {
             }
         };
 
-        match host::cgroup2_mount(&root) {
+        match node::host::cgroup2_mount(&root) {
             Some(mount) => {
-                for (id, path) in host::walk_cgroups(&mount, cap) {
+                for (id, path) in node::host::walk_cgroups(&mount, cap) {
                     let info = CgroupInfo {
                         owner: parse_cgroup_path(&path).map(|o| kube.identify(&o)),
                         in_scope: self.in_scope_path(&path),
@@ -367,7 +369,7 @@ impl Attributor {
             o.in_scope |= in_scope;
             match cg.owner {
                 Some(owner) if !o.pod_uids.contains(&owner.pod_uid) => {
-                    o.pod_uids.push(owner.pod_uid)
+                    o.pod_uids.push(owner.pod_uid);
                 }
                 Some(_) => {}
                 None => o.other = true,

@@ -12,8 +12,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use super::{host::cgroup2_mount, *};
+use super::*;
 use crate::model::{EventKind, ServiceRef};
+use crate::node::{self, host::cgroup2_mount};
 
 /// Undoes everything the test set up, also when it panics.
 struct Cleanup {
@@ -256,8 +257,9 @@ fn names_a_real_pod_netns_cgroup_and_named_netns() {
             c.wait()
         })
         .is_ok_and(|s| s.success());
-    let services = collect_services(Some(Path::new(&format!("/run/netns/{pod_ns}"))))
-        .expect("collect services");
+    let services = ServiceMap::from_dumps(&node::kube_proxy::read_rules(Some(Path::new(
+        &format!("/run/netns/{pod_ns}"),
+    ))));
     if rules_added {
         let dns = ServiceRef {
             namespace: "kube-system".into(),

@@ -5,14 +5,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
-    process::Command,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::model::ServiceRef;
+use crate::{model::ServiceRef, node::kube_proxy::RuleDumps};
 
 /// What kube-proxy exposes on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,6 +24,41 @@ pub struct ServiceMap {
 }
 
 impl ServiceMap {
+    /// The Services in what kube-proxy's tools printed; what could not be
+    /// read or parsed becomes a warning.
+    pub fn from_dumps(dumps: &RuleDumps) -> Self {
+        let mut map = ServiceMap::default();
+        for dump in &dumps.iptables {
+            match dump {
+                Ok(out) => map.merge(ServiceMap::from_iptables_save(out)),
+                Err(w) => map.warnings.push(w.clone()),
+            }
+        }
+        match &dumps.nft_json {
+            Some(Ok(out)) => match ServiceMap::from_nft_json(out) {
+                Ok(nft) => map.merge(nft),
+                Err(e) => map.warnings.push(format!("{e:#}")),
+            },
+            Some(Err(w)) => map.warnings.push(w.clone()),
+            None => {}
+        }
+        if let Some(text) = &dumps.ip_vs {
+            map.merge(ServiceMap::from_ip_vs(text));
+        }
+        map
+    }
+
+    /// NodePort -> "namespace/name[:port]", as the facts name them.
+    pub fn nodeport_names(&self) -> impl Iterator<Item = (u16, String)> + '_ {
+        self.nodeports.iter().map(|(port, svc)| {
+            let name = match &svc.port_name {
+                Some(p) => format!("{}/{}:{p}", svc.namespace, svc.name),
+                None => format!("{}/{}", svc.namespace, svc.name),
+            };
+            (*port, name)
+        })
+    }
+
     /// The Service behind a ClusterIP / external IP and port.
     pub fn virtual_ip(&self, ip: IpAddr, port: u16) -> Option<&ServiceRef> {
         self.virtual_ips.get(&(ip, port))
@@ -314,84 +347,6 @@ fn parse_ip_vs_addr(s: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// Reads kube-proxy's rules, in the network namespace of `netns_file`
-/// (`/proc/<pid>/ns/net`, `/run/netns/<name>`) when given. A missing tool
-/// or unreadable output becomes a warning in the map, not an error.
-pub fn collect_services(netns_file: Option<&Path>) -> anyhow::Result<ServiceMap> {
-    if let Some(f) = netns_file
-        && !f.exists()
-    {
-        bail!(
-            "network namespace file {} not found: pass /proc/<pid>/ns/net or /run/netns/<name>",
-            f.display()
-        );
-    }
-    let mut map = ServiceMap::default();
-    for tool in ["iptables-save", "ip6tables-save"] {
-        match run(netns_file, tool, &["-t", "nat"]) {
-            Ok(out) => map.merge(ServiceMap::from_iptables_save(&out)),
-            Err(w) => map.warnings.push(w),
-        }
-    }
-    match run(netns_file, "nft", &["-j", "list", "ruleset"]) {
-        Ok(out) => match ServiceMap::from_nft_json(&out) {
-            Ok(nft) => map.merge(nft),
-            Err(e) => map.warnings.push(format!("{e:#}")),
-        },
-        Err(w) => map.warnings.push(w),
-    }
-    // No ip_vs file means IPVS is not loaded: nothing to report.
-    let ip_vs = match netns_file {
-        Some(_) => run(netns_file, "cat", &["/proc/net/ip_vs"]).ok(),
-        None => std::fs::read_to_string("/proc/net/ip_vs").ok(),
-    };
-    if let Some(text) = ip_vs {
-        map.merge(ServiceMap::from_ip_vs(&text));
-    }
-    Ok(map)
-}
-
-/// What a rule tool printed, or a warning that Services from it are unnamed.
-fn run(netns_file: Option<&Path>, tool: &str, args: &[&str]) -> Result<String, String> {
-    run_in_netns(netns_file, tool, args)
-        .map_err(|e| format!("{e}; Services from {tool} will not be named"))
-}
-
-/// Runs `tool args` (under `nsenter --net=FILE` when given) and returns its
-/// output, or why it could not.
-pub(crate) fn run_in_netns(
-    netns_file: Option<&Path>,
-    tool: &str,
-    args: &[&str],
-) -> Result<String, String> {
-    let mut cmd = match netns_file {
-        Some(f) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", f.display())).arg("--").arg(tool);
-            c
-        }
-        None => Command::new(tool),
-    };
-    let out = cmd.args(args).output().map_err(|e| {
-        let exe = if netns_file.is_some() {
-            "nsenter"
-        } else {
-            tool
-        };
-        format!("cannot run {exe}: {e}")
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            stderr.trim()
-        ));
-    }
-    String::from_utf8(out.stdout).map_err(|_| format!("{tool} printed non-UTF-8 output"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,14 +477,5 @@ mod tests {
             service_from_chain("endpoint-2LHZ6OQD-default/web/tcp/http__10.244.0.7/8080"),
             None
         );
-    }
-
-    #[test]
-    fn missing_netns_file_is_an_error_missing_tool_a_warning() {
-        let err =
-            collect_services(Some(Path::new("/nonexistent/netns"))).expect_err("missing file");
-        assert!(err.to_string().contains("not found"));
-        let w = run(None, "tcptrace-no-such-tool", &[]).expect_err("missing tool");
-        assert!(w.contains("cannot run tcptrace-no-such-tool"), "{w}");
     }
 }

@@ -63,7 +63,7 @@ impl KernelBtf {
                 Type::Struct(s) | Type::Union(s) => return Some(s),
                 Type::Typedef(ref x) => t = self.btf.resolve_chained_type(x).ok()?,
                 Type::Const(ref x) | Type::Volatile(ref x) | Type::Restrict(ref x) => {
-                    t = self.btf.resolve_chained_type(x).ok()?
+                    t = self.btf.resolve_chained_type(x).ok()?;
                 }
                 Type::TypeTag(ref x) => t = self.btf.resolve_chained_type(x).ok()?,
                 _ => return None,
@@ -135,14 +135,14 @@ impl KernelBtf {
             .map(|p| {
                 self.btf
                     .resolve_chained_type(p)
-                    .map_or_else(|_| "?".to_string(), |t| self.c_type(t, 0))
+                    .map_or_else(|_| "?".to_string(), |t| self.c_type(&t, 0))
             })
             .collect::<Vec<_>>();
         Some(params.into_iter().skip(1).collect())
     }
 
     /// A type as C spells it, without qualifiers: "struct sock *", "int".
-    fn c_type(&self, t: Type, depth: u32) -> String {
+    fn c_type(&self, t: &Type, depth: u32) -> String {
         if depth > 8 {
             return "?".into();
         }
@@ -157,9 +157,9 @@ impl KernelBtf {
         let inner = |x: &dyn btf_rs::BtfType| {
             self.btf
                 .resolve_chained_type(x)
-                .map_or_else(|_| "?".to_string(), |t| self.c_type(t, depth + 1))
+                .map_or_else(|_| "?".to_string(), |t| self.c_type(&t, depth + 1))
         };
-        match &t {
+        match t {
             Type::Void => "void".into(),
             Type::Int(x) => named("", x),
             Type::Float(x) => named("", x),
@@ -401,7 +401,7 @@ mod tests {
     }
 
     fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|a| a.to_string()).collect()
+        list.iter().map(ToString::to_string).collect()
     }
 
     #[test]

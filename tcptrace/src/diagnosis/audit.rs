@@ -7,10 +7,8 @@ use serde_json::{Map, Value, json};
 
 use crate::model::{Cause, Confidence};
 
-use super::{
-    causes::suggested_keepalive_s,
-    facts::{NetnsFacts, NodeFacts, format_port_list, wider_range},
-};
+use super::causes::suggested_keepalive_s;
+use crate::model::facts::{NetnsFacts, NodeFacts, format_port_list, wider_range};
 
 /// Ranges smaller than this run out under modest connection churn.
 const SMALL_PORT_RANGE: u32 = 1024;
@@ -55,7 +53,7 @@ pub fn audit(facts: &NodeFacts, names: &HashMap<u32, String>) -> Vec<Finding> {
                     Value::Object(m) => m,
                     _ => Map::new(),
                 },
-            })
+            });
         };
 
         if let Some(t) = facts.path_timeout(ns)
@@ -182,9 +180,9 @@ pub fn render_table(findings: &[Finding]) -> String {
     if findings.is_empty() {
         return "no findings\n".into();
     }
-    let header = ["NETNS", "CAUSE", "CONFIDENCE", "DETAIL", "FIX"].map(String::from);
-    let rows: Vec<[String; 5]> = std::iter::once(header)
-        .chain(findings.iter().map(|f| {
+    crate::output::table(
+        &["NETNS", "CAUSE", "CONFIDENCE", "DETAIL", "FIX"],
+        findings.iter().map(|f| {
             [
                 f.netns_name.clone().unwrap_or_else(|| f.netns.to_string()),
                 f.cause.as_str().into(),
@@ -192,34 +190,14 @@ pub fn render_table(findings: &[Finding]) -> String {
                 f.detail.clone(),
                 f.fix.clone(),
             ]
-        }))
-        .collect();
-    let mut widths = [0usize; 5];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 < row.len() {
-                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
-            } else {
-                line.push_str(cell);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+        }),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnosis::facts::ConntrackFacts;
+    use crate::model::facts::ConntrackFacts;
 
     fn node() -> NetnsFacts {
         NetnsFacts {

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
-use super::facts::{
+use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
 };
 use crate::model::{Cause, Confidence, Event, TcpDetail, Verdict};
@@ -405,7 +405,7 @@ pub(super) fn port_exhaustion(ev: &Event, facts: &NodeFacts, confidence: Confide
     if ns.is_none_or(|f| f.tw_reuse != 1) {
         fixes.push("set net.ipv4.tcp_tw_reuse=1".into());
     }
-    let size = ns.map(|f| f.port_range_size());
+    let size = ns.map(NetnsFacts::port_range_size);
     Candidate {
         v: verdict(
             ev,
@@ -422,7 +422,7 @@ pub(super) fn port_exhaustion(ev: &Event, facts: &NodeFacts, confidence: Confide
                 "errno": ev.errno,
                 "port_range": ns.map(|f| format!("{}-{}", f.port_range.0, f.port_range.1)),
                 "port_range_size": size,
-                "reserved_in_range": ns.map(|f| f.reserved_in_range()),
+                "reserved_in_range": ns.map(NetnsFacts::reserved_in_range),
                 "tw_reuse": ns.map(|f| f.tw_reuse),
             })),
             fixes.join("; "),
@@ -463,6 +463,109 @@ pub(super) fn bind_conflict(ev: &Event, facts: &NodeFacts) -> Candidate {
                 "in_ephemeral_range": ephemeral,
             })),
             fix,
+        ),
+        occurrence: true,
+    }
+}
+
+/// A reset answered the SYN (`via`: the reset itself, or the errno).
+pub(super) fn connection_refused(ev: &Event, via: &str) -> Candidate {
+    let svc = ev
+        .dst
+        .service
+        .as_ref()
+        .map(|s| {
+            format!(
+                " (Service {}/{}: check its endpoints and targetPort)",
+                s.namespace, s.name
+            )
+        })
+        .unwrap_or_default();
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::ConnectionRefused,
+            Confidence::Certain,
+            format!("{}: connection to {} refused", who(ev), ev.dst),
+            obj(json!({ "dst": ev.dst.to_string(), "via": via })),
+            format!(
+                "nothing accepts connections on {}: check that the server listens on port {}{svc}",
+                ev.dst, ev.dst.port
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// A connect whose SYN a full conntrack table on the path dropped: the
+/// table-full verdict `full`, told about this connection.
+pub(super) fn table_full_syn(ev: &Event, full: &Verdict, retrans: u32) -> Candidate {
+    let mut v = verdict(
+        ev,
+        Cause::ConntrackTableFull,
+        full.confidence,
+        format!(
+            "{}: connect to {} timed out because the conntrack table on the path is full and dropped its SYN",
+            who(ev),
+            ev.dst
+        ),
+        full.evidence.clone(),
+        full.fix.clone(),
+    );
+    v.evidence.insert("syn_retransmits".into(), json!(retrans));
+    Candidate {
+        v,
+        occurrence: true,
+    }
+}
+
+/// Nothing answered the SYNs, and no drop on the path was seen.
+pub(super) fn syn_timeout(ev: &Event, retrans: u32) -> Candidate {
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::SynTimeout,
+            Confidence::Certain,
+            format!(
+                "{}: connect to {} timed out after {retrans} SYN retransmits",
+                who(ev),
+                ev.dst
+            ),
+            obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans })),
+            format!(
+                "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
+                ev.dst
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// `n` data retransmits within `window` on one established connection.
+pub(super) fn retransmit_storm(ev: &Event, n: usize, window: std::time::Duration) -> Candidate {
+    let tcp = ev.tcp.as_ref();
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::RetransmitStorm,
+            Confidence::Likely,
+            format!(
+                "{}: {n} retransmits within {} s on the connection to {}",
+                who(ev),
+                window.as_secs(),
+                ev.dst
+            ),
+            obj(json!({
+                "dst": ev.dst.to_string(),
+                "retransmits": n,
+                "window_s": window.as_secs(),
+                "srtt_us": tcp.map(|t| t.srtt_us),
+                "total_retrans": tcp.map(|t| t.total_retrans),
+            })),
+            format!(
+                "packets to or from {} are being lost: check interface drops and errors (ip -s link), MTU mismatches and congestion on the path",
+                ev.dst
+            ),
         ),
         occurrence: true,
     }

@@ -8,18 +8,15 @@ use std::{
 
 use foldhash::HashMap;
 
-use serde_json::json;
-
-use super::{
-    causes::{
-        Candidate, CtTrend, InvalidEvidence, bind_conflict, conntrack_invalid, idle_cause,
-        idle_timeout, nodeport_collision, obj, port_exhaustion, table_full, verdict, who,
-    },
-    facts::{ConntrackFacts, ConntrackStats, NodeFacts},
+use super::causes::{
+    Candidate, CtTrend, InvalidEvidence, bind_conflict, connection_refused, conntrack_invalid,
+    idle_cause, idle_timeout, nodeport_collision, port_exhaustion, retransmit_storm, syn_timeout,
+    table_full, table_full_syn,
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, TcpDetail,
     TcpFlags, TcpState, Verdict,
+    facts::{ConntrackFacts, ConntrackStats, NodeFacts},
 };
 
 #[derive(Clone, Debug)]
@@ -315,31 +312,7 @@ impl Diagnoser {
             }
             return vec![];
         }
-        let svc = ev
-            .dst
-            .service
-            .as_ref()
-            .map(|s| {
-                format!(
-                    " (Service {}/{}: check its endpoints and targetPort)",
-                    s.namespace, s.name
-                )
-            })
-            .unwrap_or_default();
-        let c = Candidate {
-            v: verdict(
-                ev,
-                Cause::ConnectionRefused,
-                Confidence::Certain,
-                format!("{}: connection to {} refused", who(ev), ev.dst),
-                obj(json!({ "dst": ev.dst.to_string(), "via": via })),
-                format!(
-                    "nothing accepts connections on {}: check that the server listens on port {}{svc}",
-                    ev.dst, ev.dst.port
-                ),
-            ),
-            occurrence: true,
-        };
+        let c = connection_refused(ev, via);
         self.conclude(key, &c);
         vec![c]
     }
@@ -357,43 +330,9 @@ impl Diagnoser {
             .rev()
             .find(|(d, _)| same_conn(d, ev) && within(d.time, ev.time, window))
         {
-            let mut v = verdict(
-                ev,
-                Cause::ConntrackTableFull,
-                full.confidence,
-                String::new(),
-                full.evidence.clone(),
-                full.fix.clone(),
-            );
-            v.summary = format!(
-                "{}: connect to {} timed out because the conntrack table on the path is full and dropped its SYN",
-                who(ev),
-                ev.dst
-            );
-            v.evidence.insert("syn_retransmits".into(), json!(retrans));
-            Candidate {
-                v,
-                occurrence: true,
-            }
+            table_full_syn(ev, full, retrans)
         } else {
-            Candidate {
-                v: verdict(
-                    ev,
-                    Cause::SynTimeout,
-                    Confidence::Certain,
-                    format!(
-                        "{}: connect to {} timed out after {retrans} SYN retransmits",
-                        who(ev),
-                        ev.dst
-                    ),
-                    obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans })),
-                    format!(
-                        "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
-                        ev.dst
-                    ),
-                ),
-                occurrence: true,
-            }
+            syn_timeout(ev, retrans)
         };
         self.conclude(key, &c);
         vec![c]
@@ -446,32 +385,7 @@ impl Diagnoser {
         if s.recent_retrans.len() >= storm_n && !s.storm_flagged {
             s.storm_flagged = true;
             let n = s.recent_retrans.len();
-            let tcp = ev.tcp.as_ref();
-            return vec![Candidate {
-                v: verdict(
-                    ev,
-                    Cause::RetransmitStorm,
-                    Confidence::Likely,
-                    format!(
-                        "{}: {n} retransmits within {} s on the connection to {}",
-                        who(ev),
-                        window.as_secs(),
-                        ev.dst
-                    ),
-                    obj(json!({
-                        "dst": ev.dst.to_string(),
-                        "retransmits": n,
-                        "window_s": window.as_secs(),
-                        "srtt_us": tcp.map(|t| t.srtt_us),
-                        "total_retrans": tcp.map(|t| t.total_retrans),
-                    })),
-                    format!(
-                        "packets to or from {} are being lost: check interface drops and errors (ip -s link), MTU mismatches and congestion on the path",
-                        ev.dst
-                    ),
-                ),
-                occurrence: true,
-            }];
+            return vec![retransmit_storm(ev, n, window)];
         }
         vec![]
     }
@@ -662,9 +576,8 @@ impl Diagnoser {
             .get(&ns)
             .filter(|t| within(t.at, ev.time, self.cfg.correlation_window))
             .copied();
-        let c = match table_full(ev, ct, trend, facts, ns) {
-            Some(v) => v,
-            None => return vec![],
+        let Some(c) = table_full(ev, ct, trend, facts, ns) else {
+            return vec![];
         };
         if self.full_table_drops.len() >= MAX_RECENT {
             self.full_table_drops.pop_front();

@@ -6,15 +6,13 @@ use std::{
 
 use serde_json::json;
 
-use super::{
-    Diagnoser, DiagnoserConfig,
-    facts::{ConntrackFacts, NetnsFacts, NodeFacts},
-};
+use super::{Diagnoser, DiagnoserConfig};
 use crate::model::{
     Cause::{self, *},
     Confidence::{self, *},
     Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, SockPtr, TcpDetail, TcpFlags,
     TcpState, Verdict,
+    facts::{ConntrackFacts, NetnsFacts, NodeFacts},
 };
 
 const NODE: u32 = 1;

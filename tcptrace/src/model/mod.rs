@@ -7,6 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod facts;
 mod kernel;
 mod probe;
 mod text;

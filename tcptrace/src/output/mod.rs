@@ -15,6 +15,33 @@ pub fn print(text: &str) -> anyhow::Result<()> {
         .map_err(map_io)
 }
 
+/// A plain text table: a header row, then one row per item, columns
+/// padded to their widest cell, no borders (`tcptrace probes`, `audit`,
+/// `selftest`).
+pub fn table<R: IntoIterator<Item = String>>(
+    header: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) -> String {
+    let mut builder = tabled::builder::Builder::default();
+    builder.push_record(header.iter().copied());
+    for row in rows {
+        builder.push_record(row);
+    }
+    let mut table = builder.build();
+    table
+        .with(tabled::settings::Style::blank())
+        .with(tabled::settings::Padding::new(0, 1, 0, 0));
+    let text = table.to_string();
+    let mut out: String = text
+        .lines()
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect();
+    if out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
 /// Where records go: stdout as NDJSON, or the live TUI.
 pub trait Sink {
     fn write(&mut self, record: &Record) -> anyhow::Result<()>;

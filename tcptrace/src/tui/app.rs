@@ -390,10 +390,14 @@ impl App {
             .collect();
         match self.sort {
             Sort::Recency => {
-                rows.sort_by(|a, b| (b.last_seen, b.count, a.id).cmp(&(a.last_seen, a.count, b.id)))
+                rows.sort_by(|a, b| {
+                    (b.last_seen, b.count, a.id).cmp(&(a.last_seen, a.count, b.id))
+                });
             }
             Sort::Count => {
-                rows.sort_by(|a, b| (b.count, b.last_seen, a.id).cmp(&(a.count, a.last_seen, b.id)))
+                rows.sort_by(|a, b| {
+                    (b.count, b.last_seen, a.id).cmp(&(a.count, a.last_seen, b.id))
+                });
             }
         }
         rows

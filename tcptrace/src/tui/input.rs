@@ -28,9 +28,9 @@ pub(crate) enum TermEvent {
 
 impl TermEvent {
     /// `None` for events the UI ignores (mouse, focus, key releases).
-    pub(crate) fn from_crossterm(event: Event) -> Option<Self> {
+    pub(crate) fn from_crossterm(event: &Event) -> Option<Self> {
         match event {
-            Event::Key(key) => key_from_crossterm(key).map(TermEvent::Key),
+            Event::Key(key) => key_from_crossterm(*key).map(TermEvent::Key),
             Event::Resize(..) => Some(TermEvent::Resize),
             _ => None,
         }
@@ -71,21 +71,21 @@ mod tests {
     fn converts_keys_and_ignores_the_rest() {
         let press = |code, mods| Event::Key(KeyEvent::new(code, mods));
         assert_eq!(
-            TermEvent::from_crossterm(press(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+            TermEvent::from_crossterm(&press(KeyCode::Char('c'), KeyModifiers::CONTROL)),
             Some(TermEvent::Key(Key::CtrlC))
         );
         assert_eq!(
-            TermEvent::from_crossterm(press(KeyCode::Char('j'), KeyModifiers::NONE)),
+            TermEvent::from_crossterm(&press(KeyCode::Char('j'), KeyModifiers::NONE)),
             Some(TermEvent::Key(Key::Char('j')))
         );
         assert_eq!(
-            TermEvent::from_crossterm(press(KeyCode::Char('x'), KeyModifiers::CONTROL)),
+            TermEvent::from_crossterm(&press(KeyCode::Char('x'), KeyModifiers::CONTROL)),
             None
         );
         assert_eq!(
-            TermEvent::from_crossterm(Event::Resize(80, 24)),
+            TermEvent::from_crossterm(&Event::Resize(80, 24)),
             Some(TermEvent::Resize)
         );
-        assert_eq!(TermEvent::from_crossterm(Event::FocusGained), None);
+        assert_eq!(TermEvent::from_crossterm(&Event::FocusGained), None);
     }
 }

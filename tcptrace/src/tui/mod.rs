@@ -171,7 +171,7 @@ fn spawn_key_reader() -> anyhow::Result<mpsc::Receiver<Result<TermEvent, String>
                     Err(e) => Err(e),
                 };
                 let sent = match event {
-                    Ok(event) => match TermEvent::from_crossterm(event) {
+                    Ok(event) => match TermEvent::from_crossterm(&event) {
                         Some(t) => tx.blocking_send(Ok(t)),
                         None => Ok(()),
                     },

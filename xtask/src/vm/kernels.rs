@@ -107,7 +107,7 @@ fn kernel_release(kdir: &Path) -> Result<String> {
     let boot = kdir.join("boot");
     fs::read_dir(&boot)
         .with_context(|| format!("reading {}", boot.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .find_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
         .ok_or_else(|| anyhow!("no vmlinuz in {}", boot.display()))

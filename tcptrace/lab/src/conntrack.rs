@@ -34,10 +34,9 @@ use nix::{
 };
 
 use super::Lab;
-use crate::{
-    diagnosis::facts::parse_conntrack_stats,
-    netns::{in_netns, read_sysctl},
-};
+use tcptrace::node::sysctl::parse_conntrack_stats;
+
+use crate::netns::{in_netns, read_sysctl};
 
 /// Refuse to fill tables larger than this (the loops stay bounded).
 pub const MAX_ENTRIES: u64 = 4 << 20;

@@ -14,11 +14,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use super::{Lab, LabSpec, Pod, conntrack, selftest::Observer, which};
-use crate::{
-    model::{Cause, Event, PodRef, TcpState, Verdict},
-    netns::{in_netns, sysctl},
-};
+use crate::{Lab, LabSpec, Pod, conntrack, observer::Observer, which};
+use tcptrace::model::{Cause, Event, PodRef, TcpState, Verdict};
+
+use crate::netns::{in_netns, sysctl};
 
 /// What a case must produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -419,9 +418,10 @@ fn abort(s: TcpStream) {
             l_linger: 0,
         },
     );
+    drop(s);
 }
 
-fn outcome(w: &super::selftest::Watch<'_>, subject: Subject, note: String) -> Outcome {
+fn outcome(w: &crate::observer::Watch<'_>, subject: Subject, note: String) -> Outcome {
     Outcome {
         subject,
         verdicts: w.verdicts.clone(),

@@ -17,6 +17,8 @@
 //! outside the lab's namespaces is configured: sysctls, routes and rules are
 //! only ever written inside them.
 pub mod conntrack;
+pub mod netns;
+pub mod observer;
 pub mod scenarios;
 pub mod selftest;
 
@@ -42,11 +44,9 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{
-    model::PodRef,
-    netns::{delete_netns, netns_inode, netns_path, sysctl},
-    node::FactsConfig,
-};
+use tcptrace::{model::PodRef, node::FactsConfig};
+
+use crate::netns::{delete_netns, netns_inode, netns_path, sysctl};
 
 /// Every lab resource name starts with this, then `<pid>-`.
 pub const PREFIX: &str = "tcptrace-lab-";
@@ -82,7 +82,9 @@ impl Registry {
 }
 
 fn registry() -> MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+    REGISTRY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Creates a resource while holding the registry, so a concurrent signal
@@ -154,7 +156,7 @@ pub fn install_signal_cleanup() -> Result<()> {
                 SHUTTING_DOWN.store(true, Ordering::SeqCst);
             }
             cleanup_ordered(None);
-            let name = sig.map(|s| s.as_str()).unwrap_or("a signal");
+            let name = sig.map(Signal::as_str).unwrap_or("a signal");
             eprintln!("tcptrace: selftest interrupted by {name}: lab removed");
             std::process::exit(1);
         })
@@ -235,7 +237,7 @@ pub struct ServiceSpec {
 impl LabSpec {
     pub fn pods(names: &[&str]) -> Self {
         Self {
-            pods: names.iter().map(|s| s.to_string()).collect(),
+            pods: names.iter().map(ToString::to_string).collect(),
             services: Vec::new(),
         }
     }

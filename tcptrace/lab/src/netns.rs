@@ -2,21 +2,19 @@
 //! and the benchmarks: entered per thread, deleted with every process in
 //! them by a guard (also when the user of the guard panics).
 use std::{
-    fs::{self, File},
-    os::unix::fs::MetadataExt as _,
+    fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    thread,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use nix::{
-    sched::{CloneFlags, setns},
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
+use tcptrace::node::netns::{enter, inode};
 
-use crate::lab::run;
+use crate::run;
 
 /// The namespace `/run/netns/<name>`, deleted when dropped with every
 /// process in it.
@@ -79,8 +77,7 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 pub fn netns_inode(name: &str) -> Result<u32> {
-    let m = fs::metadata(netns_path(name)).with_context(|| format!("stat netns {name}"))?;
-    Ok(m.ino() as u32)
+    inode(&netns_path(name))
 }
 
 /// Kills every process in the namespace and deletes it; quiet when it does
@@ -106,14 +103,7 @@ pub fn in_netns<T: Send + 'static>(
     thread_name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T> {
-    let file = File::open(netns_path(name)).with_context(|| format!("opening netns {name}"))?;
-    thread::Builder::new()
-        .name(thread_name.to_string())
-        .spawn(move || setns(file, CloneFlags::CLONE_NEWNET).map(|()| f()))
-        .context("spawning a namespace thread")?
-        .join()
-        .map_err(|_| anyhow!("namespace thread {thread_name} panicked"))?
-        .with_context(|| format!("entering netns {name}"))
+    enter(&netns_path(name), thread_name, f)
 }
 
 /// Writes a sysctl inside namespace `name` (`/proc/sys` resolves by the

@@ -3,45 +3,25 @@
 //! reads happen on a short-lived thread that joins the target namespace;
 //! the caller's threads never change namespace.
 use std::{
-    fs::{self, File},
-    io,
-    os::unix::fs::MetadataExt,
+    fs, io,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow};
-use nix::sched::{CloneFlags, setns};
+use anyhow::{Context, Result};
 
-use super::facts::{
-    ConntrackFacts, NetnsFacts, parse_conntrack_stats, parse_int, parse_port_range,
-    parse_reserved_ports,
-};
+use crate::model::facts::{ConntrackFacts, ConntrackStats, NetnsFacts};
 
 /// Reads the sysctls and conntrack counters of the namespace behind `path`
 /// (`/proc/<pid>/ns/net`, `/run/netns/NAME`). Returns its inode and facts.
 pub fn collect_netns(path: &Path) -> Result<(u32, NetnsFacts)> {
     let ctx = || format!("reading sysctls of netns {}", path.display());
-    let file = File::open(path).with_context(ctx)?;
-    let inode = netns_inode(&file).with_context(ctx)?;
-    let facts = std::thread::Builder::new()
-        .name("tcptrace-netns".into())
-        .spawn(move || -> Result<NetnsFacts> {
-            setns(&file, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
-            read_netns_facts(Path::new("/proc"))
-        })
-        .context("spawning the netns reader thread")
-        .with_context(ctx)?
-        .join()
-        .map_err(|_| anyhow!("the netns reader thread panicked"))
-        .with_context(ctx)?
-        .with_context(ctx)?;
+    let inode = super::netns::inode(path).with_context(ctx)?;
+    let facts = super::netns::enter(path, "tcptrace-netns", || {
+        read_netns_facts(Path::new("/proc"))
+    })
+    .with_context(ctx)?
+    .with_context(ctx)?;
     Ok((inode, facts))
-}
-
-/// The namespace's inode, as reported in events (`net:[4026531840]`).
-fn netns_inode(file: &File) -> Result<u32> {
-    let ino = file.metadata()?.ino();
-    u32::try_from(ino).map_err(|_| anyhow!("netns inode {ino} does not fit in 32 bits"))
 }
 
 /// Reads the facts of the calling thread's namespace below `proc_root`.
@@ -95,11 +75,166 @@ fn read_netns_facts(proc_root: &Path) -> Result<NetnsFacts> {
     })
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("expected an integer, found {0:?}")]
+    Integer(String),
+    #[error("expected a port range \"LOW HIGH\", found {0:?}")]
+    PortRange(String),
+    #[error("expected a port list like \"30000-32767,8080\", found {0:?}")]
+    PortList(String),
+    #[error("nf_conntrack stat table has no header or a row of the wrong width")]
+    ConntrackStat,
+}
+
+/// A single-integer sysctl ("7200\n").
+pub fn parse_int<T: std::str::FromStr>(text: &str) -> Result<T, ParseError> {
+    let t = text.trim();
+    t.parse().map_err(|_| ParseError::Integer(t.to_string()))
+}
+
+/// `ip_local_port_range` ("32768\t60999\n").
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), ParseError> {
+    let err = || ParseError::PortRange(text.trim().to_string());
+    let mut it = text.split_whitespace();
+    let lo: u16 = it.next().and_then(|s| s.parse().ok()).ok_or_else(err)?;
+    let hi: u16 = it.next().and_then(|s| s.parse().ok()).ok_or_else(err)?;
+    if it.next().is_some() || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}
+
+/// `ip_local_reserved_ports` ("30000-32767,8080\n", or empty).
+pub fn parse_reserved_ports(text: &str) -> Result<Vec<(u16, u16)>, ParseError> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = || ParseError::PortList(t.to_string());
+    t.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (part, part),
+            };
+            let lo: u16 = lo.parse().map_err(|_| err())?;
+            let hi: u16 = hi.parse().map_err(|_| err())?;
+            if lo > hi {
+                return Err(err());
+            }
+            Ok((lo, hi))
+        })
+        .collect()
+}
+
+/// /proc/net/stat/nf_conntrack: a header naming the columns, then one row of
+/// hex numbers per CPU. Columns are found by name because their set changed
+/// between kernels.
+pub fn parse_conntrack_stats(text: &str) -> Result<ConntrackStats, ParseError> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or(ParseError::ConntrackStat)?
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let cols = [
+        col("found"),
+        col("invalid"),
+        col("insert_failed"),
+        col("drop"),
+        col("early_drop"),
+    ];
+    let mut sums = [0u64; 5];
+    for line in lines {
+        let row: Vec<&str> = line.split_whitespace().collect();
+        if row.len() != header.len() {
+            return Err(ParseError::ConntrackStat);
+        }
+        for (sum, c) in sums.iter_mut().zip(cols) {
+            if let Some(i) = c {
+                let v = u64::from_str_radix(row[i], 16).map_err(|_| ParseError::ConntrackStat)?;
+                *sum = sum.saturating_add(v);
+            }
+        }
+    }
+    let [found, invalid, insert_failed, drop, early_drop] = sums;
+    Ok(ConntrackStats {
+        found,
+        invalid,
+        insert_failed,
+        drop,
+        early_drop,
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use std::{os::unix::fs::MetadataExt as _, process::Command};
 
     use super::*;
+
+    // Captured from a 6.18 kernel with two CPUs (values edited to be non-zero).
+    const STAT_618: &str = "\
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000007  00000000 0000000a 00000000 00000002 00000000 00000000 00000000 00000000 00000001 00000010 00000003 00000000  00000000 00000000 00000000 00000000
+00000007  00000001 00000005 00000000 000000ff 00000000 00000000 00000000 00000000 00000000 00000001 00000000 00000000  00000000 00000000 00000000 00000000
+";
+
+    // Older layout (4.x/5.x): different column set.
+    const STAT_OLD: &str = "\
+entries  searched found new invalid ignore delete delete_list insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+000001b4  00000000 00000000 00000000 00000004 0000125a 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000031
+";
+
+    #[test]
+    fn conntrack_stats_sums_cpus_by_column_name() {
+        assert_eq!(
+            parse_conntrack_stats(STAT_618),
+            Ok(ConntrackStats {
+                found: 0xf,
+                invalid: 0x101,
+                insert_failed: 1,
+                drop: 0x11,
+                early_drop: 3,
+            })
+        );
+        assert_eq!(parse_conntrack_stats(STAT_OLD).map(|s| s.invalid), Ok(4));
+    }
+
+    #[test]
+    fn conntrack_stats_rejects_garbage() {
+        assert_eq!(parse_conntrack_stats(""), Err(ParseError::ConntrackStat));
+        assert_eq!(
+            parse_conntrack_stats("entries invalid\n0000 zz\n"),
+            Err(ParseError::ConntrackStat)
+        );
+        assert_eq!(
+            parse_conntrack_stats("entries invalid\n0000\n"),
+            Err(ParseError::ConntrackStat)
+        );
+    }
+
+    #[test]
+    fn sysctl_values() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Ok((32768, 60999)));
+        assert_eq!(parse_port_range("1024 65535"), Ok((1024, 65535)));
+        assert!(parse_port_range("60999 32768").is_err());
+        assert!(parse_port_range("32768").is_err());
+        assert!(parse_port_range("1 2 3").is_err());
+        assert_eq!(
+            parse_reserved_ports("30000-32767,8080\n"),
+            Ok(vec![(30000, 32767), (8080, 8080)])
+        );
+        assert_eq!(parse_reserved_ports("\n"), Ok(vec![]));
+        assert!(parse_reserved_ports("9-1").is_err());
+        assert!(parse_reserved_ports("x").is_err());
+        assert_eq!(parse_int::<u64>("7200\n"), Ok(7200));
+        assert_eq!(parse_int::<u8>("2\n"), Ok(2));
+        assert!(parse_int::<u8>("300").is_err());
+    }
 
     fn write(root: &Path, rel: &str, text: &str) {
         let p = root.join(rel);

@@ -9,7 +9,7 @@ use std::{
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/incident.ndjson"
+    "/../tests/fixtures/incident.ndjson"
 );
 
 /// A private tmux server with one 120x40 window, killed on drop.

@@ -1,0 +1,124 @@
+//! The node wing: everything tcptrace reads from the node besides the
+//! kernel's events. Namespaces and how to enter them (`netns`), their
+//! sysctls and conntrack state (`sysctl`), kube-proxy's and IPVS's rules
+//! (`kube_proxy`) and the process, cgroup and kubelet tables (`host`).
+//! The facts are read on a background thread; diagnosis and attribution
+//! get them as data.
+pub mod host;
+pub mod kube_proxy;
+pub mod netns;
+pub mod sysctl;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use self::{kube_proxy::RuleDumps, sysctl::collect_netns};
+use crate::model::facts::NodeFacts;
+
+/// What the refresher needs to know besides the namespaces themselves.
+#[derive(Clone, Debug)]
+pub struct FactsConfig {
+    pub host_root: PathBuf,
+    /// The namespace that routes and NATs pod traffic (default: the host's).
+    pub node_netns: PathBuf,
+    pub middlebox_timeout_s: Option<u64>,
+    /// NodePorts given on the command line; kube-proxy's are added.
+    pub nodeports: BTreeMap<u16, String>,
+}
+
+/// Reads every namespace's facts once. Errors for single namespaces (a pod
+/// that just exited) are skipped. kube-proxy's NodePorts are added by the
+/// pipeline, which parses its rules.
+pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
+    let mut facts = NodeFacts {
+        middlebox_timeout_s: cfg.middlebox_timeout_s,
+        nodeports: cfg.nodeports.clone(),
+        ..NodeFacts::default()
+    };
+    if let Ok((inode, mut node)) = collect_netns(&cfg.node_netns) {
+        if let Some(ct) = node.ct.as_mut() {
+            ct.invalid_drop_rule = kube_proxy::drops_invalid(&cfg.node_netns);
+        }
+        facts.node_netns = Some(inode);
+        facts.netns.insert(inode, node);
+    }
+    let mut names = HashMap::new();
+    for ns in netns::discover(&cfg.host_root) {
+        if let Some(name) = &ns.name {
+            names.insert(ns.inode, name.clone());
+        }
+        if facts.netns.contains_key(&ns.inode) {
+            continue;
+        }
+        if let Ok((inode, f)) = collect_netns(&ns.path) {
+            facts.netns.insert(inode, f);
+        }
+    }
+    facts.ipvs_tcp_timeout_s = kube_proxy::ipvs_tcp_timeout(&cfg.host_root);
+    (facts, names)
+}
+
+/// kube-proxy's rules in the node namespace, as its tools print them.
+pub fn rules(cfg: &FactsConfig) -> RuleDumps {
+    kube_proxy::read_rules(Some(&cfg.node_netns))
+}
+
+/// Service rules change rarely and cost a few process runs to read.
+const SERVICES_EVERY: u32 = 6;
+
+/// One refresh: the facts, and kube-proxy's rules when they were re-read.
+pub struct Update {
+    pub facts: NodeFacts,
+    pub rules: Option<RuleDumps>,
+}
+
+/// A background refresher: collects every `interval`, or at once when woken
+/// (an event came from a namespace it has not read yet).
+pub struct Refresher {
+    updates: mpsc::Receiver<Update>,
+    wake: mpsc::Sender<()>,
+}
+
+impl Refresher {
+    /// Starts refreshing; the first collection happens after `interval`
+    /// (or a wake-up), the caller having collected once itself.
+    pub fn start(cfg: FactsConfig, interval: Duration) -> std::io::Result<Self> {
+        let (tx, updates) = mpsc::channel();
+        let (wake, woken) = mpsc::channel::<()>();
+        thread::Builder::new()
+            .name("tcptrace-facts".into())
+            .spawn(move || {
+                let mut round = 0u32;
+                loop {
+                    match woken.recv_timeout(interval) {
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                            // Several wake-ups coalesce into one refresh.
+                            while woken.try_recv().is_ok() {}
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    round += 1;
+                    let rules = round.is_multiple_of(SERVICES_EVERY).then(|| rules(&cfg));
+                    let (facts, _) = collect(&cfg);
+                    if tx.send(Update { facts, rules }).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { updates, wake })
+    }
+
+    pub fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+
+    /// Updates collected since the last call, oldest first.
+    pub fn updates(&self) -> impl Iterator<Item = Update> + '_ {
+        self.updates.try_iter()
+    }
+}
