@@ -915,17 +915,7 @@ fn verdicts_serialize_with_stable_names() {
     assert_eq!(j["confidence"], json!("certain"));
     assert_eq!(j["identity_level"], json!("pod"));
     assert_eq!(j["time"], json!("2023-11-14T22:13:20.000000Z"));
-    for c in [
-        IdleTimeout,
-        ConntrackInvalid,
-        ConntrackTableFull,
-        PortExhaustion,
-        BindConflict,
-        NodeportCollision,
-        ConnectionRefused,
-        SynTimeout,
-        RetransmitStorm,
-    ] {
+    for c in Cause::ALL {
         assert_eq!(
             serde_json::to_value(c).expect("serialize"),
             json!(c.as_str())
