@@ -190,6 +190,19 @@ pub mod flag {
     /// A reset sent for a segment without a socket, seen through the
     /// segment's NO_SOCKET drop (kernels before 6.10).
     pub const RESET_FROM_DROP: u32 = 1 << 6;
+    /// The socket's owner connected it (`connect()`).
+    pub const ROLE_CLIENT: u32 = 1 << 7;
+    /// The socket's owner accepted it (or it is a listener).
+    pub const ROLE_SERVER: u32 = 1 << 8;
+    /// `fin_ns` and `fin_idle_jiffies` tell when the peer closed its side.
+    pub const PEER_FIN: u32 = 1 << 9;
+}
+
+/// `Owner::role` values.
+pub mod role {
+    pub const UNKNOWN: u32 = 0;
+    pub const CLIENT: u32 = 1;
+    pub const SERVER: u32 = 2;
 }
 
 pub const AF_INET: u8 = 2;
@@ -234,12 +247,18 @@ pub struct Event {
     pub tcp_flags: u8,
     pub _pad: [u8; 3],
     pub comm: [u8; 16],
+    /// When the peer's FIN arrived (boot ns, with `flag::PEER_FIN`).
+    pub fin_ns: u64,
+    /// How long the connection had been idle when that FIN arrived.
+    pub fin_idle_jiffies: u32,
+    pub _pad2: u32,
 }
 
-const _: () = assert!(size_of::<Event>() == 136);
+const _: () = assert!(size_of::<Event>() == 152);
 
-/// Who owns a socket, captured in process context, and the reset it
-/// received last (recorded afresh at every connect/listen/accept).
+/// Who owns a socket, captured in process context, its role, when the
+/// peer closed its side and the reset it received last (recorded afresh at
+/// every connect/listen/accept).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {
@@ -249,13 +268,20 @@ pub struct Owner {
     pub comm: [u8; 16],
     /// When the socket received a reset (boot ns), 0 when it has not.
     pub reset_ns: u64,
+    /// When the peer's FIN moved the socket to CLOSE_WAIT (boot ns), 0
+    /// when it has not.
+    pub fin_ns: u64,
     /// The error that reset raises (positive errno: ECONNREFUSED in
     /// SYN_SENT, EPIPE in CLOSE_WAIT, else ECONNRESET).
     pub reset_errno: u32,
+    /// Jiffies since data last went either way, when that FIN arrived.
+    pub fin_idle_jiffies: u32,
+    /// A [`role`] value.
+    pub role: u32,
     pub _pad: u32,
 }
 
-const _: () = assert!(size_of::<Owner>() == 48);
+const _: () = assert!(size_of::<Owner>() == 64);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

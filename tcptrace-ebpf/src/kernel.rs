@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use tcptrace_common::{
     ABSENT, AF_INET, AF_INET6, ArgIndex, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets, Owner,
-    flag,
+    flag, role,
 };
 
 use crate::maps::{self, EVENTS, OWNERS};
@@ -61,9 +61,9 @@ pub fn current_netns() -> u32 {
     net_inum(read(nsproxy, k.nsproxy_net).unwrap_or(0), k)
 }
 
-/// The current task as a socket owner.
+/// The current task as the owner of a socket in `role`.
 #[inline(always)]
-pub fn current_owner(netns: u32) -> Owner {
+pub fn current_owner(netns: u32, role: u32) -> Owner {
     Owner {
         // SAFETY: helper without preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -71,7 +71,10 @@ pub fn current_owner(netns: u32) -> Owner {
         netns,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         reset_ns: 0,
+        fin_ns: 0,
         reset_errno: 0,
+        fin_idle_jiffies: 0,
+        role,
         _pad: 0,
     }
 }
@@ -106,7 +109,7 @@ pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
     maps::count(hook, tcptrace_common::COUNTER_SEEN);
 }
 
-/// Copies an owner into the event.
+/// Copies an owner (and what it recorded of the peer's FIN) into the event.
 #[inline(always)]
 pub fn set_owner(ev: &mut Event, owner: &Owner) {
     ev.tgid = owner.tgid;
@@ -116,6 +119,32 @@ pub fn set_owner(ev: &mut Event, owner: &Owner) {
         ev.netns = owner.netns;
     }
     ev.flags |= flag::OWNER_KNOWN;
+    if owner.role == role::CLIENT {
+        ev.flags |= flag::ROLE_CLIENT;
+    } else if owner.role == role::SERVER {
+        ev.flags |= flag::ROLE_SERVER;
+    }
+    if owner.fin_ns != 0 {
+        ev.fin_ns = owner.fin_ns;
+        ev.fin_idle_jiffies = owner.fin_idle_jiffies;
+        ev.flags |= flag::PEER_FIN;
+    }
+}
+
+/// Jiffies since data last went either way on a full TCP socket.
+#[inline(always)]
+pub fn data_idle_jiffies(sk: u64, k: &KernelOffsets) -> Option<u32> {
+    let lsnd = read::<u32>(sk, k.tcp_lsndtime)?;
+    let lrcv = read::<u32>(sk, k.icsk_lrcvtime)?;
+    // Jiffies wrap: the later of the two by signed distance.
+    let last = if (lrcv.wrapping_sub(lsnd) as i32) > 0 {
+        lrcv
+    } else {
+        lsnd
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    Some(now.wrapping_sub(last))
 }
 
 /// Looks up the recorded owner of `sk`. Returns false when the socket is
@@ -213,7 +242,8 @@ impl Segment {
     }
 
     /// Copies the addresses of a reply to the segment (a reset answering
-    /// it): from its destination back to its source.
+    /// it): from its destination back to its source. The flags stay the
+    /// segment's.
     #[inline(always)]
     pub fn fill_reply(&self, ev: &mut Event) {
         ev.family = self.family;

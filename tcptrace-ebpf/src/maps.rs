@@ -50,6 +50,20 @@ pub fn mark_reset(sk: u64, at_ns: u64, errno: u32) {
     }
 }
 
+/// Records on `sk`'s owner that the peer's FIN arrived now, after the
+/// connection had been idle for `idle_jiffies`.
+#[inline(always)]
+pub fn mark_fin(sk: u64, at_ns: u64, idle_jiffies: u32) {
+    if let Some(owner) = OWNERS.get_ptr_mut(sk) {
+        // SAFETY: a map value of the right type; the socket's own softirq
+        // is the only writer of these fields.
+        unsafe {
+            (*owner).fin_ns = at_ns;
+            (*owner).fin_idle_jiffies = idle_jiffies;
+        }
+    }
+}
+
 /// The error (positive errno) of the reset `sk` received just now, if it
 /// did: its move to CLOSE and that error repeat the reset's record.
 #[inline(always)]

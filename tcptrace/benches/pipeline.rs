@@ -70,6 +70,9 @@ fn raw_records() -> Vec<Vec<u8>> {
             tcp_flags: 0,
             _pad: [0; 3],
             comm: *b"storm\0\0\0\0\0\0\0\0\0\0\0",
+            fin_ns: 0,
+            fin_idle_jiffies: 0,
+            _pad2: 0,
         };
         let owned = RawEvent {
             flags: flag::OWNER_KNOWN | flag::TCP_DETAIL,

@@ -35,8 +35,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    model::{PodRef, Record},
-    model::{ProbeState, ProbeStatus},
+    model::{PodRef, ProbeState, ProbeStatus, Record, Verdict},
     output::Sink,
 };
 
@@ -85,8 +84,10 @@ pub struct Metrics {
     malformed: Counter,
     probes: Family<ProbeLabels, Gauge>,
     pods: HashSet<String>,
-    /// Last cumulative count per verdict key (cause, pod, netns, destination).
-    verdict_counts: HashMap<String, u64>,
+    resets: Family<CauseLabels, Counter>,
+    /// Last cumulative (count, resets) per verdict key (cause, pod, netns,
+    /// destination, unexplained kind).
+    verdict_counts: HashMap<String, (u64, u64)>,
     /// Last cumulative kernel counters per hook, from stats records.
     hook_seen: HashMap<String, (u64, u64)>,
     last_malformed: u64,
@@ -117,6 +118,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let verdicts = Family::<CauseLabels, Counter>::default();
         let occurrences = Family::<CauseLabels, Counter>::default();
+        let resets = Family::<CauseLabels, Counter>::default();
         let events = Family::<KindLabels, Counter>::default();
         let kernel_events = Family::<HookLabels, Counter>::default();
         let lost = Family::<HookLabels, Counter>::default();
@@ -131,6 +133,11 @@ impl Metrics {
             "tcptrace_verdict_occurrences",
             "Failure occurrences aggregated into verdicts, by cause and pod",
             occurrences.clone(),
+        );
+        registry.register(
+            "tcptrace_verdict_resets",
+            "Reset segments accounted for by verdicts, by cause and pod",
+            resets.clone(),
         );
         registry.register(
             "tcptrace_events",
@@ -161,6 +168,7 @@ impl Metrics {
             registry: Arc::new(registry),
             verdicts,
             occurrences,
+            resets,
             events,
             kernel_events,
             lost,
@@ -193,6 +201,41 @@ impl Metrics {
     }
 
     /// Counts one record, as every sink sees it.
+    /// Adds the occurrences and resets a verdict's cumulative counts hold
+    /// beyond what its key reported before (a live count or a record).
+    pub fn count_occurrences(&mut self, v: &Verdict) {
+        let labels = CauseLabels {
+            cause: v.cause.as_str().to_string(),
+            pod: self.pod_label(v.pod.as_ref()),
+        };
+        let kind = v
+            .evidence
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
+        let key = format!(
+            "{}|{}|{}|{}|{kind}",
+            labels.cause, labels.pod, v.netns, v.dst
+        );
+        if self.verdict_counts.len() >= MAX_VERDICT_KEYS && !self.verdict_counts.contains_key(&key)
+        {
+            self.verdict_counts.clear();
+        }
+        let (last, last_resets) = self
+            .verdict_counts
+            .insert(key, (v.count, v.resets))
+            .unwrap_or((0, 0));
+        // Smaller counts mean the diagnoser forgot the key and started over.
+        let new = |now: u64, before: u64| if now >= before { now - before } else { now };
+        let (occurrences, resets) = (new(v.count, last), new(v.resets, last_resets));
+        if occurrences > 0 {
+            self.occurrences.get_or_create(&labels).inc_by(occurrences);
+        }
+        if resets > 0 {
+            self.resets.get_or_create(&labels).inc_by(resets);
+        }
+    }
+
     pub fn observe(&mut self, record: &Record) {
         match record {
             Record::Event(ev) => {
@@ -208,24 +251,7 @@ impl Metrics {
                     pod: self.pod_label(v.pod.as_ref()),
                 };
                 self.verdicts.get_or_create(&labels).inc();
-                // Verdicts carry the cumulative count of their key: add what
-                // is new since the key was last reported.
-                let key = format!("{}|{}|{}|{}", labels.cause, labels.pod, v.netns, v.dst);
-                if self.verdict_counts.len() >= MAX_VERDICT_KEYS
-                    && !self.verdict_counts.contains_key(&key)
-                {
-                    self.verdict_counts.clear();
-                }
-                let last = self.verdict_counts.insert(key, v.count).unwrap_or(0);
-                // A smaller count means the diagnoser forgot the key and started over.
-                let new = if v.count >= last {
-                    v.count - last
-                } else {
-                    v.count
-                };
-                if new > 0 {
-                    self.occurrences.get_or_create(&labels).inc_by(new);
-                }
+                self.count_occurrences(v);
             }
             Record::Stats(s) => {
                 for h in &s.hooks {
@@ -395,6 +421,13 @@ impl<S: Sink> Sink for MeteredSink<S> {
         self.inner.write(record)
     }
 
+    fn live(&mut self, verdict: &Verdict) -> Result<()> {
+        if let Some(m) = &mut self.metrics {
+            m.count_occurrences(verdict);
+        }
+        self.inner.live(verdict)
+    }
+
     fn flush(&mut self) -> Result<()> {
         self.inner.flush()
     }
@@ -456,8 +489,10 @@ mod tests {
             evidence: Default::default(),
             fix: String::new(),
             count,
+            resets: 0,
             first_seen: UNIX_EPOCH,
             last_seen: UNIX_EPOCH,
+            severity: Cause::ConnectionRefused.severity(),
         }))
     }
 

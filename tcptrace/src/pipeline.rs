@@ -1,18 +1,20 @@
 //! Decoded events -> naming -> diagnosis -> records for the sinks. No I/O:
 //! node facts arrive as data from the refresher.
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     time::{Instant, SystemTime},
 };
 
 use crate::{
     attribution::{Attributor, ServiceMap},
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Event, Record, facts::NodeFacts},
+    model::{Event, EventKind, Record, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
 const MAX_PENDING_NETNS: usize = 4096;
+/// Namespaces whose drop rules are asked for, at most.
+const MAX_FIREWALL_NETNS: usize = 64;
 
 pub struct Pipeline {
     attributor: Attributor,
@@ -22,13 +24,21 @@ pub struct Pipeline {
     nodeports: Vec<(u16, String)>,
     /// Namespaces seen in events but not yet in the facts.
     unknown_netns: HashSet<u32>,
+    /// Namespaces where netfilter dropped traced packets.
+    firewall_netns: BTreeSet<u32>,
 }
 
 /// What processing one event produced.
 pub struct Processed {
     pub records: Vec<Record>,
+    /// Aggregated verdicts whose counts moved, for the sinks that show
+    /// counts live (board, metrics); not records of the stream.
+    pub live: Vec<Verdict>,
     /// The event came from a namespace the facts do not cover yet.
     pub needs_facts: bool,
+    /// Netfilter dropped the event's packet in this namespace: its drop
+    /// rules are wanted in the facts.
+    pub watch_firewall: Option<u32>,
 }
 
 impl Pipeline {
@@ -39,6 +49,7 @@ impl Pipeline {
             facts: NodeFacts::default(),
             nodeports: Vec::new(),
             unknown_netns: HashSet::new(),
+            firewall_netns: BTreeSet::new(),
         }
     }
 
@@ -70,21 +81,41 @@ impl Pipeline {
         if !self.attributor.in_scope(&ev) {
             return Processed {
                 records: Vec::new(),
+                live: Vec::new(),
                 needs_facts: false,
+                watch_firewall: None,
             };
         }
         let needs_facts = ev.netns != 0
             && !self.facts.netns.contains_key(&ev.netns)
             && self.unknown_netns.len() < MAX_PENDING_NETNS
             && self.unknown_netns.insert(ev.netns);
-        let verdicts = self.diagnoser.observe(&ev, &self.facts);
-        let mut records = Vec::with_capacity(1 + verdicts.len());
+        let watch_firewall = (ev.kind == EventKind::Drop
+            && ev.netns != 0
+            && ev.reason.as_deref() == Some("NETFILTER_DROP")
+            && self.firewall_netns.len() < MAX_FIREWALL_NETNS
+            && self.firewall_netns.insert(ev.netns))
+        .then_some(ev.netns);
+        let diagnosed = self.diagnoser.observe(&ev, &self.facts);
+        let mut records = Vec::with_capacity(1 + diagnosed.verdicts.len());
         records.push(Record::Event(Box::new(ev)));
-        records.extend(verdicts.into_iter().map(|v| Record::Verdict(Box::new(v))));
+        records.extend(
+            diagnosed
+                .verdicts
+                .into_iter()
+                .map(|v| Record::Verdict(Box::new(v))),
+        );
         Processed {
             records,
+            live: diagnosed.live,
             needs_facts,
+            watch_firewall,
         }
+    }
+
+    /// Namespaces whose drop rules the facts should carry.
+    pub fn firewall_netns(&self) -> &BTreeSet<u32> {
+        &self.firewall_netns
     }
 
     /// Verdicts still holding unreported occurrences, at shutdown.
@@ -96,13 +127,17 @@ impl Pipeline {
             .collect()
     }
 
-    pub fn tick(&mut self, now: SystemTime) -> Vec<Record> {
+    /// Time-based diagnosis: verdicts for the stream, and counts that
+    /// moved for the live sinks.
+    pub fn tick(&mut self, now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {
         self.attributor.refresh(Instant::now());
-        self.diagnoser
-            .tick(now, &self.facts)
+        let diagnosed = self.diagnoser.tick(now, &self.facts);
+        let records = diagnosed
+            .verdicts
             .into_iter()
             .map(|v| Record::Verdict(Box::new(v)))
-            .collect()
+            .collect();
+        (records, diagnosed.live)
     }
 }
 

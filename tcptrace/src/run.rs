@@ -1,6 +1,7 @@
 //! The trace pipeline: ring buffer -> decode -> sinks, with periodic stats,
 //! a clean stop on Ctrl-C, SIGTERM or --duration, and a final drain.
 use std::{
+    collections::BTreeSet,
     io::{self, IsTerminal as _},
     time::{Duration, Instant, SystemTime},
 };
@@ -68,7 +69,7 @@ fn facts_config(node: &NodeArgs) -> FactsConfig {
 fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
     crate::bpf::require_privileges()?;
     let cfg = facts_config(node);
-    let (mut facts, names) = node::collect(&cfg);
+    let (mut facts, names) = node::collect(&cfg, &BTreeSet::new());
     facts.add_nodeports(ServiceMap::from_dumps(&node::rules(&cfg)).nodeport_names());
     let findings = audit(&facts, &names);
     match format {
@@ -229,7 +230,7 @@ impl Session {
         // events are already named and diagnosed with them.
         let facts_cfg = facts_config(&args.node);
         pipeline.set_services(ServiceMap::from_dumps(&node::rules(&facts_cfg)));
-        let (facts, _) = node::collect(&facts_cfg);
+        let (facts, _) = node::collect(&facts_cfg, &BTreeSet::new());
         pipeline.set_facts(facts);
         let refresher = Refresher::start(
             facts_cfg,
@@ -302,8 +303,12 @@ impl Session {
                     for warning in self.stages.pipeline.take_warnings() {
                         self.stages.notices.warn(format!("warning: {warning}"));
                     }
-                    for record in self.stages.pipeline.tick(SystemTime::now()) {
-                        sink.write(&record)?;
+                    let (records, live) = self.stages.pipeline.tick(SystemTime::now());
+                    for record in &records {
+                        sink.write(record)?;
+                    }
+                    for verdict in &live {
+                        sink.live(verdict)?;
                     }
                     sink.flush()?;
                 }
@@ -377,9 +382,17 @@ impl Stages {
                 if processed.needs_facts {
                     refresher.wake();
                 }
+                if let Some(netns) = processed.watch_firewall {
+                    refresher.watch_firewall(netns);
+                }
                 for record in &processed.records {
                     if written.is_ok() {
                         written = sink.write(record);
+                    }
+                }
+                for verdict in &processed.live {
+                    if written.is_ok() {
+                        written = sink.live(verdict);
                     }
                 }
             }

@@ -35,6 +35,11 @@ const PACKAGES: &[&str] = &[
     "tmux",
     "python3",
     "qemu-system-x86",
+    "nginx-light",
+    "redis-server",
+    "redis-tools",
+    "wrk",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian's rustc, registered with rustup; aya-build runs it by this name.

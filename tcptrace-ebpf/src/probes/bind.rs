@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use tcptrace_common::{AF_INET, AF_INET6, BindArgs, Event, hook, kind};
+use tcptrace_common::{AF_INET, AF_INET6, BindArgs, Event, hook, kind, role};
 
 use crate::{
     kernel::{self, field},
@@ -86,7 +86,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
         ev.saddr[..4].copy_from_slice(&raw[4..8]);
     }
     ev.errno = ret as i32;
-    let owner = kernel::current_owner(0);
+    let owner = kernel::current_owner(0, role::UNKNOWN);
     kernel::set_owner(ev, &owner);
     // The netns of the calling task.
     ev.netns = kernel::current_netns();

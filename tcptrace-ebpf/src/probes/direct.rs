@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use tcptrace_common::{AF_INET6, CtAllocArgs, Event, ct_invalid, flag, hook, kind};
+use tcptrace_common::{AF_INET6, CtAllocArgs, Event, ct_invalid, flag, hook, kind, role};
 
 use crate::{
     kernel,
@@ -69,7 +69,7 @@ fn report(hook: u32, sk: u64, ret: i32) {
     ev.errno = ret;
     ev.sk = sk;
     ev.netns = kernel::net_inum(kernel::sock_net(sk, &cfg.kernel), &cfg.kernel);
-    let owner = kernel::current_owner(ev.netns);
+    let owner = kernel::current_owner(ev.netns, role::CLIENT);
     kernel::set_owner(ev, &owner);
     kernel::submit(hook, entry);
 }

@@ -87,6 +87,8 @@ fn report_reset(skb: u64, seg: &Segment) {
     // SAFETY: reserve() initialised the entry.
     let ev: &mut Event = unsafe { entry.assume_init_mut() };
     seg.fill_reply(ev);
+    ev.tcp_flags = seg.flags;
+    ev.flags |= flag::TCP_FLAGS_KNOWN;
     ev.flags |= flag::RESET_FROM_DROP;
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);

@@ -1,11 +1,11 @@
 //! Socket state changes (owner bookkeeping, failed connects) and socket
 //! errors.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tcptrace_common::{Event, ListenKey, direct, hook, kind};
+use tcptrace_common::{Event, ListenKey, direct, hook, kind, role};
 
 use crate::{
     kernel,
-    maps::{LISTENERS, OWNERS, config, direct_live, reset_consequence},
+    maps::{LISTENERS, OWNERS, config, direct_live, mark_fin, reset_consequence},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -33,7 +33,12 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     // connect() and listen() run in the owner's process context.
     if new == states.syn_sent || new == states.listen {
         let netns = kernel::net_inum(kernel::sock_net(sk, k), k);
-        let owner = kernel::current_owner(netns);
+        let role = if new == states.listen {
+            role::SERVER
+        } else {
+            role::CLIENT
+        };
+        let owner = kernel::current_owner(netns, role);
         let _ = OWNERS.insert(sk, owner, 0);
         if new == states.listen {
             let key = ListenKey {
@@ -42,6 +47,14 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
                 _pad: 0,
             };
             let _ = LISTENERS.insert(key, owner, 0);
+        }
+    } else if old == states.established && new == states.close_wait {
+        // The peer closed its side: how long the connection had been idle
+        // tells its idle timeout, when the socket is used again later.
+        if let Some(idle) = kernel::data_idle_jiffies(sk, k) {
+            // SAFETY: a helper without preconditions.
+            let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+            mark_fin(sk, now, idle);
         }
     } else if old == states.syn_recv && new == states.established {
         // Passive open in softirq: inherit the listener's owner.

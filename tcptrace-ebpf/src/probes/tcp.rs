@@ -99,6 +99,9 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     // socket.
     if let Some(seg) = kernel::skb_segment(skb, k) {
         seg.fill_reply(ev);
+        // The flags of the segment answered (a SYN: a refused connect).
+        ev.tcp_flags = seg.flags;
+        ev.flags |= flag::TCP_FLAGS_KNOWN;
     } else {
         kernel::tuple_from_sock(sk, k, ev);
     }

@@ -103,9 +103,9 @@ pub struct Watch<'a> {
 impl Watch<'_> {
     /// Re-reads the node facts and runs the time-based rules.
     pub fn tick(&mut self) {
-        let (facts, _names) = node::collect(&self.facts_cfg);
+        let (facts, _names) = node::collect(&self.facts_cfg, self.pipeline.firewall_netns());
         self.pipeline.set_facts(facts);
-        let records = self.pipeline.tick(SystemTime::now());
+        let (records, _live) = self.pipeline.tick(SystemTime::now());
         self.take(records);
         self.last_tick = Instant::now();
     }
@@ -127,7 +127,7 @@ impl Watch<'_> {
         let mut needs_facts = false;
         for ev in evs {
             let p = self.pipeline.event(ev);
-            needs_facts |= p.needs_facts;
+            needs_facts |= p.needs_facts || p.watch_firewall.is_some();
             self.take(p.records);
         }
         if needs_facts || self.last_tick.elapsed() >= TICK {

@@ -12,7 +12,9 @@ use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, ct_invalid, flag, ki
 use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
-use crate::model::{Endpoint, Errno, Event, EventKind, SockPtr, TcpDetail, TcpFlags, TcpState};
+use crate::model::{
+    Endpoint, Errno, Event, EventKind, PeerFin, Role, SockPtr, TcpDetail, TcpFlags, TcpState,
+};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -231,6 +233,17 @@ impl Decoder {
         if raw.flags & flag::TCP_FLAGS_KNOWN != 0 {
             ev.tcp_flags = Some(TcpFlags::from_bits_retain(raw.tcp_flags));
         }
+        if raw.flags & flag::ROLE_CLIENT != 0 {
+            ev.role = Some(Role::Client);
+        } else if raw.flags & flag::ROLE_SERVER != 0 {
+            ev.role = Some(Role::Server);
+        }
+        if raw.flags & flag::PEER_FIN != 0 {
+            ev.peer_fin = Some(PeerFin {
+                ago_ms: raw.ts_ns.saturating_sub(raw.fin_ns) / 1_000_000,
+                idle_before_ms: self.jiffies_ms(raw.fin_idle_jiffies),
+            });
+        }
         if raw.flags & flag::TCP_DETAIL != 0 {
             ev.tcp = Some(TcpDetail {
                 idle_ms: self.jiffies_ms(raw.idle_jiffies),
@@ -315,6 +328,9 @@ mod tests {
             tcp_flags: 0x02,
             _pad: [0; 3],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            fin_ns: 0,
+            fin_idle_jiffies: 0,
+            _pad2: 0,
         }
     }
 
@@ -355,7 +371,7 @@ mod tests {
     #[test]
     fn rejects_bad_records() {
         let mut d = Decoder::new(names(), UNIX_EPOCH);
-        assert_eq!(d.decode(&[0u8; 10]), Err(DecodeError::Size(10, 136)));
+        assert_eq!(d.decode(&[0u8; 10]), Err(DecodeError::Size(10, 152)));
         let mut r = raw();
         r.kind = 99;
         assert_eq!(d.decode(&bytes(&r)), Err(DecodeError::Kind(99)));

@@ -7,7 +7,9 @@ use serde_json::{Map, Value, json};
 use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
 };
-use crate::model::{Cause, Confidence, Event, TcpDetail, Verdict};
+use crate::model::{
+    Cause, Confidence, Endpoint, Event, PeerFin, TcpDetail, Verdict, facts::DropRule,
+};
 
 /// A verdict for one occurrence, or a confirmation of an earlier one.
 pub(super) struct Candidate {
@@ -80,8 +82,10 @@ pub(super) fn verdict(
         evidence,
         fix,
         count: 1,
+        resets: 0,
         first_seen: ev.time,
         last_seen: ev.time,
+        severity: cause.severity(),
     }
 }
 
@@ -567,6 +571,245 @@ pub(super) fn retransmit_storm(ev: &Event, n: usize, window: std::time::Duration
                 ev.dst
             ),
         ),
+        occurrence: true,
+    }
+}
+
+/// A client idle timeout safely below the peer's `peer_idle_ms`: three
+/// quarters of it, in whole seconds, at least one.
+pub(crate) fn suggested_pool_idle_s(peer_idle_ms: u64) -> u64 {
+    (peer_idle_ms * 3 / 4 / 1000).max(1)
+}
+
+/// The peer closed an idle connection (its FIN) and this side wrote to it
+/// afterwards: the reset answers the write. `peer` is the FIN's detail
+/// when the socket recorded it.
+pub(super) fn keepalive_race(ev: &Event, peer: Option<&PeerFin>) -> Candidate {
+    let Some(fin) = peer else {
+        // A reset in CLOSE_WAIT without the FIN's times.
+        return Candidate {
+            v: verdict(
+                ev,
+                Cause::KeepaliveRace,
+                Confidence::Likely,
+                format!(
+                    "{}: {} closed the connection and then reset it when it was used again",
+                    who(ev),
+                    ev.dst
+                ),
+                obj(json!({ "dst": ev.dst.to_string(), "state": ev.state })),
+                format!(
+                    "close pooled connections to {} before the server's idle timeout and retry idempotent requests once on a reset",
+                    ev.dst
+                ),
+            ),
+            occurrence: true,
+        };
+    };
+    let peer_s = fin.idle_before_ms as f64 / 1000.0;
+    let pool_s = suggested_pool_idle_s(fin.idle_before_ms);
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::KeepaliveRace,
+            Confidence::Certain,
+            format!(
+                "{}: {} closed the connection after {peer_s:.1} s idle; it was used {:.1} s later and reset",
+                who(ev),
+                ev.dst,
+                fin.ago_ms as f64 / 1000.0
+            ),
+            obj(json!({
+                "dst": ev.dst.to_string(),
+                "peer_idle_timeout_ms": fin.idle_before_ms,
+                "fin_to_write_ms": fin.ago_ms,
+                "state": ev.state,
+            })),
+            format!(
+                "the server closes idle connections after about {peer_s:.1} s: close pooled connections to {} after {pool_s} s idle (below the server's timeout), and retry idempotent requests once on a reset",
+                ev.dst
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// A client's late segment on a connection this server had already closed
+/// (its TIME_WAIT socket answered with a reset), without the client's side
+/// on this node.
+pub(super) fn keepalive_race_server_side(ev: &Event) -> Candidate {
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::KeepaliveRace,
+            Confidence::Likely,
+            format!(
+                "{}: {} sent data on a connection this side had closed (TIME_WAIT) and was reset",
+                who(ev),
+                ev.dst
+            ),
+            obj(json!({
+                "client": ev.dst.to_string(),
+                "server": ev.src.to_string(),
+                "state": ev.state,
+                "reason": ev.reason,
+            })),
+            format!(
+                "clients of {} reuse connections this server closed as idle: have them close pooled connections before this server's idle timeout, or raise it",
+                ev.src
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// What a netfilter rule dropped of one connection, in which namespace.
+#[derive(Clone, Debug)]
+pub(super) struct FirewallDrop {
+    pub(super) netns: u32,
+    /// The namespace's pod (`namespace/name`) or `ip netns` name.
+    pub(super) place: Option<String>,
+    pub(super) location: Option<String>,
+    pub(super) drops: u32,
+    /// The dropped segments' destination (after NAT).
+    pub(super) dst: String,
+    pub(super) rule: Option<DropRule>,
+}
+
+/// The connection's segments were retransmitted because a netfilter rule
+/// dropped them in `drop.netns`.
+pub(super) fn netfilter_drop(ev: &Event, drop: &FirewallDrop, retransmits: u32) -> Candidate {
+    let place = drop
+        .place
+        .clone()
+        .unwrap_or_else(|| format!("network namespace {}", drop.netns));
+    let rule = drop.rule.as_ref().map(|r| r.text.clone());
+    let fix = match &rule {
+        Some(r) => format!(
+            "the rule `{r}` in {place} drops these packets: allow {} to reach {} (a NetworkPolicy of that pod, or that namespace's firewall)",
+            ev.src.ip, drop.dst
+        ),
+        None => format!(
+            "a firewall rule in {place} drops packets from {} to {}: allow that traffic (a NetworkPolicy of that pod, or `iptables-save -c` / `nft list ruleset` there)",
+            ev.src.ip, drop.dst
+        ),
+    };
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::NetfilterDrop,
+            Confidence::Certain,
+            format!(
+                "{}: packets to {} are dropped by a netfilter rule in {place}",
+                who(ev),
+                ev.dst
+            ),
+            obj(json!({
+                "dst": ev.dst.to_string(),
+                "dropped_dst": drop.dst,
+                "dropped_in_netns": drop.netns,
+                "dropped_in": drop.place,
+                "location": drop.location,
+                "drops": drop.drops,
+                "retransmits": retransmits,
+                "rule": rule,
+                "rule_packets": drop.rule.as_ref().and_then(|r| r.packets),
+            })),
+            fix,
+        ),
+        occurrence: true,
+    }
+}
+
+/// The application closed its connection abortively (unread data, or
+/// SO_LINGER 0): a reset by design, not a network failure.
+pub(super) fn application_abort(ev: &Event) -> Candidate {
+    let why = match ev.reason.as_deref() {
+        Some("TCP_ABORT_ON_CLOSE") => "closed it with unread data",
+        Some("TCP_ABORT_ON_LINGER") => "closed it with SO_LINGER 0",
+        Some("TCP_ABORT_ON_DATA") => "had closed it when more data arrived",
+        Some("TCP_DISCONNECT_WITH_DATA") => "disconnected it with data pending",
+        _ => "aborted it",
+    };
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::ApplicationAbort,
+            Confidence::Certain,
+            format!("{}: {why}; the peer {} got a reset", who(ev), ev.dst),
+            obj(json!({
+                "peer": ev.dst.to_string(),
+                "reason": ev.reason,
+                "state": ev.state,
+            })),
+            "nothing to fix if the application meant to stop early; otherwise have it read the whole response before closing".to_string(),
+        ),
+        occurrence: true,
+    }
+}
+
+/// A connection refused on this side (a SYN to a port nothing listens on)
+/// whose client is not on this node.
+pub(super) fn refused_server_side(ev: &Event) -> Candidate {
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::ConnectionRefused,
+            Confidence::Certain,
+            format!(
+                "{}: a connection from {} to {} was refused: nothing listens there",
+                who(ev),
+                ev.dst,
+                ev.src
+            ),
+            obj(json!({ "client": ev.dst.to_string(), "port": ev.src.port, "via": "reset_sent" })),
+            format!(
+                "start the server on port {} or point its clients (a Service's targetPort) elsewhere",
+                ev.src.port
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// A reset or error no rule explains, with what was checked.
+pub(super) fn unexplained(ev: &Event, server: &Endpoint, resets: u32) -> Candidate {
+    let tcp = ev.tcp.as_ref();
+    let mut v = verdict(
+        ev,
+        Cause::Unexplained,
+        Confidence::Possible,
+        format!(
+            "{}: {} ({}) on the connection with {} that no rule explains",
+            who(ev),
+            ev.kind.as_str(),
+            ev.reason
+                .clone()
+                .or_else(|| ev.errno.map(|e| e.to_string()))
+                .or_else(|| ev.state.map(|s| s.as_str().to_string()))
+                .unwrap_or_else(|| "no detail".into()),
+            server
+        ),
+        obj(json!({
+            "kind": ev.kind.as_str(),
+            "state": ev.state,
+            "reason": ev.reason,
+            "errno": ev.errno,
+            "role": ev.role,
+            "idle_ms": tcp.map(|t| t.idle_ms),
+            "since_send_ms": tcp.map(|t| t.since_send_ms),
+            "srtt_us": tcp.map(|t| t.srtt_us),
+            "total_retrans": tcp.map(|t| t.total_retrans),
+            "ruled_out": ["idle_timeout", "keepalive_race", "conntrack_invalid", "application_abort", "netfilter_drop"],
+        })),
+        format!(
+            "no known cause: look at {server}'s logs at this time, and run `tcptrace --all-states` to see the connection's states"
+        ),
+    );
+    v.dst = server.clone();
+    v.resets = u64::from(resets);
+    Candidate {
+        v,
         occurrence: true,
     }
 }

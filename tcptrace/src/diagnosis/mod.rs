@@ -2,9 +2,10 @@
 //! (read by `node`, passed in as data) to verdicts. No I/O.
 pub mod audit;
 mod causes;
+mod ledger;
 pub mod rules;
 #[cfg(test)]
 mod tests;
 
 pub use audit::{Finding, audit, render_table};
-pub use rules::{Diagnoser, DiagnoserConfig};
+pub use rules::{Diagnosed, Diagnoser, DiagnoserConfig};

@@ -8,15 +8,20 @@ use std::{
 
 use foldhash::HashMap;
 
-use super::causes::{
-    Candidate, CtTrend, InvalidEvidence, bind_conflict, connection_refused, conntrack_invalid,
-    idle_cause, idle_timeout, nodeport_collision, port_exhaustion, retransmit_storm, syn_timeout,
-    table_full, table_full_syn,
+use super::{
+    causes::{
+        Candidate, CtTrend, FirewallDrop, InvalidEvidence, application_abort, bind_conflict,
+        connection_refused, conntrack_invalid, idle_cause, idle_timeout, keepalive_race,
+        keepalive_race_server_side, netfilter_drop, nodeport_collision, port_exhaustion,
+        refused_server_side, retransmit_storm, syn_timeout, table_full, table_full_syn,
+        unexplained,
+    },
+    ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, TcpDetail,
     TcpFlags, TcpState, Verdict,
-    facts::{ConntrackFacts, ConntrackStats, NodeFacts},
+    facts::{ConntrackFacts, ConntrackStats, DropRule, NodeFacts},
 };
 
 #[derive(Clone, Debug)]
@@ -34,6 +39,12 @@ pub struct DiagnoserConfig {
     pub correlation_window: Duration,
     /// Socket history and verdict keys unseen for this long are forgotten.
     pub state_ttl: Duration,
+    /// How long a reset or error may wait for a cause before it is
+    /// reported as unexplained (the other side's reset, a counter rise).
+    pub settle: Duration,
+    /// Aggregated counts go to the live sinks (board, metrics) at most
+    /// this often per verdict key.
+    pub live_interval: Duration,
 }
 
 impl Default for DiagnoserConfig {
@@ -46,6 +57,8 @@ impl Default for DiagnoserConfig {
             storm_window: Duration::from_secs(10),
             correlation_window: Duration::from_secs(30),
             state_ttl: Duration::from_secs(15 * 60),
+            settle: Duration::from_secs(10),
+            live_interval: Duration::from_millis(250),
         }
     }
 }
@@ -78,6 +91,24 @@ pub struct Diagnoser {
     trends: HashMap<u32, CtTrend>,
     /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
     due: Vec<Verdict>,
+    /// Aggregated verdicts whose counts changed, for the live sinks.
+    live: Vec<Verdict>,
+    /// Resets and errors waiting for a cause.
+    ledger: Ledger<AggKey>,
+    /// Packets of a connection (by its client's end) a netfilter rule
+    /// dropped, and where.
+    firewall_drops: HashMap<End, (SystemTime, FirewallDrop)>,
+}
+
+/// What feeding the diagnoser produced.
+#[derive(Debug, Default)]
+pub struct Diagnosed {
+    /// Verdicts for the record stream (NDJSON), at most one per key per
+    /// re-emission interval.
+    pub verdicts: Vec<Verdict>,
+    /// Aggregated verdicts whose counts moved since they were last shown,
+    /// for sinks that show counts as they change (board, metrics).
+    pub live: Vec<Verdict>,
 }
 
 #[derive(Default)]
@@ -134,6 +165,8 @@ struct AggKey {
     owner: AggOwner,
     cause: Cause,
     dst: (IpAddr, u16),
+    /// For `unexplained`: the kind of event no rule explained.
+    kind: Option<EventKind>,
 }
 
 impl AggKey {
@@ -146,7 +179,20 @@ impl AggKey {
             },
             cause,
             dst: (dst.ip, dst.port),
+            kind: None,
         }
+    }
+
+    fn of_verdict(v: &Verdict) -> Self {
+        let mut key = Self::of(v.pod.as_ref(), v.netns, v.cause, &v.dst);
+        if v.cause == Cause::Unexplained {
+            key.kind = v
+                .evidence
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .and_then(|k| EventKind::ALL.into_iter().find(|e| e.as_str() == k));
+        }
+        key
     }
 }
 
@@ -154,30 +200,60 @@ struct Agg {
     v: Verdict,
     last_emitted: SystemTime,
     pending: bool,
+    /// When the live sinks last saw it, and whether they are behind.
+    live_shown: SystemTime,
+    live_behind: bool,
 }
 
 impl Diagnoser {
     pub fn new(cfg: DiagnoserConfig) -> Self {
         Self {
+            ledger: Ledger::new(cfg.correlation_window, cfg.max_socks.saturating_mul(4)),
             cfg,
             ..Self::default()
         }
     }
 
     /// Feeds one event; returns the verdicts due now.
-    pub fn observe(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Verdict> {
-        let candidates = self.rules(ev, facts);
+    pub fn observe(&mut self, ev: &Event, facts: &NodeFacts) -> Diagnosed {
+        let ends = Ends::of(ev, Some(facts));
+        let origin = Origin::of(ev, ends);
+        // A connection accounted for already (by the other side's reset, or
+        // by an earlier event of this socket) takes the event; the rules
+        // may still confirm that verdict, not add another cause.
+        let joined = if is_terminal(ev) {
+            self.ledger.note(ev, ends)
+        } else {
+            None
+        };
+        if let Some(key) = &joined
+            && is_reset(ev)
+        {
+            self.add_resets(key, 1, ev.time);
+        }
+        let candidates = self.rules(ev, facts, ends);
         let mut out = std::mem::take(&mut self.due);
-        out.extend(candidates.into_iter().filter_map(|c| self.submit(c)));
-        out
+        for c in candidates {
+            if joined.as_ref().is_some_and(|k| k.cause != c.v.cause) {
+                continue;
+            }
+            out.extend(self.submit(c, Some(origin)));
+        }
+        self.take_output(out)
     }
 
-    /// Reads counter-based causes from the facts and re-emits aggregated
-    /// verdicts whose interval passed. Call every second or two.
-    pub fn tick(&mut self, now: SystemTime, facts: &NodeFacts) -> Vec<Verdict> {
+    /// Reads counter-based causes from the facts, accounts for resets that
+    /// waited long enough, and re-emits aggregated verdicts whose interval
+    /// passed. Call every second or two.
+    pub fn tick(&mut self, now: SystemTime, facts: &NodeFacts) -> Diagnosed {
         let mut out = Vec::new();
         for c in self.counter_rules(now, facts) {
-            out.extend(self.submit(c));
+            let ev = event_of(&c.v);
+            let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
+            out.extend(self.submit(c, Some(origin)));
+        }
+        for waited in self.ledger.due(now, self.cfg.settle) {
+            out.extend(self.settle(&waited));
         }
         let interval = self.cfg.reemit_interval;
         for a in self.aggs.values_mut() {
@@ -187,15 +263,24 @@ impl Diagnoser {
                 a.v.time = now;
                 out.push(a.v.clone());
             }
+            if a.live_behind {
+                a.live_behind = false;
+                a.live_shown = now;
+                self.live.push(a.v.clone());
+            }
         }
         self.expire(now);
-        out
+        self.take_output(out)
     }
 
-    /// Emits every aggregated verdict with occurrences not yet reported, so
-    /// that stopping loses no counts. Call once, at the end.
+    /// Accounts for everything still waiting and emits every aggregated
+    /// verdict with occurrences not yet reported, so that stopping loses
+    /// no counts. Call once, at the end.
     pub fn finish(&mut self, now: SystemTime) -> Vec<Verdict> {
         let mut out = std::mem::take(&mut self.due);
+        for waited in self.ledger.drain() {
+            out.extend(self.settle(&waited));
+        }
         for a in self.aggs.values_mut().filter(|a| a.pending) {
             a.pending = false;
             a.last_emitted = now;
@@ -203,10 +288,59 @@ impl Diagnoser {
             out.push(a.v.clone());
         }
         out.sort_by_key(|v| v.first_seen);
+        out.dedup_by(|a, b| AggKey::of_verdict(a) == AggKey::of_verdict(b) && a.count <= b.count);
         out
     }
 
-    fn rules(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
+    fn take_output(&mut self, verdicts: Vec<Verdict>) -> Diagnosed {
+        Diagnosed {
+            verdicts,
+            live: std::mem::take(&mut self.live),
+        }
+    }
+
+    /// One connection's resets and errors that no rule explained in time:
+    /// a client's late segment on a closed connection or a connect to a
+    /// closed port seen from the server's side, else unexplained.
+    fn settle(&mut self, waited: &[Open]) -> Option<Verdict> {
+        let first = waited.first()?;
+        let resets = waited.iter().filter(|o| is_reset(&o.ev)).count() as u32;
+        let sent = |pred: &dyn Fn(&Event) -> bool| {
+            waited
+                .iter()
+                .map(|o| &o.ev)
+                .find(|e| e.kind == EventKind::ResetSent && pred(e))
+        };
+        let mut c = if let Some(tw) = sent(&|e| {
+            e.state == Some(TcpState::TimeWait)
+                || e.reason.as_deref() == Some("TCP_TIMEWAIT_SOCKET")
+        }) {
+            keepalive_race_server_side(tw)
+        } else if let Some(no_socket) =
+            sent(&|e| e.reason.as_deref() == Some("NO_SOCKET") && is_bare_syn(e.tcp_flags))
+        {
+            refused_server_side(no_socket)
+        } else {
+            let server = Endpoint::new(first.ends.server.0, first.ends.server.1);
+            let mut c = unexplained(&first.ev, &server, 0);
+            c.v.src = Endpoint::new(first.ends.client.0, first.ends.client.1);
+            c
+        };
+        c.v.resets = u64::from(resets);
+        self.submit(c, Some(Origin::of(&first.ev, first.ends)))
+    }
+
+    /// Adds resets that belong to an accounted connection to its verdict.
+    fn add_resets(&mut self, key: &AggKey, n: u64, time: SystemTime) {
+        let live_interval = self.cfg.live_interval;
+        if let Some(a) = self.aggs.get_mut(key) {
+            a.v.resets += n;
+            a.pending = true;
+            note_live(a, time, live_interval, &mut self.live);
+        }
+    }
+
+    fn rules(&mut self, ev: &Event, facts: &NodeFacts, ends: Ends) -> Vec<Candidate> {
         let key = SockKey::of(ev);
         let state = ev.state;
         let errno = ev.errno;
@@ -236,8 +370,15 @@ impl Diagnoser {
                 let s = self.sock(&key, ev.time, false);
                 s.syn_sent = true;
                 s.syn_retrans += 1;
-                if s.syn_retrans == 1
-                    && s.concluded.is_none()
+                let retrans = s.syn_retrans;
+                if s.concluded.is_some() {
+                    return vec![];
+                }
+                if let Some(c) = self.dropped_by_firewall(ev, ends, retrans) {
+                    self.conclude(&key, &c);
+                    return vec![c];
+                }
+                if retrans == 1
                     && let Some(c) = nodeport_collision(ev, facts, 1)
                 {
                     self.conclude(&key, &c);
@@ -246,24 +387,45 @@ impl Diagnoser {
                 vec![]
             }
             EventKind::Retransmit if state == Some(TcpState::Established) => {
+                let streak = self.sock(&key, ev.time, false).streak + 1;
+                let concluded = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
+                if !concluded && let Some(c) = self.dropped_by_firewall(ev, ends, streak) {
+                    self.conclude(&key, &c);
+                    return vec![c];
+                }
                 self.data_retransmit(&key, ev, facts)
             }
             EventKind::ResetReceived if state == Some(TcpState::SynSent) => {
-                self.refused(&key, ev, "reset")
+                self.refused(&key, ev, Origin::of(ev, ends), "reset")
             }
             EventKind::ResetReceived if state == Some(TcpState::Established) => {
                 self.reset_established(&key, ev, facts)
             }
+            // The peer had closed the connection (its FIN: CLOSE_WAIT) and
+            // reset it when this side wrote to it again.
+            EventKind::ResetReceived if state == Some(TcpState::CloseWait) => {
+                let c = keepalive_race(ev, ev.peer_fin.as_ref());
+                self.conclude(&key, &c);
+                vec![c]
+            }
+            EventKind::ResetSent if is_application_abort(ev) => vec![application_abort(ev)],
             EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
                 self.reset_sent(ev, facts)
             }
             EventKind::SocketError if errno == Some(Errno::ECONNREFUSED) => {
-                self.refused(&key, ev, "errno")
+                self.refused(&key, ev, Origin::of(ev, ends), "errno")
             }
             EventKind::SocketError if errno == Some(Errno::ETIMEDOUT) => {
                 self.timed_out(&key, ev, facts)
             }
-            EventKind::Drop => self.netfilter_drop(ev, facts),
+            EventKind::Drop => {
+                let full = self.netfilter_drop(ev, facts);
+                // A full conntrack table drops through netfilter too.
+                if full.is_empty() {
+                    self.note_firewall_drop(ev, ends, facts);
+                }
+                full
+            }
             EventKind::ConntrackInvalid => self.invalid_marked(ev, facts),
             EventKind::ConnectError if errno == Some(Errno::EADDRNOTAVAIL) => {
                 vec![port_exhaustion(ev, facts, Confidence::Certain)]
@@ -300,13 +462,13 @@ impl Diagnoser {
         }
     }
 
-    fn refused(&mut self, key: &SockKey, ev: &Event, via: &str) -> Vec<Candidate> {
+    fn refused(&mut self, key: &SockKey, ev: &Event, origin: Origin, via: &str) -> Vec<Candidate> {
         let s = self.sock(key, ev.time, false);
         if s.concluded.is_some() {
             return vec![];
         }
         // A refused storm repeats one verdict: count it without rebuilding.
-        if self.repeat(ev, Cause::ConnectionRefused, Confidence::Certain) {
+        if self.repeat(ev, origin, Cause::ConnectionRefused, Confidence::Certain) {
             if let Some(s) = self.socks.get_mut(key) {
                 s.concluded = Some((Cause::ConnectionRefused, Confidence::Certain));
             }
@@ -558,6 +720,58 @@ impl Diagnoser {
         (t.invalid > 0 && within(t.at, time, self.cfg.correlation_window)).then_some(t.invalid)
     }
 
+    /// Remembers a segment a netfilter rule dropped, by its connection's
+    /// client end (the same before and after NAT), with where it happened.
+    fn note_firewall_drop(&mut self, ev: &Event, ends: Ends, facts: &NodeFacts) {
+        if ev.reason.as_deref() != Some("NETFILTER_DROP") {
+            return;
+        }
+        if self.firewall_drops.len() >= self.cfg.max_socks {
+            let window = self.cfg.correlation_window;
+            let now = ev.time;
+            self.firewall_drops
+                .retain(|_, (t, _)| within(*t, now, window));
+            if self.firewall_drops.len() >= self.cfg.max_socks {
+                return;
+            }
+        }
+        let place = ev
+            .pod
+            .as_ref()
+            .map(|p| format!("pod {}/{}", p.namespace, p.name))
+            .or_else(|| ev.netns_name.as_ref().map(|n| format!("netns {n}")));
+        let rule = facts
+            .netns
+            .get(&ev.netns)
+            .and_then(|f| f.drop_rules.as_deref())
+            .and_then(|rules| matching_rule(rules, ev.dst.port));
+        let entry = self.firewall_drops.entry(ends.client).or_insert_with(|| {
+            (
+                ev.time,
+                FirewallDrop {
+                    netns: ev.netns,
+                    place,
+                    location: ev.location.clone(),
+                    drops: 0,
+                    dst: ev.dst.to_string(),
+                    rule: None,
+                },
+            )
+        });
+        entry.0 = ev.time;
+        entry.1.drops += 1;
+        if rule.is_some() {
+            entry.1.rule = rule;
+        }
+    }
+
+    /// A retransmit of a connection whose segments a netfilter rule dropped.
+    fn dropped_by_firewall(&self, ev: &Event, ends: Ends, retransmits: u32) -> Option<Candidate> {
+        let (at, drop) = self.firewall_drops.get(&ends.client)?;
+        within(*at, ev.time, self.cfg.correlation_window)
+            .then(|| netfilter_drop(ev, drop, retransmits))
+    }
+
     fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
         if ev.reason.as_deref() != Some("NETFILTER_DROP") || !is_bare_syn(ev.tcp_flags) {
             return vec![];
@@ -663,14 +877,21 @@ impl Diagnoser {
     /// already has `confidence`, without building it again: the verdict
     /// keeps its first occurrence as the example (its summary, source and
     /// process agree). False when there is no such verdict.
-    fn repeat(&mut self, ev: &Event, cause: Cause, confidence: Confidence) -> bool {
+    fn repeat(&mut self, ev: &Event, origin: Origin, cause: Cause, confidence: Confidence) -> bool {
         let key = AggKey::of(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
+        if self
+            .aggs
+            .get(&key)
+            .is_none_or(|a| a.v.confidence != confidence)
+        {
+            return false;
+        }
+        let resets = self.ledger.account(origin, key.clone(), ev.time);
+        let live_interval = self.cfg.live_interval;
         let Some(a) = self.aggs.get_mut(&key) else {
             return false;
         };
-        if a.v.confidence != confidence {
-            return false;
-        }
+        a.v.resets += resets;
         a.v.count += 1;
         a.v.last_seen = a.v.last_seen.max(ev.time);
         a.v.first_seen = a.v.first_seen.min(ev.time);
@@ -679,16 +900,24 @@ impl Diagnoser {
         if elapsed(a.last_emitted, ev.time) >= self.cfg.reemit_interval {
             a.pending = false;
             a.last_emitted = ev.time;
+            a.live_shown = ev.time;
+            a.live_behind = false;
             self.due.push(a.v.clone());
+        } else {
+            note_live(a, ev.time, live_interval, &mut self.live);
         }
         true
     }
 
-    /// Aggregates a candidate; returns it when its key is due.
-    fn submit(&mut self, c: Candidate) -> Option<Verdict> {
-        let Candidate { v, occurrence } = c;
+    /// Aggregates a candidate, which accounts for the connection of
+    /// `origin`; returns it when its key is due.
+    fn submit(&mut self, c: Candidate, origin: Option<Origin>) -> Option<Verdict> {
+        let Candidate { mut v, occurrence } = c;
         let now = v.time;
-        let key = AggKey::of(v.pod.as_ref(), v.netns, v.cause, &v.dst);
+        let key = AggKey::of_verdict(&v);
+        if let Some(origin) = origin {
+            v.resets += self.ledger.account(origin, key.clone(), now);
+        }
         if !self.aggs.contains_key(&key) {
             if self.aggs.len() >= self.cfg.max_keys {
                 evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen));
@@ -699,20 +928,26 @@ impl Diagnoser {
                     v: v.clone(),
                     last_emitted: v.time,
                     pending: false,
+                    live_shown: v.time,
+                    live_behind: false,
                 },
             );
             return Some(v);
         }
+        let live_interval = self.cfg.live_interval;
         let a = self.aggs.get_mut(&key)?;
         if occurrence {
             a.v.count += 1;
         }
+        a.v.resets += v.resets;
         a.v.last_seen = a.v.last_seen.max(v.last_seen);
         a.v.first_seen = a.v.first_seen.min(v.first_seen);
         if v.confidence >= a.v.confidence {
-            let (count, first, last) = (a.v.count, a.v.first_seen, a.v.last_seen);
+            let (count, resets, first, last) =
+                (a.v.count, a.v.resets, a.v.first_seen, a.v.last_seen);
             a.v = Verdict {
                 count,
+                resets,
                 first_seen: first,
                 last_seen: last,
                 ..v
@@ -722,9 +957,12 @@ impl Diagnoser {
         if elapsed(a.last_emitted, now) >= self.cfg.reemit_interval {
             a.pending = false;
             a.last_emitted = now;
+            a.live_shown = now;
+            a.live_behind = false;
             a.v.time = now;
             return Some(a.v.clone());
         }
+        note_live(a, now, live_interval, &mut self.live);
         None
     }
 
@@ -746,6 +984,30 @@ impl Diagnoser {
     }
 }
 
+/// Shows an aggregate's new count to the live sinks now, or at the next
+/// tick when it was shown less than `interval` ago.
+fn note_live(a: &mut Agg, now: SystemTime, interval: Duration, live: &mut Vec<Verdict>) {
+    if elapsed(a.live_shown, now) >= interval {
+        a.live_shown = now;
+        a.live_behind = false;
+        live.push(a.v.clone());
+    } else {
+        a.live_behind = true;
+    }
+}
+
+/// A stand-in event with a verdict's ends and namespace, to tell which
+/// end is the client.
+fn event_of(v: &Verdict) -> Event {
+    Event::new(
+        v.time,
+        EventKind::StateChange,
+        v.src.clone(),
+        v.dst.clone(),
+        v.netns,
+    )
+}
+
 fn state_is(ev: &Event, state: TcpState) -> bool {
     ev.state == Some(state) || ev.old_state == Some(state)
 }
@@ -755,6 +1017,54 @@ fn same_conn(a: &Event, b: &Event) -> bool {
     let ep = |e: &Endpoint| (e.ip, e.port);
     (ep(&a.src) == ep(&b.src) && ep(&a.dst) == ep(&b.dst))
         || (ep(&a.src) == ep(&b.dst) && ep(&a.dst) == ep(&b.src))
+}
+
+/// A reset the application caused by closing abortively: the kernel says
+/// so (6.10+), or, without a reason, an active reset (no segment answered)
+/// from a synchronized socket.
+fn is_application_abort(ev: &Event) -> bool {
+    match ev.reason.as_deref() {
+        Some(r) => APPLICATION_ABORTS.contains(&r),
+        None => {
+            ev.tcp_flags.is_none()
+                && matches!(
+                    ev.state,
+                    Some(
+                        TcpState::Established
+                            | TcpState::CloseWait
+                            | TcpState::FinWait1
+                            | TcpState::FinWait2
+                            | TcpState::LastAck
+                            | TcpState::Closing
+                    )
+                )
+        }
+    }
+}
+
+/// Reset reasons that mean the application closed abortively.
+const APPLICATION_ABORTS: [&str; 4] = [
+    "TCP_ABORT_ON_CLOSE",
+    "TCP_ABORT_ON_LINGER",
+    "TCP_ABORT_ON_DATA",
+    "TCP_DISCONNECT_WITH_DATA",
+];
+
+/// The drop rule most likely to have dropped a segment to `port`: one
+/// whose counter moved that names the port, else one whose counter moved,
+/// else one that names the port.
+fn matching_rule(rules: &[DropRule], port: u16) -> Option<DropRule> {
+    let names_port = |r: &&DropRule| {
+        let p = port.to_string();
+        r.text.split(|c: char| !c.is_ascii_digit()).any(|w| w == p)
+    };
+    let counted = |r: &&DropRule| r.packets.is_some_and(|n| n > 0);
+    rules
+        .iter()
+        .find(|r| counted(r) && names_port(r))
+        .or_else(|| rules.iter().find(counted))
+        .or_else(|| rules.iter().find(names_port))
+        .cloned()
 }
 
 fn is_bare_syn(flags: Option<TcpFlags>) -> bool {
@@ -825,7 +1135,7 @@ mod tests {
             );
             ev.sock = Some(SockPtr(u64::from(i)));
             ev.errno = Some(Errno::ECONNREFUSED);
-            emitted += d.observe(&ev, &facts).len();
+            emitted += d.observe(&ev, &facts).verdicts.len();
             assert!(d.socks.len() <= 64 && d.aggs.len() <= 16, "at {i}");
         }
         // Every destination is new, so each is reported once.

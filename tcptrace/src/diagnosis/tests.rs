@@ -10,9 +10,9 @@ use super::{Diagnoser, DiagnoserConfig};
 use crate::model::{
     Cause::{self, *},
     Confidence::{self, *},
-    Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, SockPtr, TcpDetail, TcpFlags,
-    TcpState, Verdict,
-    facts::{ConntrackFacts, NetnsFacts, NodeFacts},
+    Endpoint, Errno, Event, EventKind, IdentityLevel, PeerFin, PodRef, Role, Severity, SockPtr,
+    TcpDetail, TcpFlags, TcpState, Verdict,
+    facts::{ConntrackFacts, DropRule, NetnsFacts, NodeFacts},
 };
 
 const NODE: u32 = 1;
@@ -77,6 +77,21 @@ impl E {
     }
     fn flags(mut self, f: TcpFlags) -> Self {
         self.0.tcp_flags = Some(f);
+        self
+    }
+    fn role(mut self, r: Role) -> Self {
+        self.0.role = Some(r);
+        self
+    }
+    fn peer_fin(mut self, ago_ms: u64, idle_before_ms: u64) -> Self {
+        self.0.peer_fin = Some(PeerFin {
+            ago_ms,
+            idle_before_ms,
+        });
+        self
+    }
+    fn location(mut self, l: &str) -> Self {
+        self.0.location = Some(l.into());
         self
     }
     fn tcp(mut self, idle_ms: u64, keepalive: bool, keepalive_time_ms: u64) -> Self {
@@ -151,9 +166,9 @@ fn run(mut f: NodeFacts, steps: Vec<Step>) -> Vec<Verdict> {
     let mut out = Vec::new();
     for step in steps {
         match step {
-            Ev(e) => out.extend(d.observe(&e.0, &f)),
+            Ev(e) => out.extend(d.observe(&e.0, &f).verdicts),
             Facts(change) => change(&mut f),
-            Tick(ms) => out.extend(d.tick(at(ms), &f)),
+            Tick(ms) => out.extend(d.tick(at(ms), &f).verdicts),
         }
     }
     out
@@ -300,11 +315,12 @@ fn node_conntrack_timeout_is_a_path_timeout() {
 }
 
 #[test]
-fn keepalive_client_on_the_same_path_is_healthy() {
+fn keepalive_client_on_the_same_path_is_not_an_idle_timeout() {
     let mut f = facts();
     f.middlebox_timeout_s = Some(60);
     // The same retransmits and reset, but a 30 s keepalive keeps the 60 s
     // path alive: no idle_timeout (and three retransmits are no storm).
+    // The reset is still accounted for: unexplained, with what was seen.
     let mut steps = black_hole(true);
     steps.truncate(5);
     steps.push(Ev(ev(70_000, ResetReceived, CLIENT, P, SVC)
@@ -312,7 +328,15 @@ fn keepalive_client_on_the_same_path_is_healthy() {
         .state(TcpState::Established)
         .tcp(70_000, true, 30_000)));
     steps.push(Tick(90_000));
-    assert_eq!(causes(&run(f, steps)), vec![]);
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(Unexplained, Possible, 1)]);
+    assert_eq!(v[0].resets, 1);
+    assert_eq!(v[0].evidence["kind"], json!("reset_received"));
+    assert_eq!(v[0].evidence["idle_ms"], json!(70_000));
+    assert_eq!(
+        (v[0].src.to_string(), v[0].dst.to_string()),
+        (P.to_string(), SVC.to_string())
+    );
 }
 
 /// The server's connection is killed by a reset the client sent for a
@@ -483,7 +507,8 @@ fn below_window_segment_without_reset_is_nothing() {
     steps.extend(connected(0x1000));
     steps.push(Tick(12_000));
     assert_eq!(causes(&run(facts(), steps)), vec![]);
-    // A plain application reset with no pair and no counter rise is nothing too.
+    // A reset with no pair and no counter rise is no conntrack_invalid:
+    // it is unexplained, about the server's port (not the client's).
     let steps = vec![
         Ev(ev(500, ResetReceived, SERVER, B, P)
             .sock(0x1002)
@@ -491,7 +516,9 @@ fn below_window_segment_without_reset_is_nothing() {
             .tcp(40, false, 7_200_000)),
         Tick(40_000),
     ];
-    assert_eq!(causes(&run(facts(), steps)), vec![]);
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(Unexplained, Possible, 1)]);
+    assert_eq!((v[0].dst.to_string(), v[0].resets), (B.to_string(), 1));
 }
 
 #[test]
@@ -835,7 +862,7 @@ fn finish_reports_counts_not_yet_emitted() {
         let e = ev(i * 10, ResetReceived, CLIENT, &src, SVC)
             .sock(0xffff_0000 + i)
             .state(TcpState::SynSent);
-        emitted.extend(d.observe(&e.0, &f));
+        emitted.extend(d.observe(&e.0, &f).verdicts);
     }
     assert_eq!(causes(&emitted), vec![(ConnectionRefused, Certain, 1)]);
     let last = d.finish(at(100));
@@ -927,4 +954,260 @@ fn verdicts_serialize_with_stable_names() {
             json!(c.as_str())
         );
     }
+}
+
+/// The last record of each verdict key: its final counts.
+fn last_of_each(v: &[Verdict]) -> Vec<&Verdict> {
+    let mut last: Vec<&Verdict> = Vec::new();
+    for x in v {
+        let same = |y: &&Verdict| {
+            (y.cause, y.netns, &y.dst, y.first_seen) == (x.cause, x.netns, &x.dst, x.first_seen)
+        };
+        match last.iter().position(same) {
+            Some(i) => last[i] = x,
+            None => last.push(x),
+        }
+    }
+    last
+}
+
+/// nginx closed an idle keep-alive connection (FIN after 2 s idle); the
+/// client wrote to it 1 s later: the server's TIME_WAIT socket resets it.
+fn keepalive_race_pair() -> Vec<Step> {
+    vec![
+        Ev(ev(10_000, ResetSent, SERVER, B, P)
+            .state(TcpState::TimeWait)
+            .reason("TCP_TIMEWAIT_SOCKET")
+            .flags(TcpFlags::PSH | TcpFlags::ACK)),
+        Ev(ev(10_001, ResetReceived, CLIENT, P, SVC)
+            .sock(0x3000)
+            .role(Role::Client)
+            .state(TcpState::CloseWait)
+            .peer_fin(1_000, 2_000)
+            .tcp(1_000, false, 7_200_000)),
+        Tick(30_000),
+    ]
+}
+
+#[test]
+fn keepalive_race_names_the_peer_s_idle_timeout_and_takes_both_resets() {
+    let v = run(facts(), keepalive_race_pair());
+    assert_eq!(causes(&v), vec![(KeepaliveRace, Certain, 1)]);
+    let k = &v[0];
+    assert_eq!(k.resets, 2, "the server's reset and the client's");
+    assert_eq!(k.severity, Severity::Failure);
+    assert_eq!(k.pod.as_ref().map(|p| p.name.as_str()), Some("client"));
+    assert_eq!(k.evidence["peer_idle_timeout_ms"], json!(2_000));
+    assert_eq!(k.evidence["fin_to_write_ms"], json!(1_000));
+    assert_eq!(k.evidence["state"], json!("CLOSE_WAIT"));
+    assert_eq!(
+        k.summary,
+        "pod default/client: 10.96.0.10:80 closed the connection after 2.0 s idle; it was used 1.0 s later and reset"
+    );
+    assert_eq!(
+        k.fix,
+        "the server closes idle connections after about 2.0 s: close pooled connections to 10.96.0.10:80 after 1 s idle (below the server's timeout), and retry idempotent requests once on a reset"
+    );
+    assert!(!k.fix.contains("KEEPALIVE"));
+}
+
+#[test]
+fn keepalive_race_seen_only_by_the_server_is_named_after_the_settle_time() {
+    let mut steps = keepalive_race_pair();
+    steps.remove(1);
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(KeepaliveRace, Likely, 1)]);
+    assert_eq!(v[0].resets, 1);
+    assert_eq!(v[0].pod.as_ref().map(|p| p.name.as_str()), Some("server"));
+    assert_eq!(v[0].evidence["client"], json!(P));
+}
+
+#[test]
+fn netfilter_drop_through_a_cluster_ip_names_the_namespace_and_the_rule() {
+    let mut f = facts();
+    let rule = "-A INPUT -s 10.244.1.5/32 -p tcp -m tcp --dport 8080 -j DROP";
+    f.netns.get_mut(&SERVER).expect("server facts").drop_rules = Some(vec![
+        DropRule {
+            text: "-A INPUT -p tcp --dport 22 -j DROP".into(),
+            packets: Some(0),
+        },
+        DropRule {
+            text: rule.into(),
+            packets: Some(2),
+        },
+    ]);
+    let syn = |ms, netns, src, dst| {
+        Ev(ev(ms, Drop, netns, src, dst)
+            .reason("NETFILTER_DROP")
+            .location("nf_hook_slow+0x4c")
+            .flags(TcpFlags::SYN))
+    };
+    let steps = vec![
+        Ev(ev(0, StateChange, CLIENT, P, SVC)
+            .sock(0x3100)
+            .from(TcpState::Close)
+            .state(TcpState::SynSent)),
+        // The SYN after DNAT (ClusterIP -> pod), dropped in the server pod.
+        syn(1, SERVER, P, B),
+        Ev(ev(1_000, Retransmit, CLIENT, P, SVC)
+            .sock(0x3100)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)),
+        syn(1_001, SERVER, P, B),
+        Ev(ev(3_000, StateChange, CLIENT, P, SVC)
+            .sock(0x3100)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
+        Tick(20_000),
+    ];
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(NetfilterDrop, Certain, 1)]);
+    let e = &v[0].evidence;
+    assert_eq!(e["dropped_in_netns"], json!(SERVER));
+    assert_eq!(e["dropped_in"], json!("pod default/server"));
+    assert_eq!(e["dropped_dst"], json!(B));
+    assert_eq!(e["location"], json!("nf_hook_slow+0x4c"));
+    assert_eq!(e["rule"], json!(rule));
+    assert_eq!(e["rule_packets"], json!(2));
+    assert_eq!(v[0].pod.as_ref().map(|p| p.name.as_str()), Some("client"));
+    assert!(v[0].fix.contains(rule), "{}", v[0].fix);
+    // Without the drop, the same connect is a plain SYN timeout.
+    let steps = vec![
+        Ev(ev(1_000, Retransmit, CLIENT, P, SVC)
+            .sock(0x3101)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)),
+        Ev(ev(3_000, StateChange, CLIENT, P, SVC)
+            .sock(0x3101)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
+    ];
+    assert_eq!(causes(&run(facts(), steps)), vec![(SynTimeout, Certain, 1)]);
+}
+
+#[test]
+fn an_application_abort_is_benign_and_takes_the_peer_s_reset() {
+    let steps = vec![
+        Ev(ev(500, ResetSent, CLIENT, P, SVC)
+            .sock(0x3200)
+            .role(Role::Client)
+            .state(TcpState::Established)
+            .reason("TCP_ABORT_ON_CLOSE")),
+        Ev(ev(501, ResetReceived, SERVER, B, P)
+            .sock(0x3201)
+            .role(Role::Server)
+            .state(TcpState::Established)
+            .tcp(1, false, 7_200_000)),
+        Tick(30_000),
+    ];
+    let v = run(facts(), steps);
+    // The peer's reset joins the verdict: re-emitted with it, one occurrence.
+    assert_eq!(
+        causes(&v),
+        vec![
+            (ApplicationAbort, Certain, 1),
+            (ApplicationAbort, Certain, 1)
+        ]
+    );
+    assert_eq!((v[0].resets, v[1].resets), (1, 2));
+    assert_eq!(v[1].severity, Severity::Benign);
+    assert_eq!(v[1].evidence["reason"], json!("TCP_ABORT_ON_CLOSE"));
+}
+
+#[test]
+fn a_refused_connect_seen_only_by_the_server_is_named() {
+    let steps = vec![
+        Ev(ev(500, ResetSent, SERVER, B, P)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
+        Tick(30_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
+    assert_eq!(
+        (v[0].resets, v[0].evidence["port"].clone()),
+        (1, json!(8080))
+    );
+}
+
+#[test]
+fn counts_reach_the_live_sinks_at_once() {
+    let mut d = Diagnoser::new(DiagnoserConfig {
+        live_interval: Duration::ZERO,
+        ..DiagnoserConfig::default()
+    });
+    let f = facts();
+    let mut live_counts = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..3u64 {
+        let src = format!("10.244.1.5:{}", 40001 + i);
+        let out = d.observe(
+            &ev(i * 10, ResetReceived, CLIENT, &src, SVC)
+                .sock(0x3300 + i)
+                .state(TcpState::SynSent)
+                .0,
+            &f,
+        );
+        records.extend(out.verdicts);
+        live_counts.extend(out.live.iter().map(|v| v.count));
+    }
+    // One record (the re-emission waits 10 s), the counts live at once.
+    assert_eq!(causes(&records), vec![(ConnectionRefused, Certain, 1)]);
+    assert_eq!(live_counts, vec![2, 3]);
+}
+
+#[test]
+fn every_reset_is_accounted_for_once() {
+    let mut steps = keepalive_race_pair();
+    steps.pop();
+    // A refused connect (both sides), an abort (both sides), a reset no
+    // rule explains, and an idle-timeout reset.
+    steps.extend([
+        Ev(ev(11_000, ResetSent, SERVER, B, "10.244.1.5:40002")
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
+        Ev(ev(11_001, ResetReceived, CLIENT, "10.244.1.5:40002", SVC)
+            .sock(0x3400)
+            .role(Role::Client)
+            .state(TcpState::SynSent)),
+        Ev(ev(12_000, ResetSent, CLIENT, "10.244.1.5:40003", SVC)
+            .sock(0x3401)
+            .role(Role::Client)
+            .state(TcpState::Established)
+            .reason("TCP_ABORT_ON_CLOSE")),
+        Ev(ev(12_001, ResetReceived, SERVER, B, "10.244.1.5:40003")
+            .sock(0x3402)
+            .role(Role::Server)
+            .state(TcpState::Established)),
+        Ev(ev(13_000, ResetReceived, CLIENT, "10.244.1.5:40004", SVC)
+            .sock(0x3403)
+            .role(Role::Client)
+            .state(TcpState::Established)
+            .tcp(50, false, 7_200_000)),
+        Ev(ev(14_000, ResetReceived, CLIENT, "10.244.1.5:40005", SVC)
+            .sock(0x3404)
+            .role(Role::Client)
+            .state(TcpState::Established)
+            .tcp(1_000_000, false, 7_200_000)),
+        Tick(40_000),
+    ]);
+    let resets = steps
+        .iter()
+        .filter(|s| matches!(s, Ev(e) if matches!(e.0.kind, ResetSent | ResetReceived)))
+        .count() as u64;
+    let v = run(facts(), steps);
+    let last = last_of_each(&v);
+    let mut got: Vec<(Cause, u64)> = last.iter().map(|v| (v.cause, v.resets)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (IdleTimeout, 1),
+            (ConnectionRefused, 2),
+            (KeepaliveRace, 2),
+            (ApplicationAbort, 2),
+            (Unexplained, 1),
+        ]
+    );
+    assert_eq!(last.iter().map(|v| v.resets).sum::<u64>(), resets);
 }

@@ -128,6 +128,17 @@ pub struct NetnsFacts {
     pub tw_reuse: u8,
     /// None when the conntrack module is not loaded.
     pub ct: Option<ConntrackFacts>,
+    /// The rules that drop or reject, read only for namespaces where
+    /// netfilter dropped a traced connection's packets (None: not read).
+    pub drop_rules: Option<Vec<DropRule>>,
+}
+
+/// A netfilter rule that drops or rejects packets, as `iptables-save -c`
+/// or `nft list ruleset` prints it, with its packet counter when it has one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DropRule {
+    pub text: String,
+    pub packets: Option<u64>,
 }
 
 impl Default for NetnsFacts {
@@ -141,6 +152,7 @@ impl Default for NetnsFacts {
             reserved_ports: Vec::new(),
             tw_reuse: 2,
             ct: None,
+            drop_rules: None,
         }
     }
 }

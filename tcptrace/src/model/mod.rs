@@ -16,7 +16,7 @@ mod verdict;
 pub use kernel::{Errno, SockPtr, TcpFlags, TcpState};
 pub use probe::{ProbeState, ProbeStatus, Tier};
 pub use text::rfc3339;
-pub use verdict::{Cause, Confidence, Verdict};
+pub use verdict::{Cause, Confidence, Severity, Verdict};
 
 /// One NDJSON line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,6 +143,27 @@ pub enum IdentityLevel {
     Netns,
 }
 
+/// Which end of its connection the socket's owner is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It connected (`connect()`).
+    Client,
+    /// It accepted the connection (or listens).
+    Server,
+}
+
+/// The peer closed its side of the connection (its FIN arrived) and the
+/// socket was used again afterwards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerFin {
+    /// Time from the peer's FIN to this event.
+    pub ago_ms: u64,
+    /// How long the connection had been idle when the FIN arrived: the
+    /// peer's idle timeout, as far as this side can tell.
+    pub idle_before_ms: u64,
+}
+
 /// TCP socket detail read at the moment of the event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpDetail {
@@ -197,6 +218,11 @@ pub struct Event {
     pub tcp_flags: Option<TcpFlags>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpDetail>,
+    /// Whether the socket's owner connected or accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_fin: Option<PeerFin>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     #[serde(default)]
@@ -231,6 +257,8 @@ impl Event {
             location: None,
             tcp_flags: None,
             tcp: None,
+            role: None,
+            peer_fin: None,
             pod: None,
             identity_level: IdentityLevel::Netns,
         }

@@ -18,11 +18,15 @@ pub enum Cause {
     ConnectionRefused,
     SynTimeout,
     RetransmitStorm,
+    KeepaliveRace,
+    NetfilterDrop,
+    ApplicationAbort,
+    Unexplained,
 }
 
 impl Cause {
     /// Every cause, in the order of the README's table.
-    pub const ALL: [Cause; 9] = [
+    pub const ALL: [Cause; 13] = [
         Cause::IdleTimeout,
         Cause::ConntrackInvalid,
         Cause::ConntrackTableFull,
@@ -32,6 +36,10 @@ impl Cause {
         Cause::ConnectionRefused,
         Cause::SynTimeout,
         Cause::RetransmitStorm,
+        Cause::KeepaliveRace,
+        Cause::NetfilterDrop,
+        Cause::ApplicationAbort,
+        Cause::Unexplained,
     ];
 
     /// The serialized cause code.
@@ -46,6 +54,42 @@ impl Cause {
             Cause::ConnectionRefused => "connection_refused",
             Cause::SynTimeout => "syn_timeout",
             Cause::RetransmitStorm => "retransmit_storm",
+            Cause::KeepaliveRace => "keepalive_race",
+            Cause::NetfilterDrop => "netfilter_drop",
+            Cause::ApplicationAbort => "application_abort",
+            Cause::Unexplained => "unexplained",
+        }
+    }
+
+    /// How bad an occurrence is: an application's own abort is not a
+    /// failure of the network.
+    pub fn severity(self) -> Severity {
+        match self {
+            Cause::ApplicationAbort => Severity::Benign,
+            Cause::RetransmitStorm => Severity::Degraded,
+            _ => Severity::Failure,
+        }
+    }
+}
+
+/// What a verdict means for the connections it counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Connections failed (reset, refused, timed out).
+    Failure,
+    /// Connections worked, slowly or with losses.
+    Degraded,
+    /// Expected behaviour (an application's abortive close), counted.
+    Benign,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Failure => "failure",
+            Severity::Degraded => "degraded",
+            Severity::Benign => "benign",
         }
     }
 }
@@ -64,6 +108,8 @@ pub struct Verdict {
     pub time: SystemTime,
     pub cause: Cause,
     pub confidence: Confidence,
+    /// The cause's severity (`failure`, `degraded`, `benign`).
+    pub severity: Severity,
     pub pod: Option<PodRef>,
     pub identity_level: IdentityLevel,
     pub netns: u32,
@@ -83,6 +129,10 @@ pub struct Verdict {
     pub fix: String,
     /// Occurrences aggregated into this verdict (same pod, cause, destination).
     pub count: u64,
+    /// Reset segments (sent and received, on this node) these occurrences
+    /// account for.
+    #[serde(default)]
+    pub resets: u64,
     #[serde(with = "super::text::rfc3339")]
     pub first_seen: SystemTime,
     #[serde(with = "super::text::rfc3339")]

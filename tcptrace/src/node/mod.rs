@@ -4,13 +4,14 @@
 //! (`kube_proxy`) and the process, cgroup and kubelet tables (`host`).
 //! The facts are read on a background thread; diagnosis and attribution
 //! get them as data.
+pub mod firewall;
 pub mod host;
 pub mod kube_proxy;
 pub mod netns;
 pub mod sysctl;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::mpsc,
     thread,
@@ -34,7 +35,8 @@ pub struct FactsConfig {
 /// Reads every namespace's facts once. Errors for single namespaces (a pod
 /// that just exited) are skipped. kube-proxy's NodePorts are added by the
 /// pipeline, which parses its rules.
-pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
+/// The drop rules of the namespaces in `firewall` are read too.
+pub fn collect(cfg: &FactsConfig, firewall: &BTreeSet<u32>) -> (NodeFacts, HashMap<u32, String>) {
     let mut facts = NodeFacts {
         middlebox_timeout_s: cfg.middlebox_timeout_s,
         nodeports: cfg.nodeports.clone(),
@@ -52,11 +54,15 @@ pub fn collect(cfg: &FactsConfig) -> (NodeFacts, HashMap<u32, String>) {
         if let Some(name) = &ns.name {
             names.insert(ns.inode, name.clone());
         }
-        if facts.netns.contains_key(&ns.inode) {
-            continue;
-        }
-        if let Ok((inode, f)) = collect_netns(&ns.path) {
+        if !facts.netns.contains_key(&ns.inode)
+            && let Ok((inode, f)) = collect_netns(&ns.path)
+        {
             facts.netns.insert(inode, f);
+        }
+        if firewall.contains(&ns.inode)
+            && let Some(f) = facts.netns.get_mut(&ns.inode)
+        {
+            f.drop_rules = Some(firewall::read_drop_rules(&ns.path));
         }
     }
     facts.ipvs_tcp_timeout_s = kube_proxy::ipvs_tcp_timeout(&cfg.host_root);
@@ -77,11 +83,22 @@ pub struct Update {
     pub rules: Option<RuleDumps>,
 }
 
-/// A background refresher: collects every `interval`, or at once when woken
-/// (an event came from a namespace it has not read yet).
+/// Namespaces whose drop rules are read, at most.
+const MAX_FIREWALL_NETNS: usize = 64;
+
+/// Why the refresher is woken early.
+enum Wake {
+    /// An event came from a namespace it has not read yet.
+    Facts,
+    /// Netfilter dropped a traced connection's packets in this namespace:
+    /// read its drop rules from now on.
+    Firewall(u32),
+}
+
+/// A background refresher: collects every `interval`, or at once when woken.
 pub struct Refresher {
     updates: mpsc::Receiver<Update>,
-    wake: mpsc::Sender<()>,
+    wake: mpsc::Sender<Wake>,
 }
 
 impl Refresher {
@@ -89,22 +106,34 @@ impl Refresher {
     /// (or a wake-up), the caller having collected once itself.
     pub fn start(cfg: FactsConfig, interval: Duration) -> std::io::Result<Self> {
         let (tx, updates) = mpsc::channel();
-        let (wake, woken) = mpsc::channel::<()>();
+        let (wake, woken) = mpsc::channel::<Wake>();
         thread::Builder::new()
             .name("tcptrace-facts".into())
             .spawn(move || {
                 let mut round = 0u32;
+                let mut firewall = BTreeSet::new();
                 loop {
-                    match woken.recv_timeout(interval) {
-                        Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
-                            // Several wake-ups coalesce into one refresh.
-                            while woken.try_recv().is_ok() {}
+                    let mut take = |w: Wake| {
+                        if let Wake::Firewall(ns) = w
+                            && firewall.len() < MAX_FIREWALL_NETNS
+                        {
+                            firewall.insert(ns);
                         }
+                    };
+                    match woken.recv_timeout(interval) {
+                        Ok(w) => {
+                            take(w);
+                            // Several wake-ups coalesce into one refresh.
+                            while let Ok(w) = woken.try_recv() {
+                                take(w);
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                     round += 1;
                     let rules = round.is_multiple_of(SERVICES_EVERY).then(|| rules(&cfg));
-                    let (facts, _) = collect(&cfg);
+                    let (facts, _) = collect(&cfg, &firewall);
                     if tx.send(Update { facts, rules }).is_err() {
                         return;
                     }
@@ -114,7 +143,12 @@ impl Refresher {
     }
 
     pub fn wake(&self) {
-        let _ = self.wake.send(());
+        let _ = self.wake.send(Wake::Facts);
+    }
+
+    /// Reads the drop rules of namespace `netns` from now on.
+    pub fn watch_firewall(&self, netns: u32) {
+        let _ = self.wake.send(Wake::Firewall(netns));
     }
 
     /// Updates collected since the last call, oldest first.

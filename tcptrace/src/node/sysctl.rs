@@ -72,6 +72,7 @@ fn read_netns_facts(proc_root: &Path) -> Result<NetnsFacts> {
         reserved_ports,
         tw_reuse,
         ct,
+        drop_rules: None,
     })
 }
 
@@ -270,6 +271,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
                 reserved_ports: vec![(30000, 32767)],
                 tw_reuse: 1,
                 ct: None,
+                drop_rules: None,
             }
         );
     }

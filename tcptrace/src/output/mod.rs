@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::model::Record;
+use crate::model::{Record, Verdict};
 
 /// Prints text to stdout; a closed pipe (`tcptrace probes | head`) is
 /// [`SinkClosed`], not a panic.
@@ -45,6 +45,12 @@ pub fn table<R: IntoIterator<Item = String>>(
 /// Where records go: stdout as NDJSON, or the live TUI.
 pub trait Sink {
     fn write(&mut self, record: &Record) -> anyhow::Result<()>;
+    /// An aggregated verdict whose counts moved between two records of it:
+    /// for sinks that show counts as they change (board, metrics); the
+    /// NDJSON stream keeps its cadence and ignores it.
+    fn live(&mut self, _verdict: &Verdict) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Makes written records visible to the reader.
     fn flush(&mut self) -> anyhow::Result<()>;
     /// Records the reader could not take (it fell behind), so far.
@@ -77,6 +83,10 @@ impl ChannelSink {
 }
 
 impl Sink for ChannelSink {
+    fn live(&mut self, verdict: &Verdict) -> anyhow::Result<()> {
+        self.write(&Record::Verdict(Box::new(verdict.clone())))
+    }
+
     fn write(&mut self, record: &Record) -> anyhow::Result<()> {
         match self.tx.try_send(record.clone()) {
             Ok(()) => Ok(()),

@@ -8,10 +8,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::{
-    model::{Cause, Verdict},
-    model::{Event, EventKind, PodRef, Record},
-};
+use crate::model::{Event, PodRef, Record, Verdict};
 
 use super::{
     board::{Board, Key as RowKey, Label, Pair, Row, Spark, Subject},
@@ -219,54 +216,10 @@ impl App {
         }
         self.rate.add(unix_secs(event.time), 1);
         let event: Arc<Event> = Arc::from(event);
-        if event.kind != EventKind::StateChange {
-            self.count_event(&event);
-        }
         self.remember_connection(&event);
         if !self.paused {
             self.feed.push_front(event);
             self.feed.truncate(FEED_CAP);
-        }
-    }
-
-    fn count_event(&mut self, e: &Event) {
-        let pair = Pair {
-            subject: Subject::of(e.pod.as_ref(), e.netns),
-            dst: (e.dst.ip, e.dst.port),
-        };
-        let key = RowKey {
-            pair,
-            label: Label::Kind(e.kind),
-        };
-        let slot = match self.board.find(key) {
-            Some(slot) => slot,
-            None => self.board.insert(
-                key,
-                subject_label(e.pod.as_ref(), e.netns_name.as_deref(), e.netns),
-                e.src.clone(),
-                e.dst.clone(),
-                e.time,
-            ),
-        };
-        self.board.touch(slot);
-        let sec = unix_secs(e.time);
-        let Some(row) = self.board.row_mut(slot) else {
-            return;
-        };
-        row.count += 1;
-        row.last_seen = row.last_seen.max(e.time);
-        row.spark.add(sec, 1);
-        if row.src.ip != e.src.ip || row.src.port != e.src.port {
-            row.src = e.src.clone();
-        }
-        if !row.explained_by.is_empty() {
-            // The explaining cause rows show the rate of these events.
-            for cause_slot in self.board.causes_of(pair) {
-                if let Some(cause_row) = self.board.row_mut(cause_slot) {
-                    cause_row.spark.add(sec, 1);
-                    cause_row.spark_from_events = true;
-                }
-            }
         }
     }
 
@@ -279,21 +232,17 @@ impl App {
         };
         let key = RowKey {
             pair,
-            label: Label::Cause(v.cause),
+            label: Label::of(&v),
         };
         let slot = match self.board.find(key) {
             Some(slot) => slot,
-            None => {
-                let slot = self.board.insert(
-                    key,
-                    subject_label(v.pod.as_ref(), v.netns_name.as_deref(), v.netns),
-                    v.src.clone(),
-                    v.dst.clone(),
-                    v.first_seen,
-                );
-                self.explain_events(pair, v.cause, slot);
-                slot
-            }
+            None => self.board.insert(
+                key,
+                subject_label(v.pod.as_ref(), v.netns_name.as_deref(), v.netns),
+                v.src.clone(),
+                v.dst.clone(),
+                v.first_seen,
+            ),
         };
         self.board.touch(slot);
         let Some(row) = self.board.row_mut(slot) else {
@@ -301,37 +250,13 @@ impl App {
         };
         let before = row.count;
         row.count = row.verdict_count.update(v.first_seen, v.count);
-        if !row.spark_from_events {
-            row.spark
-                .add(unix_secs(v.last_seen), row.count.saturating_sub(before));
-        }
+        row.spark
+            .add(unix_secs(v.last_seen), row.count.saturating_sub(before));
         row.first_seen = row.first_seen.min(v.first_seen);
         row.last_seen = row.last_seen.max(v.last_seen);
         row.confidence = Some(v.confidence);
         row.src = v.src.clone();
         row.verdict = Some(v);
-    }
-
-    /// Hides the event rows of `pair` behind the new cause row `into` and
-    /// carries their rate over to its sparkline.
-    fn explain_events(&mut self, pair: Pair, cause: Cause, into: usize) {
-        let mut spark = Spark::new();
-        let mut any = false;
-        for kind in EventKind::ALL {
-            let key = RowKey {
-                pair,
-                label: Label::Kind(kind),
-            };
-            if let Some(row) = self.board.find(key).and_then(|s| self.board.row_mut(s)) {
-                row.explained_by.push(cause);
-                spark.merge(&row.spark);
-                any = true;
-            }
-        }
-        if let Some(row) = self.board.row_mut(into).filter(|_| any) {
-            row.spark.merge(&spark);
-            row.spark_from_events = true;
-        }
     }
 
     fn remember_connection(&mut self, e: &Arc<Event>) {
@@ -378,14 +303,12 @@ impl App {
             .collect()
     }
 
-    /// Board rows after the filter, in display order. Event rows whose pod and
-    /// destination have a verdict are left out: the verdict explains them.
+    /// Board rows after the filter, in display order.
     pub(crate) fn visible_rows(&self) -> Vec<&Row> {
         let terms = self.filter_terms();
         let mut rows: Vec<&Row> = self
             .board
             .rows()
-            .filter(|r| r.explained_by.is_empty())
             .filter(|r| terms.iter().all(|t| r.haystack.contains(t.as_str())))
             .collect();
         match self.sort {
@@ -543,18 +466,37 @@ mod tests {
     use super::*;
     use crate::tui::board::{BOARD_CAP, SPARK_SECS};
     use crate::{
-        model::Endpoint,
+        model::{Cause, Endpoint, EventKind},
         tui::testdata::{at, ep, event, header, pod},
     };
 
-    fn failure(ms: u64, pod_name: &str, port: u16) -> Record {
-        Record::Event(Box::new(event(
+    /// A reset of pod `pod_name`'s connection to `port` at `ms`, and the
+    /// unexplained verdict (first seen at `first`) that counts it as its
+    /// `count`th occurrence.
+    fn failure(app: &mut App, (ms, first): (u64, u64), pod_name: &str, port: u16, count: u64) {
+        let ev = event(
             ms,
             EventKind::ResetReceived,
             Some(pod("ns", pod_name)),
             ep("10.0.0.1", 40000),
             ep("10.0.0.2", port),
-        )))
+        );
+        app.handle(AppInput::Record(Record::Event(Box::new(ev))));
+        let mut v = crate::tui::testdata::incident()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::Verdict(v) if v.cause == Cause::Unexplained => Some(v),
+                _ => None,
+            })
+            .expect("the incident has an unexplained verdict");
+        v.pod = Some(pod("ns", pod_name));
+        v.src = ep("10.0.0.1", 40000);
+        v.dst = ep("10.0.0.2", port);
+        v.count = count;
+        v.first_seen = at(first);
+        v.last_seen = at(ms);
+        v.time = at(ms);
+        app.handle(AppInput::Record(Record::Verdict(v)));
     }
 
     fn press(app: &mut App, keys: &[Key]) {
@@ -575,13 +517,13 @@ mod tests {
         app.selected_index(&rows).map(|i| rows[i].subject.clone())
     }
 
-    /// a: 3 events (oldest), b: 1 event (newest).
+    /// a: 3 occurrences (oldest), b: 1 (newest).
     fn two_rows() -> App {
         let mut app = App::new(header());
-        for ms in [0, 1, 2] {
-            app.handle(AppInput::Record(failure(ms, "a", 80)));
+        for (ms, count) in [(0, 1), (1, 2), (2, 3)] {
+            failure(&mut app, (ms, 0), "a", 80, count);
         }
-        app.handle(AppInput::Record(failure(5_000, "b", 443)));
+        failure(&mut app, (5_000, 5_000), "b", 443, 1);
         app
     }
 
@@ -591,8 +533,8 @@ mod tests {
         assert_eq!(selected(&app).as_deref(), Some("ns/b"));
         press(&mut app, &[Key::Char('j'), Key::Down, Key::Down]);
         assert_eq!(selected(&app).as_deref(), Some("ns/a"));
-        // A newer event moves row a to the top; the selection follows it.
-        app.handle(AppInput::Record(failure(9_000, "a", 80)));
+        // A newer occurrence moves row a to the top; the selection follows it.
+        failure(&mut app, (9_000, 0), "a", 80, 4);
         assert_eq!(subjects(&app), ["ns/a", "ns/b"]);
         assert_eq!(selected(&app).as_deref(), Some("ns/a"));
         press(&mut app, &[Key::End, Key::Char('k'), Key::Up]);
@@ -638,7 +580,7 @@ mod tests {
         assert_eq!(app.filter, "q");
         assert!(subjects(&app).is_empty());
         press(&mut app, &[Key::Backspace]);
-        for c in "reset_received ns/a".chars() {
+        for c in "unexplained reset_received ns/a".chars() {
             press(&mut app, &[Key::Char(c)]);
         }
         press(&mut app, &[Key::Enter]);
@@ -653,12 +595,12 @@ mod tests {
     fn pause_freezes_the_feed_but_not_the_counts() {
         let mut app = two_rows();
         press(&mut app, &[Key::Char('p')]);
-        app.handle(AppInput::Record(failure(6_000, "b", 443)));
+        failure(&mut app, (6_000, 5_000), "b", 443, 2);
         assert_eq!(app.feed.len(), 4);
         assert_eq!(app.events(), 5);
         assert_eq!(app.visible_rows()[0].count, 2);
         press(&mut app, &[Key::Char('p')]);
-        app.handle(AppInput::Record(failure(7_000, "b", 443)));
+        failure(&mut app, (7_000, 5_000), "b", 443, 3);
         assert_eq!(app.feed.len(), 5);
     }
 
@@ -690,7 +632,7 @@ mod tests {
     }
 
     #[test]
-    fn verdicts_hide_the_events_they_explain_and_sum_their_counts() {
+    fn the_board_holds_verdicts_only_and_sums_their_aggregates() {
         let mut app = two_rows();
         let mut v = crate::tui::testdata::incident()
             .into_iter()
@@ -720,9 +662,13 @@ mod tests {
             .collect();
         assert_eq!(
             labels,
-            [("ns/a", "idle_timeout", 4), ("ns/b", "reset_received", 1)]
+            [
+                ("ns/a", "idle_timeout".to_string(), 4),
+                ("ns/b", "unexplained reset_received".to_string(), 1),
+                ("ns/a", "unexplained reset_received".to_string(), 3),
+            ]
         );
-        assert_eq!(app.verdicts, 3);
+        assert_eq!(app.verdicts, 7);
         // The verdict's connection events are kept for the detail pane.
         assert_eq!(app.connection_events(rows[0]).len(), 3);
     }
@@ -731,6 +677,13 @@ mod tests {
     fn board_and_connections_stay_bounded() {
         let mut app = App::new(header());
         let n = BOARD_CAP as u64 + 10;
+        let template = crate::tui::testdata::incident()
+            .into_iter()
+            .find_map(|r| match r {
+                Record::Verdict(v) => Some(v),
+                _ => None,
+            })
+            .expect("the incident has verdicts");
         for i in 0..n {
             let e = event(
                 i,
@@ -739,7 +692,16 @@ mod tests {
                 Endpoint::new(IpAddr::from([10, 1, (i >> 8) as u8, i as u8]), 1),
                 ep("10.0.0.2", 80),
             );
-            app.handle(AppInput::Record(Record::Event(Box::new(e))));
+            app.handle(AppInput::Record(Record::Event(Box::new(e.clone()))));
+            let mut v = template.clone();
+            v.pod = None;
+            v.netns = 7;
+            v.dst = e.src;
+            v.count = 1;
+            v.first_seen = at(i);
+            v.last_seen = at(i);
+            v.time = at(i);
+            app.handle(AppInput::Record(Record::Verdict(v)));
         }
         assert!(app.board_len() <= BOARD_CAP);
         assert!(app.conns.len() <= CONN_CAP);

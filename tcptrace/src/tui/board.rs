@@ -17,19 +17,30 @@ pub const BOARD_CAP: usize = 10_000;
 /// Per-second buckets of a sparkline.
 pub const SPARK_SECS: usize = 60;
 
-/// What a board row counts: a diagnosed cause, or failure events of one
-/// kind that no verdict explains yet.
+/// What a board row counts: a cause's verdicts; for `unexplained`, those
+/// about one kind of event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Label {
-    Cause(Cause),
-    Kind(EventKind),
+pub struct Label {
+    pub cause: Cause,
+    pub kind: Option<EventKind>,
 }
 
 impl Label {
-    pub fn name(self) -> &'static str {
-        match self {
-            Label::Cause(c) => c.as_str(),
-            Label::Kind(k) => k.as_str(),
+    pub fn of(v: &Verdict) -> Self {
+        let kind = (v.cause == Cause::Unexplained)
+            .then(|| v.evidence.get("kind").and_then(|k| k.as_str()))
+            .flatten()
+            .and_then(|k| EventKind::ALL.into_iter().find(|e| e.as_str() == k));
+        Self {
+            cause: v.cause,
+            kind,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self.kind {
+            Some(kind) => format!("{} {}", self.cause.as_str(), kind.as_str()),
+            None => self.cause.as_str().to_string(),
         }
     }
 }
@@ -53,7 +64,7 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// A subject and a destination: a verdict for it explains its events.
+/// A subject and a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Pair<'a> {
     pub subject: Subject<'a>,
@@ -105,13 +116,6 @@ impl Spark {
         }
         let b = &mut self.buckets[(sec % span) as usize];
         *b = b.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-    }
-
-    pub fn merge(&mut self, other: &Spark) {
-        let first = (other.last + 1).saturating_sub(SPARK_SECS as u64);
-        for sec in first..=other.last {
-            self.add(sec, other.at(sec).into());
-        }
     }
 
     pub fn at(&self, sec: u64) -> u32 {
@@ -177,12 +181,8 @@ pub struct Row {
     pub confidence: Option<Confidence>,
     /// The newest verdict of a cause row.
     pub verdict: Option<Box<Verdict>>,
-    /// Cause rows: the explained events' rate; else the verdict counts'.
+    /// Occurrences per second, from the verdict's counts.
     pub spark: Spark,
-    /// Cause rows: the sparkline counts events, not verdict counts.
-    pub spark_from_events: bool,
-    /// Event rows: the causes whose verdicts explain them (hidden if any).
-    pub explained_by: Vec<Cause>,
     pub verdict_count: VerdictCount,
     /// Lowercase text the filter matches against.
     pub haystack: String,
@@ -213,8 +213,6 @@ pub struct Board {
     len: usize,
     /// Key hash -> slots (more than one only on a hash collision).
     index: HashMap<u64, Vec<usize>>,
-    /// Pair hash -> slots of cause rows.
-    causes: HashMap<u64, Vec<usize>>,
     next_id: u64,
     touch: u64,
 }
@@ -244,20 +242,6 @@ impl Board {
             .find(|&s| self.row(s).is_some_and(|r| r.key() == key))
     }
 
-    /// Slots of the cause rows for `pair`.
-    pub fn causes_of(&self, pair: Pair) -> Vec<usize> {
-        self.causes
-            .get(&hash_of(pair))
-            .map(|slots| {
-                slots
-                    .iter()
-                    .copied()
-                    .filter(|&s| self.row(s).is_some_and(|r| r.key().pair == pair))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// Marks the row as just updated.
     pub fn touch(&mut self, slot: usize) {
         self.touch += 1;
@@ -283,17 +267,6 @@ impl Board {
         if let Some(s) = &dst.service {
             haystack.push_str(&format!(" {}/{}", s.namespace, s.name));
         }
-        let explained_by = match key.label {
-            Label::Kind(_) => self
-                .causes_of(key.pair)
-                .into_iter()
-                .filter_map(|s| match self.row(s)?.label {
-                    Label::Cause(c) => Some(c),
-                    Label::Kind(_) => None,
-                })
-                .collect(),
-            Label::Cause(_) => Vec::new(),
-        };
         self.next_id += 1;
         let row = Row {
             id: self.next_id,
@@ -314,8 +287,6 @@ impl Board {
             confidence: None,
             verdict: None,
             spark: Spark::new(),
-            spark_from_events: false,
-            explained_by,
             verdict_count: VerdictCount::default(),
             haystack: haystack.to_lowercase(),
             touched: 0,
@@ -332,9 +303,6 @@ impl Board {
         };
         self.len += 1;
         self.index.entry(hash_of(key)).or_default().push(slot);
-        if let Label::Cause(_) = key.label {
-            self.causes.entry(hash_of(key.pair)).or_default().push(slot);
-        }
         self.touch(slot);
         slot
     }
@@ -353,22 +321,7 @@ impl Board {
             };
             self.len -= 1;
             self.free.push(slot);
-            let key = row.key();
-            remove_slot(&mut self.index, hash_of(key), slot);
-            if let Label::Cause(cause) = key.label {
-                remove_slot(&mut self.causes, hash_of(key.pair), slot);
-                for kind in EventKind::ALL {
-                    let kind_key = Key {
-                        pair: key.pair,
-                        label: Label::Kind(kind),
-                    };
-                    if let Some(s) = self.find(kind_key)
-                        && let Some(r) = self.row_mut(s)
-                    {
-                        r.explained_by.retain(|&c| c != cause);
-                    }
-                }
-            }
+            remove_slot(&mut self.index, hash_of(row.key()), slot);
         }
     }
 }

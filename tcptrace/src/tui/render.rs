@@ -10,11 +10,11 @@ use ratatui::{
 };
 use time::OffsetDateTime;
 
-use crate::model::{Confidence, Event};
+use crate::model::{Confidence, Event, Severity};
 
 use super::{
     app::{App, Focus, Mode, Sort, unix_secs},
-    board::{Label, Row, SPARK_SECS},
+    board::{Row, SPARK_SECS},
 };
 
 /// Cells of the board's sparkline; each sums SPARK_SECS / SPARK_WIDTH seconds.
@@ -170,9 +170,14 @@ fn render_board(frame: &mut Frame, area: Rect, app: &App, rows: &[&Row], selecte
     }
     let now = unix_secs(app.now);
     let table_rows = rows.iter().map(|r| {
-        let (label_style, conf) = match (r.label, r.confidence) {
-            (Label::Cause(_), Some(c)) => (Style::new().bold(), confidence_cell(c)),
-            _ => (Style::new().fg(Color::DarkGray), Cell::from("-")),
+        // Benign verdicts (an application's own aborts) are counted, dimmed.
+        let (label_style, conf) = match (r.label.cause.severity(), r.confidence) {
+            (Severity::Benign, _) | (_, None) => (
+                Style::new().fg(Color::DarkGray),
+                r.confidence
+                    .map_or_else(|| Cell::from("-"), confidence_cell),
+            ),
+            (_, Some(c)) => (Style::new().bold(), confidence_cell(c)),
         };
         TableRow::new(vec![
             Cell::from(r.subject.clone()),
@@ -199,7 +204,7 @@ fn render_board(frame: &mut Frame, area: Rect, app: &App, rows: &[&Row], selecte
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED));
     let widths = [
         Constraint::Fill(5),
-        Constraint::Length(20),
+        Constraint::Length(26),
         Constraint::Fill(4),
         Constraint::Length(6),
         Constraint::Length(SPARK_WIDTH as u16),

@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(
             summary,
             ReplaySummary {
-                records: 70,
+                records: 71,
                 invalid: 1
             }
         );

@@ -124,8 +124,10 @@ fn verdict(
         },
         fix: fix.into(),
         count,
+        resets: 0,
         first_seen: at(first_ms),
         last_seen: at(ms),
+        severity: cause.severity(),
     }
 }
 
@@ -271,7 +273,7 @@ pub(crate) fn incident() -> Vec<Record> {
         push(e);
     }
 
-    // Unexplained: redis refuses the frontend (no verdict for it).
+    // Unexplained: redis resets the frontend's connections; no rule knows why.
     for ms in [48_500, 53_700] {
         let mut e = event(
             ms,
@@ -280,7 +282,7 @@ pub(crate) fn incident() -> Vec<Record> {
             ep("10.244.1.50", 38800 + ms as u16 % 7),
             redis.clone(),
         );
-        e.state = Some(TcpState::SynSent);
+        e.state = Some(TcpState::Established);
         push(e);
     }
     // Noise: a normal state change is shown in the feed, not on the board.
@@ -355,9 +357,24 @@ pub(crate) fn incident() -> Vec<Record> {
     collision.comm = Some("kubelet".into());
     collision.pid = Some(812);
     out.push(Record::Verdict(Box::new(collision)));
+    let mut unexplained = verdict(
+        58_500,
+        Cause::Unexplained,
+        Confidence::Possible,
+        Some(frontend.clone()),
+        ep("10.244.1.50", 38801),
+        redis.clone(),
+        "reset_received (ESTABLISHED) on the connection with 10.96.200.9:6379 that no rule explains",
+        json!({"kind": "reset_received", "state": "ESTABLISHED", "idle_ms": 40, "ruled_out": ["idle_timeout", "keepalive_race", "conntrack_invalid", "application_abort", "netfilter_drop"]}),
+        "no known cause: look at 10.96.200.9:6379's logs at this time",
+        2,
+        48_500,
+    );
+    unexplained.resets = 2;
+    out.push(Record::Verdict(Box::new(unexplained)));
     // The idle verdict again, same aggregate, more occurrences.
     out.push(Record::Verdict(Box::new(idle(55_000, 3))));
-    out.push(Record::Stats(stats(58_000, 262, 17, true)));
+    out.push(Record::Stats(stats(60_000, 262, 17, true)));
     out.sort_by_key(|r| match r {
         Record::Event(e) => e.time,
         Record::Verdict(v) => v.time,
