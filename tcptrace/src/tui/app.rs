@@ -580,7 +580,7 @@ mod tests {
         assert_eq!(app.filter, "q");
         assert!(subjects(&app).is_empty());
         press(&mut app, &[Key::Backspace]);
-        for c in "unexplained reset_received ns/a".chars() {
+        for c in "unexplained rst in ns/a".chars() {
             press(&mut app, &[Key::Char(c)]);
         }
         press(&mut app, &[Key::Enter]);
@@ -664,8 +664,8 @@ mod tests {
             labels,
             [
                 ("ns/a", "idle_timeout".to_string(), 4),
-                ("ns/b", "unexplained reset_received".to_string(), 1),
-                ("ns/a", "unexplained reset_received".to_string(), 3),
+                ("ns/b", "unexplained rst in".to_string(), 1),
+                ("ns/a", "unexplained rst in".to_string(), 3),
             ]
         );
         assert_eq!(app.verdicts, 7);

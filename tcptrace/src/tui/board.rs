@@ -37,11 +37,17 @@ impl Label {
         }
     }
 
+    /// The cause; for `unexplained`, with the kind of event in short
+    /// ("unexplained rst in"), to fit the board's column.
     pub fn name(self) -> String {
-        match self.kind {
-            Some(kind) => format!("{} {}", self.cause.as_str(), kind.as_str()),
-            None => self.cause.as_str().to_string(),
-        }
+        let short = match self.kind {
+            Some(EventKind::ResetReceived) => "rst in",
+            Some(EventKind::ResetSent) => "rst out",
+            Some(EventKind::SocketError) => "error",
+            Some(other) => other.as_str(),
+            None => return self.cause.as_str().to_string(),
+        };
+        format!("{} {short}", self.cause.as_str())
     }
 }
 

@@ -204,7 +204,7 @@ fn render_board(frame: &mut Frame, area: Rect, app: &App, rows: &[&Row], selecte
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED));
     let widths = [
         Constraint::Fill(5),
-        Constraint::Length(26),
+        Constraint::Length(20),
         Constraint::Fill(4),
         Constraint::Length(6),
         Constraint::Length(SPARK_WIDTH as u16),
