@@ -45,8 +45,9 @@ pub enum Command {
     /// namespaces and check the verdicts on this kernel (needs root).
     Selftest {
         /// Scenarios to run (default: all): port_exhaustion,
-        /// connection_refused, syn_timeout, idle_timeout, nodeport_collision,
-        /// conntrack_invalid, conntrack_table_full.
+        /// connection_refused, syn_timeout, keepalive_race,
+        /// application_abort, netfilter_drop, idle_timeout,
+        /// nodeport_collision, conntrack_invalid, conntrack_table_full.
         #[arg(value_name = "SCENARIO")]
         scenarios: Vec<String>,
         #[arg(long, value_enum, default_value_t = TableFormat::Table)]

@@ -165,12 +165,95 @@ fn connection_refused_through_a_service() {
 }
 
 #[test]
-fn syn_timeout_when_the_node_drops_the_syns() {
+fn syn_timeout_when_nothing_answers_and_no_rule_drops() {
     let rs = run("syn_timeout");
-    let v = verdict(case(&rs, "dropped"));
+    let v = verdict(case(&rs, "unanswered"));
     assert_eq!(v.cause, Cause::SynTimeout);
     assert!(ev(v, "syn_retransmits").as_u64() >= Some(1), "{v:#?}");
     assert_control(case(&rs, "control_reachable"), Cause::SynTimeout);
+}
+
+#[test]
+fn netfilter_drop_on_the_node_and_in_the_server_pod_through_a_service() {
+    let rs = run("netfilter_drop");
+    let v = verdict(case(&rs, "node_policy"));
+    assert_eq!(v.cause, Cause::NetfilterDrop);
+    let node = ev(v, "dropped_in").as_str().expect("where it dropped");
+    assert!(node.starts_with("netns tcptrace-lab-"), "{node}");
+    assert!(
+        ev(v, "rule")
+            .as_str()
+            .is_some_and(|r| r.contains("--dport 8080") && r.contains("DROP")),
+        "{v:#?}"
+    );
+
+    let r = case(&rs, "pod_policy");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::NetfilterDrop);
+    let server = r
+        .outcome
+        .as_ref()
+        .expect("outcome")
+        .verdicts
+        .iter()
+        .find(|x| x.cause == Cause::NetfilterDrop)
+        .expect("verdict");
+    assert_eq!(ev(server, "dropped_in"), "pod lab/server");
+    // After the Service's DNAT: the pod's address, the target port.
+    assert_eq!(ev(v, "dropped_dst"), "10.244.2.2:8080");
+    assert_eq!(v.dst.to_string(), "10.96.0.30:80");
+    let rule = ev(v, "rule").as_str().expect("the rule");
+    assert!(rule.contains("lab policy: deny client"), "{rule}");
+    assert!(ev(v, "rule_packets").as_u64() >= Some(1), "{v:#?}");
+    assert!(ev(v, "location").as_str().is_some_and(|l| !l.is_empty()));
+    assert!(v.fix.contains("lab policy: deny client"), "{}", v.fix);
+    let o = r.outcome.as_ref().expect("outcome");
+    assert!(
+        !o.verdicts.iter().any(|v| v.cause == Cause::SynTimeout),
+        "a seen drop is not a plain timeout: {:#?}",
+        o.verdicts
+    );
+    assert_control(case(&rs, "control_other_source"), Cause::NetfilterDrop);
+}
+
+#[test]
+fn keepalive_race_with_nginx_and_a_pooled_client() {
+    let rs = run("keepalive_race");
+    let r = case(&rs, "idle_reuse");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::KeepaliveRace);
+    assert_eq!(v.confidence, tcptrace::model::Confidence::Certain);
+    // nginx's keepalive_timeout, as the client saw it from nginx's FIN.
+    let timeout_ms = number(r, "peer_idle_timeout_s") as u64 * 1000;
+    let seen = ev(v, "peer_idle_timeout_ms")
+        .as_u64()
+        .expect("the peer's timeout");
+    assert!(
+        seen >= timeout_ms.saturating_sub(100) && seen <= timeout_ms + 600,
+        "nginx closes after {timeout_ms} ms, seen {seen} ms"
+    );
+    assert!(ev(v, "fin_to_write_ms").as_u64() >= Some(500), "{v:#?}");
+    assert_eq!(v.resets, 2, "the server's reset and the client's: {v:#?}");
+    assert!(!v.fix.contains("SO_KEEPALIVE"), "{}", v.fix);
+    assert!(v.fix.contains("after 1 s idle"), "{}", v.fix);
+    assert_control(case(&rs, "control_fresh"), Cause::KeepaliveRace);
+}
+
+#[test]
+fn an_application_abort_is_benign() {
+    let rs = run("application_abort");
+    let r = case(&rs, "unread_close");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::ApplicationAbort);
+    assert_eq!(v.severity, tcptrace::model::Severity::Benign);
+    let o = r.outcome.as_ref().expect("outcome");
+    let failures: Vec<&Verdict> = o
+        .verdicts
+        .iter()
+        .filter(|v| v.severity != tcptrace::model::Severity::Benign)
+        .collect();
+    assert!(failures.is_empty(), "no failure verdict: {failures:#?}");
+    assert_control(case(&rs, "control_read_all"), Cause::ApplicationAbort);
 }
 
 #[test]

@@ -21,6 +21,9 @@ pub mod netns;
 pub mod observer;
 pub mod scenarios;
 pub mod selftest;
+mod servers;
+
+pub use servers::BIG_BYTES;
 
 use std::{
     collections::BTreeMap,
@@ -775,6 +778,19 @@ pub struct SpawnedChild {
 }
 
 impl SpawnedChild {
+    /// Its output once it exited; forgets it as a resource of the lab.
+    fn take_output(self) -> Result<std::process::Output> {
+        let pid = self.pid;
+        let out = self
+            .child
+            .wait_with_output()
+            .with_context(|| format!("waiting for process {pid}"))?;
+        registry()
+            .items
+            .retain(|(_, r)| !matches!(r, Resource::Process(p) if *p == pid));
+        Ok(out)
+    }
+
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -127,8 +127,13 @@ impl Watch<'_> {
         let mut needs_facts = false;
         for ev in evs {
             let p = self.pipeline.event(ev);
-            needs_facts |= p.needs_facts || p.watch_firewall.is_some();
+            needs_facts |= p.needs_facts;
             self.take(p.records);
+            // The rules that dropped are read before the events that follow,
+            // as the tracer's background reader does while the case runs.
+            if p.watch_firewall.is_some() {
+                self.tick();
+            }
         }
         if needs_facts || self.last_tick.elapsed() >= TICK {
             self.tick();

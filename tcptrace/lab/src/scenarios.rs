@@ -255,12 +255,54 @@ pub fn all() -> Vec<Case> {
             No(ConnectionRefused),
             refused_control,
         ),
-        c("syn_timeout", "dropped", Yes(SynTimeout), syn_timeout),
+        c("syn_timeout", "unanswered", Yes(SynTimeout), syn_timeout),
         c(
             "syn_timeout",
             "control_reachable",
             No(SynTimeout),
             syn_control,
+        ),
+        c(
+            "keepalive_race",
+            "idle_reuse",
+            Yes(KeepaliveRace),
+            keepalive_race,
+        ),
+        c(
+            "keepalive_race",
+            "control_fresh",
+            No(KeepaliveRace),
+            keepalive_fresh,
+        ),
+        c(
+            "application_abort",
+            "unread_close",
+            Yes(ApplicationAbort),
+            abort_unread,
+        ),
+        c(
+            "application_abort",
+            "control_read_all",
+            No(ApplicationAbort),
+            abort_control,
+        ),
+        c(
+            "netfilter_drop",
+            "node_policy",
+            Yes(NetfilterDrop),
+            node_policy_drop,
+        ),
+        c(
+            "netfilter_drop",
+            "pod_policy",
+            Yes(NetfilterDrop),
+            pod_policy_drop,
+        ),
+        c(
+            "netfilter_drop",
+            "control_other_source",
+            No(NetfilterDrop),
+            pod_policy_control,
         ),
         c(
             "idle_timeout",
@@ -562,7 +604,11 @@ fn port_control(obs: &mut Observer) -> Result<Outcome> {
 
 // ---- connection_refused / syn_timeout ----------------------------------
 
-fn service_lab(target_port: u16, filter: &[&str]) -> Result<(Lab, TcpListener)> {
+fn service_lab(
+    target_port: u16,
+    filter: &[&str],
+    setup: &dyn Fn(&Lab) -> Result<()>,
+) -> Result<(Lab, TcpListener)> {
     let lab = Lab::new(&LabSpec::pods(&[CLIENT, SERVER]).service(
         "web",
         cluster_ip(30),
@@ -580,17 +626,24 @@ fn service_lab(target_port: u16, filter: &[&str]) -> Result<(Lab, TcpListener)> 
     if !filter.is_empty() {
         lab.apply_kube_proxy_rules(filter)?;
     }
+    setup(&lab)?;
     let l = listen(&lab, SERVER, 8080)?;
     Ok((lab, l))
+}
+
+/// No change beyond the Service.
+fn nothing(_: &Lab) -> Result<()> {
+    Ok(())
 }
 
 fn connect_case(
     obs: &mut Observer,
     target_port: u16,
     filter: &[&str],
+    setup: &dyn Fn(&Lab) -> Result<()>,
     expect: Option<Cause>,
 ) -> Result<Outcome> {
-    let (lab, _l) = service_lab(target_port, filter)?;
+    let (lab, _l) = service_lab(target_port, filter, setup)?;
     let client = lab.get(CLIENT)?;
     let dst = SocketAddr::from((cluster_ip(30), 80));
     let mut w = obs.watch(&lab);
@@ -621,25 +674,90 @@ fn connect_case(
 
 fn refused(obs: &mut Observer) -> Result<Outcome> {
     // The Service points at a port nothing listens on.
-    connect_case(obs, 9090, &[], Some(Cause::ConnectionRefused))
+    connect_case(obs, 9090, &[], &nothing, Some(Cause::ConnectionRefused))
 }
 
 fn refused_control(obs: &mut Observer) -> Result<Outcome> {
-    connect_case(obs, 8080, &[], None)
+    connect_case(obs, 8080, &[], &nothing, None)
 }
 
 fn syn_timeout(obs: &mut Observer) -> Result<Outcome> {
-    // A policy on the node drops the traffic to the backend.
+    // The backend's host is gone: the node routes its network nowhere,
+    // silently, and no rule drops anything.
     connect_case(
         obs,
         8080,
-        &["-A FORWARD -d 10.244.2.2/32 -p tcp -m tcp --dport 8080 -j DROP"],
+        &[],
+        &|lab| {
+            lab.node_exec(&["ip", "route", "replace", "blackhole", "10.244.2.0/24"])
+                .map(|_| ())
+        },
         Some(Cause::SynTimeout),
     )
 }
 
 fn syn_control(obs: &mut Observer) -> Result<Outcome> {
-    connect_case(obs, 8080, &[], None)
+    connect_case(obs, 8080, &[], &nothing, None)
+}
+
+// ---- netfilter_drop ------------------------------------------------------
+
+fn node_policy_drop(obs: &mut Observer) -> Result<Outcome> {
+    // A policy on the node drops the traffic to the backend.
+    connect_case(
+        obs,
+        8080,
+        &["-A FORWARD -d 10.244.2.2/32 -p tcp -m tcp --dport 8080 -j DROP"],
+        &nothing,
+        Some(Cause::NetfilterDrop),
+    )
+}
+
+/// A NetworkPolicy-style rule in the server pod's own namespace, after the
+/// Service's DNAT: it drops SYNs from `source` to the backend port.
+fn pod_policy(source: &'static str) -> impl Fn(&Lab) -> Result<()> {
+    move |lab| {
+        let server = lab.get(SERVER)?;
+        crate::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &server.netns_name,
+                "iptables",
+                "-A",
+                "INPUT",
+                "-s",
+                source,
+                "-p",
+                "tcp",
+                "--dport",
+                "8080",
+                "-m",
+                "comment",
+                "--comment",
+                "lab policy: deny client",
+                "-j",
+                "DROP",
+            ],
+        )
+        .map(|_| ())
+    }
+}
+
+fn pod_policy_drop(obs: &mut Observer) -> Result<Outcome> {
+    connect_case(
+        obs,
+        8080,
+        &[],
+        &pod_policy("10.244.1.2/32"),
+        Some(Cause::NetfilterDrop),
+    )
+}
+
+fn pod_policy_control(obs: &mut Observer) -> Result<Outcome> {
+    // The rule names another source: the client gets through.
+    connect_case(obs, 8080, &[], &pod_policy("10.244.9.9/32"), None)
 }
 
 // ---- idle_timeout ------------------------------------------------------
@@ -1103,4 +1221,138 @@ fn table_full(obs: &mut Observer) -> Result<Outcome> {
 
 fn table_full_control(obs: &mut Observer) -> Result<Outcome> {
     table_full_case(obs, true)
+}
+
+// ---- keepalive_race / application_abort -------------------------------
+
+/// nginx closes idle keep-alive connections after this many seconds.
+pub const NGINX_KEEPALIVE_S: u32 = 2;
+
+/// A lab whose `web` Service is nginx in the server pod.
+fn http_lab() -> Result<(Lab, crate::SpawnedChild)> {
+    let lab = Lab::new(&LabSpec::pods(&[CLIENT, SERVER]).service(
+        "web",
+        cluster_ip(40),
+        80,
+        SERVER,
+        8080,
+        None,
+    ))?;
+    let server = lab.get(SERVER)?.clone();
+    let nginx = lab.nginx(&server, 8080, NGINX_KEEPALIVE_S)?;
+    Ok((lab, nginx))
+}
+
+/// A pooled HTTP client, as applications use one (Python's http.client,
+/// one kept-alive connection): a request, a quiet period, and a second
+/// request on the same connection. Prints "reused" or what failed.
+const POOLED_CLIENT: &str = r#"
+import http.client, sys, time
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=3)
+c.request("GET", "/"); c.getresponse().read()
+time.sleep(float(sys.argv[3]))
+try:
+    c.request("GET", "/"); c.getresponse().read(); print("reused")
+except Exception as e:
+    print("failed", type(e).__name__, e)
+"#;
+
+fn keepalive_case(obs: &mut Observer, idle: Duration, expect: Option<Cause>) -> Result<Outcome> {
+    let (lab, _nginx) = http_lab()?;
+    let client = lab.get(CLIENT)?;
+    let dst = SocketAddr::from((cluster_ip(40), 80));
+    let mut w = obs.watch(&lab);
+    let out = lab.run_in_pod(
+        client,
+        "python3",
+        &[
+            "-c",
+            POOLED_CLIENT,
+            &dst.ip().to_string(),
+            &dst.port().to_string(),
+            &format!("{:.1}", idle.as_secs_f64()),
+        ],
+        idle + Duration::from_secs(10),
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let subject = Subject::pod(client)
+        .to(dst, Some("web"))
+        .num("peer_idle_timeout_s", i64::from(NGINX_KEEPALIVE_S));
+    let note = format!("second request after {idle:?} idle: {said}");
+    match expect {
+        Some(c) => {
+            w.wait(VERDICT_WAIT, |w| w.has(c, client.netns));
+        }
+        None => {
+            if said != "reused" {
+                bail!("{note}: the control itself failed");
+            }
+            w.settle(QUIET);
+        }
+    }
+    Ok(outcome(&w, subject, note))
+}
+
+fn keepalive_race(obs: &mut Observer) -> Result<Outcome> {
+    // Idle past nginx's timeout: nginx has closed, the client writes.
+    keepalive_case(
+        obs,
+        Duration::from_millis(u64::from(NGINX_KEEPALIVE_S) * 1000 + 1000),
+        Some(Cause::KeepaliveRace),
+    )
+}
+
+fn keepalive_fresh(obs: &mut Observer) -> Result<Outcome> {
+    keepalive_case(obs, Duration::from_millis(500), None)
+}
+
+/// A client fetches nginx's large file and closes: after reading a
+/// little (unread data left: the kernel resets) or all of it.
+fn abort_case(obs: &mut Observer, read_all: bool) -> Result<Outcome> {
+    let (lab, _nginx) = http_lab()?;
+    let client = lab.get(CLIENT)?;
+    let dst = SocketAddr::from((cluster_ip(40), 80));
+    let mut w = obs.watch(&lab);
+    let read = in_netns(
+        &client.netns_name,
+        "lab-download",
+        move || -> Result<usize> {
+            let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.write_all(b"GET /big HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            loop {
+                let n = s.read(&mut buf)?;
+                total += n;
+                if n == 0 || (!read_all && total >= 1024) {
+                    return Ok(total);
+                }
+            }
+        },
+    )??;
+    let subject = Subject::pod(client).to(dst, Some("web"));
+    let note = format!(
+        "read {read} of about {} bytes, then closed",
+        crate::BIG_BYTES
+    );
+    if read_all {
+        if read < crate::BIG_BYTES {
+            bail!("{note}: the control did not get the whole file");
+        }
+        w.settle(QUIET);
+    } else {
+        w.wait(VERDICT_WAIT, |w| {
+            w.has(Cause::ApplicationAbort, client.netns)
+        });
+    }
+    Ok(outcome(&w, subject, note))
+}
+
+fn abort_unread(obs: &mut Observer) -> Result<Outcome> {
+    abort_case(obs, false)
+}
+
+fn abort_control(obs: &mut Observer) -> Result<Outcome> {
+    abort_case(obs, true)
 }

@@ -672,7 +672,7 @@ pub(super) struct FirewallDrop {
     pub(super) location: Option<String>,
     pub(super) drops: u32,
     /// The dropped segments' destination (after NAT).
-    pub(super) dst: String,
+    pub(super) dst: Endpoint,
     pub(super) rule: Option<DropRule>,
 }
 
@@ -706,7 +706,7 @@ pub(super) fn netfilter_drop(ev: &Event, drop: &FirewallDrop, retransmits: u32) 
             ),
             obj(json!({
                 "dst": ev.dst.to_string(),
-                "dropped_dst": drop.dst,
+                "dropped_dst": drop.dst.to_string(),
                 "dropped_in_netns": drop.netns,
                 "dropped_in": drop.place,
                 "location": drop.location,

@@ -374,7 +374,7 @@ impl Diagnoser {
                 if s.concluded.is_some() {
                     return vec![];
                 }
-                if let Some(c) = self.dropped_by_firewall(ev, ends, retrans) {
+                if let Some(c) = self.dropped_by_firewall(ev, ends, retrans, facts) {
                     self.conclude(&key, &c);
                     return vec![c];
                 }
@@ -387,9 +387,21 @@ impl Diagnoser {
                 vec![]
             }
             EventKind::Retransmit if state == Some(TcpState::Established) => {
-                let streak = self.sock(&key, ev.time, false).streak + 1;
-                let concluded = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
-                if !concluded && let Some(c) = self.dropped_by_firewall(ev, ends, streak) {
+                let s = self.sock(&key, ev.time, false);
+                let streak = s.streak + 1;
+                let concluded = s.concluded.is_some();
+                // A path that forgot an idle connection drops its segments
+                // too (as INVALID): the idle timeout is the cause then.
+                let idle_path = s
+                    .streak_start
+                    .as_ref()
+                    .or(ev.tcp.as_ref())
+                    .and_then(|t| idle_cause(t, ev.netns, facts))
+                    .is_some();
+                if !concluded
+                    && !idle_path
+                    && let Some(c) = self.dropped_by_firewall(ev, ends, streak, facts)
+                {
                     self.conclude(&key, &c);
                     return vec![c];
                 }
@@ -401,9 +413,12 @@ impl Diagnoser {
             EventKind::ResetReceived if state == Some(TcpState::Established) => {
                 self.reset_established(&key, ev, facts)
             }
-            // The peer had closed the connection (its FIN: CLOSE_WAIT) and
-            // reset it when this side wrote to it again.
-            EventKind::ResetReceived if state == Some(TcpState::CloseWait) => {
+            // The peer had closed the connection (its FIN: CLOSE_WAIT, or
+            // LAST_ACK once this side closed too) and reset it when this side
+            // wrote to it again.
+            EventKind::ResetReceived
+                if matches!(state, Some(TcpState::CloseWait | TcpState::LastAck)) =>
+            {
                 let c = keepalive_race(ev, ev.peer_fin.as_ref());
                 self.conclude(&key, &c);
                 vec![c]
@@ -422,7 +437,7 @@ impl Diagnoser {
                 let full = self.netfilter_drop(ev, facts);
                 // A full conntrack table drops through netfilter too.
                 if full.is_empty() {
-                    self.note_firewall_drop(ev, ends, facts);
+                    self.note_firewall_drop(ev, ends);
                 }
                 full
             }
@@ -722,7 +737,7 @@ impl Diagnoser {
 
     /// Remembers a segment a netfilter rule dropped, by its connection's
     /// client end (the same before and after NAT), with where it happened.
-    fn note_firewall_drop(&mut self, ev: &Event, ends: Ends, facts: &NodeFacts) {
+    fn note_firewall_drop(&mut self, ev: &Event, ends: Ends) {
         if ev.reason.as_deref() != Some("NETFILTER_DROP") {
             return;
         }
@@ -740,11 +755,6 @@ impl Diagnoser {
             .as_ref()
             .map(|p| format!("pod {}/{}", p.namespace, p.name))
             .or_else(|| ev.netns_name.as_ref().map(|n| format!("netns {n}")));
-        let rule = facts
-            .netns
-            .get(&ev.netns)
-            .and_then(|f| f.drop_rules.as_deref())
-            .and_then(|rules| matching_rule(rules, ev.dst.port));
         let entry = self.firewall_drops.entry(ends.client).or_insert_with(|| {
             (
                 ev.time,
@@ -753,23 +763,35 @@ impl Diagnoser {
                     place,
                     location: ev.location.clone(),
                     drops: 0,
-                    dst: ev.dst.to_string(),
+                    dst: ev.dst.clone(),
                     rule: None,
                 },
             )
         });
         entry.0 = ev.time;
         entry.1.drops += 1;
-        if rule.is_some() {
-            entry.1.rule = rule;
-        }
     }
 
-    /// A retransmit of a connection whose segments a netfilter rule dropped.
-    fn dropped_by_firewall(&self, ev: &Event, ends: Ends, retransmits: u32) -> Option<Candidate> {
+    /// A retransmit of a connection whose segments a netfilter rule
+    /// dropped, with the rule when the facts have that namespace's rules.
+    fn dropped_by_firewall(
+        &self,
+        ev: &Event,
+        ends: Ends,
+        retransmits: u32,
+        facts: &NodeFacts,
+    ) -> Option<Candidate> {
         let (at, drop) = self.firewall_drops.get(&ends.client)?;
-        within(*at, ev.time, self.cfg.correlation_window)
-            .then(|| netfilter_drop(ev, drop, retransmits))
+        if !within(*at, ev.time, self.cfg.correlation_window) {
+            return None;
+        }
+        let mut drop = drop.clone();
+        drop.rule = facts
+            .netns
+            .get(&drop.netns)
+            .and_then(|f| f.drop_rules.as_deref())
+            .and_then(|rules| matching_rule(rules, drop.dst.port));
+        Some(netfilter_drop(ev, &drop, retransmits))
     }
 
     fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
