@@ -283,6 +283,22 @@ pub struct Owner {
 
 const _: () = assert!(size_of::<Owner>() == 64);
 
+impl Owner {
+    /// No process known (tgid 0).
+    pub const UNKNOWN: Self = Self {
+        cgroup_id: 0,
+        tgid: 0,
+        netns: 0,
+        comm: [0; 16],
+        reset_ns: 0,
+        fin_ns: 0,
+        reset_errno: 0,
+        fin_idle_jiffies: 0,
+        role: role::UNKNOWN,
+        _pad: 0,
+    };
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ListenKey {

@@ -109,16 +109,19 @@ pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
     maps::count(hook, tcptrace_common::COUNTER_SEEN);
 }
 
-/// Copies an owner (and what it recorded of the peer's FIN) into the event.
+/// Copies an owner (and what it recorded of the peer's FIN) into the event;
+/// the process only when it is known.
 #[inline(always)]
 pub fn set_owner(ev: &mut Event, owner: &Owner) {
-    ev.tgid = owner.tgid;
-    ev.cgroup_id = owner.cgroup_id;
-    ev.comm = owner.comm;
     if ev.netns == 0 {
         ev.netns = owner.netns;
     }
-    ev.flags |= flag::OWNER_KNOWN;
+    if owner.tgid != 0 {
+        ev.tgid = owner.tgid;
+        ev.cgroup_id = owner.cgroup_id;
+        ev.comm = owner.comm;
+        ev.flags |= flag::OWNER_KNOWN;
+    }
     if owner.role == role::CLIENT {
         ev.flags |= flag::ROLE_CLIENT;
     } else if owner.role == role::SERVER {

@@ -1,7 +1,7 @@
 //! Socket state changes (owner bookkeeping, failed connects) and socket
 //! errors.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tcptrace_common::{Event, ListenKey, direct, hook, kind, role};
+use tcptrace_common::{Event, ListenKey, Owner, direct, hook, kind, role};
 
 use crate::{
     kernel,
@@ -65,10 +65,18 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
             _pad: 0,
         };
         // SAFETY: copied out before the insert.
-        if let Some(owner) = unsafe { LISTENERS.get(key) } {
-            let owner = *owner;
-            let _ = OWNERS.insert(sk, owner, 0);
-        }
+        let owner = match unsafe { LISTENERS.get(key) } {
+            Some(listener) => *listener,
+            // The listener predates tracing: the process is unknown (softirq
+            // runs on behalf of anyone), the role is not. Also replaces
+            // what a freed socket at this address left.
+            None => Owner {
+                netns,
+                role: role::SERVER,
+                ..Owner::UNKNOWN
+            },
+        };
+        let _ = OWNERS.insert(sk, owner, 0);
     }
 
     // Failed connect (timed out, or no source port) is always reported;

@@ -617,8 +617,25 @@ impl Lab {
         let child: Child = create(self.id, || {
             let mut full = vec!["netns", "exec", netns, cmd];
             full.extend_from_slice(args);
-            let child = Command::new("ip")
-                .args(&full)
+            // Into the pod's cgroup before anything runs (a server that
+            // forks at once would leave children outside): the shell moves
+            // itself, then becomes `ip netns exec`, then the command.
+            let procs = cgroup.map(|dir| dir.join("cgroup.procs"));
+            let mut command = match &procs {
+                Some(procs) => {
+                    let mut c = Command::new("sh");
+                    c.args(["-c", "echo 0 > \"$0\" && exec ip \"$@\""])
+                        .arg(procs)
+                        .args(&full);
+                    c
+                }
+                None => {
+                    let mut c = Command::new("ip");
+                    c.args(&full);
+                    c
+                }
+            };
+            let child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -628,10 +645,6 @@ impl Lab {
             Ok((child, Resource::Process(pid)))
         })?;
         let pid = child.id();
-        if let Some(dir) = cgroup {
-            fs::write(dir.join("cgroup.procs"), pid.to_string())
-                .with_context(|| format!("moving {cmd} into {}", dir.display()))?;
-        }
         // `ip netns exec` enters the namespace, then execs the command.
         let deadline = Instant::now() + SPAWN_WAIT;
         loop {
