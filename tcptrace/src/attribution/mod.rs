@@ -5,7 +5,9 @@
 //! container, pod IP -> pod, plus kube-proxy's Services. Events look them up
 //! by the socket owner's netns inode and cgroup id; a miss rescans, at most
 //! once a second. Entries of vanished pods live on for a grace period so late
-//! events are still named.
+//! events are still named. The kernel reuses the inodes of freed namespaces:
+//! a namespace entry is checked (at most once a second) against the path it
+//! was found through, and a rescan replaces it when that no longer leads to it.
 //!
 //! Identity levels, best first: `pod` (a named pod), `container` (pod uid and
 //! container id from the cgroup, no pod name: the `PodRef` then has empty
@@ -109,6 +111,11 @@ struct NetnsInfo {
     /// Set when every process in the namespace belongs to one pod.
     pod: Option<Identity>,
     in_scope: bool,
+    /// What the namespace was found through (`proc/<pid>/ns/net`,
+    /// `run/netns/<name>`), to tell it from a later one with its inode.
+    via: PathBuf,
+    /// When `via` was last checked.
+    checked: Instant,
 }
 
 #[derive(Debug)]
@@ -153,17 +160,17 @@ impl Attributor {
     }
 
     /// Fills `ev.pod`, `identity_level`, `netns_name` and the endpoints'
-    /// `pod` / `service`. Cache hits do no I/O.
+    /// `pod` / `service`. Cache hits do no I/O but, once a second per
+    /// namespace, a stat of the path it was found through.
     pub fn attribute(&mut self, ev: &mut Event) {
-        if self.is_miss(ev) {
-            let now = Instant::now();
-            if self
+        let now = Instant::now();
+        if (self.is_miss(ev) || self.netns_replaced(ev.netns, now))
+            && self
                 .last_scan
                 .is_none_or(|t| now.saturating_duration_since(t) >= MISS_RESCAN_INTERVAL)
-            {
-                self.scan(now);
-                self.remember_misses(ev);
-            }
+        {
+            self.scan(now);
+            self.remember_misses(ev);
         }
 
         let by_cgroup = ev
@@ -192,6 +199,10 @@ impl Attributor {
 
         self.name_endpoint(&mut ev.src);
         self.name_endpoint(&mut ev.dst);
+        // A segment from a Service (its reply, after the reverse NAT).
+        if ev.src.service.is_none() {
+            ev.src.service = self.services.virtual_ip(ev.src.ip, ev.src.port).cloned();
+        }
         if ev.dst.service.is_none() {
             let (ip, port) = (ev.dst.ip, ev.dst.port);
             let nodeport = || {
@@ -253,6 +264,25 @@ impl Attributor {
         if self.warned.insert(msg.clone()) {
             self.warnings.push(msg);
         }
+    }
+
+    /// Whether the cached namespace `ino` may be gone, its inode taken by a
+    /// new namespace: the path it was found through no longer leads to it.
+    /// Checked at most once a second per namespace.
+    fn netns_replaced(&mut self, ino: u32, now: Instant) -> bool {
+        let Some(e) = self.netns.get_mut(&ino) else {
+            return false;
+        };
+        let n = &mut e.value;
+        if now.saturating_duration_since(n.checked) < MISS_RESCAN_INTERVAL {
+            return false;
+        }
+        n.checked = now;
+        let same = node::netns::inode(&n.via).is_ok_and(|i| i == ino);
+        if same {
+            e.last_seen = now;
+        }
+        !same
     }
 
     fn is_miss(&self, ev: &Event) -> bool {
@@ -407,6 +437,8 @@ impl Attributor {
                 name: names.get(&ino).cloned(),
                 pod,
                 in_scope: o.in_scope,
+                via: proc_dir.join(o.pid.to_string()).join("ns/net"),
+                checked: now,
             };
             self.netns.insert(
                 ino,
@@ -416,16 +448,25 @@ impl Attributor {
                 },
             );
         }
-        // Named namespaces with no process yet.
+        // Named namespaces with no process: new ones, and those whose inode
+        // an earlier namespace (not seen in this scan) had.
         for (ino, name) in names {
-            self.netns.entry(ino).or_insert_with(|| Seen {
-                value: NetnsInfo {
-                    name: Some(name),
-                    pod: None,
-                    in_scope: false,
+            if self.netns.get(&ino).is_some_and(|e| e.last_seen == now) {
+                continue;
+            }
+            self.netns.insert(
+                ino,
+                Seen {
+                    value: NetnsInfo {
+                        via: netns_dir.join(&name),
+                        name: Some(name),
+                        pod: None,
+                        in_scope: false,
+                        checked: now,
+                    },
+                    last_seen: now,
                 },
-                last_seen: now,
-            });
+            );
         }
         self.node_addrs = node_addrs;
 

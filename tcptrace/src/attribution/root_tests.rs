@@ -298,3 +298,74 @@ fn names_a_real_pod_netns_cgroup_and_named_netns() {
         "namespace removed"
     );
 }
+
+/// The kernel gives a new namespace the inode of a freed one: events of the
+/// new namespace must not be named after the old one the cache still holds.
+#[test]
+fn a_reused_netns_inode_names_the_new_namespace() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let me = std::process::id();
+    let mut cleanup = Cleanup {
+        children: Vec::new(),
+        cgroup_root: PathBuf::new(),
+        cgroup_dirs: Vec::new(),
+        netns: Vec::new(),
+    };
+    let old_ns = format!("tcptrace-reuse-{me}-old");
+    ip(&["netns", "add", &old_ns]);
+    cleanup.netns.push(old_ns.clone());
+    sleep_in(&old_ns, &mut cleanup);
+    let root = tempfile::tempdir().expect("tempdir");
+    symlink("/proc", root.path().join("proc")).expect("symlink proc");
+    fs::create_dir_all(root.path().join("run")).expect("mkdir run");
+    symlink("/run/netns", root.path().join("run/netns")).expect("symlink netns");
+    let mut a = Attributor::new(AttributionConfig {
+        host_root: root.path().to_path_buf(),
+        ..AttributionConfig::default()
+    });
+    let inode = netns_inode(Path::new(&format!("/run/netns/{old_ns}")));
+    let event = || {
+        Event::new(
+            SystemTime::now(),
+            EventKind::ResetReceived,
+            Endpoint::new("10.244.78.5".parse().expect("addr"), 40000),
+            Endpoint::new("10.244.78.6".parse().expect("addr"), 80),
+            inode,
+        )
+    };
+    let mut ev = event();
+    a.attribute(&mut ev);
+    assert_eq!(ev.netns_name.as_deref(), Some(old_ns.as_str()));
+
+    // Free the namespace (its last process and its name), then create
+    // namespaces until one gets its inode (the kernel frees it shortly after).
+    for mut child in cleanup.children.drain(..) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    ip(&["netns", "del", &old_ns]);
+    cleanup.netns.clear();
+    let new_ns = format!("tcptrace-reuse-{me}-new");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        ip(&["netns", "add", &new_ns]);
+        if netns_inode(Path::new(&format!("/run/netns/{new_ns}"))) == inode {
+            cleanup.netns.push(new_ns.clone());
+            break;
+        }
+        ip(&["netns", "del", &new_ns]);
+        assert!(
+            Instant::now() < deadline,
+            "no new namespace got the freed inode {inode} within 10 s"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Past the check interval, the cached entry is checked and replaced.
+    thread::sleep(MISS_RESCAN_INTERVAL);
+    let mut ev = event();
+    a.attribute(&mut ev);
+    assert_eq!(ev.netns_name.as_deref(), Some(new_ns.as_str()));
+}
