@@ -18,6 +18,12 @@ pub const HASH_CONNECT_ARGS_MAP: &str = "HASH_CONNECT_ARGS";
 /// Per-CPU array of one [`CtAllocArgs`] between the kprobe and kretprobe
 /// of __nf_conntrack_alloc (it runs in softirq, without a sleeping task).
 pub const CT_ALLOC_ARGS_MAP: &str = "CT_ALLOC_ARGS";
+/// LRU hash of [`ConnKey`] -> sock pointer: established connections, on
+/// kernels whose kfree_skb names no socket.
+pub const CONN_SOCKS_MAP: &str = "CONN_SOCKS";
+/// Its size there: connections indexed at once.
+pub const CONN_SOCKS_ENTRIES: u32 = 65_536;
+
 /// Array of one u32: which direct-tier hooks are live ([`direct`] bits),
 /// written by userspace after attaching so fallbacks do not double-report.
 pub const DIRECT_MAP: &str = "DIRECT";
@@ -308,6 +314,22 @@ pub struct ListenKey {
 }
 
 const _: () = assert!(size_of::<ListenKey>() == 8);
+
+/// A connection as its own socket sees it. Kernels whose kfree_skb has no
+/// `rx_sk` (before 6.12) drop segments inside the TCP stack with neither a
+/// device nor a socket on the skb: the socket is found by this key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(size_of::<ConnKey>() == 40);
 
 /// The sockaddr passed to bind(), saved until the syscall returns.
 #[repr(C)]

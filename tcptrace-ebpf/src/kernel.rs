@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, ArgIndex, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets, Owner,
-    flag, role,
+    ABSENT, AF_INET, AF_INET6, ArgIndex, ConnKey, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets,
+    Owner, flag, role,
 };
 
 use crate::maps::{self, EVENTS, OWNERS};
@@ -203,6 +203,29 @@ pub fn tuple_from_sock(sk: u64, k: &KernelOffsets, ev: &mut Event) {
     }
 }
 
+/// The connection of a full socket, as the socket sees it.
+#[inline(always)]
+pub fn conn_key_of_sock(sk: u64, k: &KernelOffsets) -> ConnKey {
+    let mut key = ConnKey {
+        local: [0; 16],
+        remote: [0; 16],
+        local_port: u16::from_be(read::<u16>(sk, k.inet_sport).unwrap_or(0)),
+        remote_port: u16::from_be(read::<u16>(sk, k.sock_dport).unwrap_or(0)),
+        family: read::<u16>(sk, k.sock_family).unwrap_or(0) as u8,
+        _pad: [0; 3],
+    };
+    if key.family == AF_INET6 {
+        key.local = read(sk, k.sock_v6_rcv_saddr).unwrap_or([0; 16]);
+        key.remote = read(sk, k.sock_v6_daddr).unwrap_or([0; 16]);
+    } else {
+        let s: [u8; 4] = read(sk, k.sock_rcv_saddr).unwrap_or([0; 4]);
+        let d: [u8; 4] = read(sk, k.sock_daddr).unwrap_or([0; 4]);
+        key.local[..4].copy_from_slice(&s);
+        key.remote[..4].copy_from_slice(&d);
+    }
+    key
+}
+
 /// Reads the 4-tuple of a request socket (a connection still in its
 /// handshake): its local port is `skc_num`, it has no `inet_sock`.
 #[inline(always)]
@@ -242,6 +265,19 @@ impl Segment {
         ev.dport = self.dport;
         ev.tcp_flags = self.flags;
         ev.flags |= flag::TCP_FLAGS_KNOWN;
+    }
+
+    /// The connection of the socket receiving this segment.
+    #[inline(always)]
+    pub fn receiver(&self) -> ConnKey {
+        ConnKey {
+            local: self.daddr,
+            remote: self.saddr,
+            local_port: self.dport,
+            remote_port: self.sport,
+            family: self.family,
+            _pad: [0; 3],
+        }
     }
 
     /// Copies the addresses of a reply to the segment (a reset answering

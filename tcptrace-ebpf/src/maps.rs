@@ -2,7 +2,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, CtAllocArgs, ListenKey, Owner};
+use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, ConnKey, CtAllocArgs, ListenKey, Owner};
 
 /// Failure events for userspace. Its size is set at load time.
 #[map(name = "EVENTS")]
@@ -15,6 +15,12 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_L
 /// sock pointer -> owner captured in process context.
 #[map(name = "OWNERS")]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 0);
+
+/// Established connection -> its sock pointer, kept only on kernels whose
+/// kfree_skb has no `rx_sk` (see `ConnKey`).
+#[map(name = "CONN_SOCKS")]
+pub static CONN_SOCKS: LruHashMap<ConnKey, u64> =
+    LruHashMap::with_max_entries(tcptrace_common::CONN_SOCKS_ENTRIES, 0);
 
 /// listening (netns, port) -> owner, inherited by accepted sockets.
 #[map(name = "LISTENERS")]

@@ -131,7 +131,10 @@ impl Pipeline {
     /// moved for the live sinks.
     pub fn tick(&mut self, now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {
         self.attributor.refresh(Instant::now());
-        let diagnosed = self.diagnoser.tick(now, &self.facts);
+        let attributor = &mut self.attributor;
+        let diagnosed = self
+            .diagnoser
+            .tick(now, &self.facts, &mut |ev| attributor.attribute(ev));
         let records = diagnosed
             .verdicts
             .into_iter()

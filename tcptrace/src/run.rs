@@ -1,7 +1,7 @@
 //! The trace pipeline: ring buffer -> decode -> sinks, with periodic stats,
 //! a clean stop on Ctrl-C, SIGTERM or --duration, and a final drain.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     io::{self, IsTerminal as _},
     time::{Duration, Instant, SystemTime},
 };
@@ -69,7 +69,7 @@ fn facts_config(node: &NodeArgs) -> FactsConfig {
 fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
     crate::bpf::require_privileges()?;
     let cfg = facts_config(node);
-    let (mut facts, names) = node::collect(&cfg, &BTreeSet::new());
+    let (mut facts, names) = node::collect(&cfg, &BTreeSet::new(), &HashMap::new());
     facts.add_nodeports(ServiceMap::from_dumps(&node::rules(&cfg)).nodeport_names());
     let findings = audit(&facts, &names);
     match format {
@@ -230,7 +230,7 @@ impl Session {
         // events are already named and diagnosed with them.
         let facts_cfg = facts_config(&args.node);
         pipeline.set_services(ServiceMap::from_dumps(&node::rules(&facts_cfg)));
-        let (facts, _) = node::collect(&facts_cfg, &BTreeSet::new());
+        let (facts, _) = node::collect(&facts_cfg, &BTreeSet::new(), &HashMap::new());
         pipeline.set_facts(facts);
         let refresher = Refresher::start(
             facts_cfg,

@@ -17,7 +17,7 @@ use nix::{
 };
 use tcptrace::{
     bpf::{Tracer, TracerOptions},
-    model::{Event, HookStats},
+    model::{Event, EventKind, HookStats},
 };
 
 /// A network namespace `tt-<name>-<pid>`, deleted (with every process in
@@ -48,6 +48,8 @@ pub struct Capture {
     pub tracer: Tracer,
     /// Events drained but not yet claimed by a test, by namespace.
     pending: Vec<Event>,
+    /// Drop records without a namespace, of any traffic: none may exist.
+    unplaced: Vec<Event>,
 }
 
 static CAPTURE: OnceLock<Mutex<Capture>> = OnceLock::new();
@@ -67,6 +69,7 @@ pub fn capture() -> MutexGuard<'static, Capture> {
         Mutex::new(Capture {
             tracer,
             pending: Vec::new(),
+            unplaced: Vec::new(),
         })
     });
     let mut guard = cell
@@ -79,9 +82,15 @@ pub fn capture() -> MutexGuard<'static, Capture> {
 
 impl Capture {
     fn drain(&mut self) {
-        let pending = &mut self.pending;
-        self.tracer
-            .drain(usize::MAX, |decoded| pending.extend(decoded.ok()));
+        let (pending, unplaced) = (&mut self.pending, &mut self.unplaced);
+        self.tracer.drain(usize::MAX, |decoded| {
+            let Ok(ev) = decoded else { return };
+            if ev.netns == 0 && ev.kind == EventKind::Drop {
+                unplaced.push(ev);
+            } else {
+                pending.push(ev);
+            }
+        });
     }
 
     /// Collects events of namespace `netns` until `done` holds for them or
@@ -101,6 +110,11 @@ impl Capture {
                 .filter(|e| e.netns == netns)
                 .cloned()
                 .collect();
+            assert!(
+                self.unplaced.is_empty(),
+                "drop records without a network namespace:\n{}",
+                show(&self.unplaced)
+            );
             if done(&mine) || start.elapsed() > timeout {
                 return mine;
             }
@@ -133,6 +147,32 @@ pub fn tcptrace_bin() -> PathBuf {
                 "/../target/debug/tcptrace"
             ))
         })
+}
+
+/// tcptrace's NDJSON lines as records, each checked against the schema;
+/// no drop record may lack its namespace (no pod could be named for it).
+pub fn records(lines: &[String]) -> Vec<serde_json::Value> {
+    let validator = schema_validator();
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            if let Err(e) = validator.validate(&v) {
+                panic!("record violates the schema: {e}\n{l}");
+            }
+            v
+        })
+        .collect();
+    let unplaced: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "drop" && r["netns"] == 0)
+        .collect();
+    assert!(
+        unplaced.is_empty(),
+        "drop records without a network namespace: {unplaced:#?}"
+    );
+    records
 }
 
 /// Validator for the committed NDJSON schema.

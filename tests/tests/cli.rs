@@ -9,22 +9,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tcptrace_tests::{Netns, Running, schema_validator, start_tcptrace, tcptrace_bin};
-
-fn parse_all(lines: &[String]) -> Vec<Value> {
-    let validator = schema_validator();
-    lines
-        .iter()
-        .map(|l| {
-            let v: Value =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-            if let Err(e) = validator.validate(&v) {
-                panic!("record violates the schema: {e}\n{l}");
-            }
-            v
-        })
-        .collect()
-}
+use tcptrace_tests::{Netns, Running, records, start_tcptrace, tcptrace_bin};
 
 /// Lets in-flight records arrive, stops tracing with SIGINT (exit 0) and
 /// returns its lines and their schema-checked records.
@@ -33,7 +18,7 @@ fn interrupt(tracer: Running) -> (Vec<String>, Vec<Value>) {
     tracer.signal(Signal::SIGINT);
     let (code, lines) = tracer.finish();
     assert_eq!(code, 0);
-    let records = parse_all(&lines);
+    let records = records(&lines);
     (lines, records)
 }
 
@@ -65,14 +50,16 @@ fn ndjson_names_a_caused_retransmit_and_sigint_exits_zero() {
     assert_eq!(retransmit["tcp_flags"], "SYN");
     assert_eq!(retransmit["comm"], "tt-cli-client");
     assert_eq!(retransmit["netns_name"], ns.name.as_str());
-    // The connect timed out after its SYN retransmits: a verdict says so.
-    assert!(
-        records
-            .iter()
-            .any(|r| r["type"] == "verdict" && r["cause"] == "syn_timeout" && r["netns"] == netns),
-        "no syn_timeout verdict:\n{}",
-        lines.join("\n")
+    // The rule dropped the SYNs: the verdict names it, with its counter.
+    let verdict = records
+        .iter()
+        .find(|r| r["type"] == "verdict" && r["cause"] == "netfilter_drop" && r["netns"] == netns)
+        .unwrap_or_else(|| panic!("no netfilter_drop verdict:\n{}", lines.join("\n")));
+    assert_eq!(
+        verdict["evidence"]["rule"],
+        "-A INPUT -p tcp -m tcp --dport 81 -j DROP"
     );
+    assert_eq!(verdict["comm"], "tt-cli-client");
     let last = records.last().unwrap();
     assert_eq!(
         (last["type"].as_str(), last["final"].as_bool()),
@@ -120,14 +107,13 @@ fn duration_and_sigterm_stop_cleanly_with_final_stats() {
     let (code, lines) = start_tcptrace(&["--duration", "1"]).finish();
     assert_eq!(code, 0);
     assert!(started.elapsed() < Duration::from_secs(25));
-    let records = parse_all(&lines);
-    assert_eq!(records.last().unwrap()["final"], true);
+    assert_eq!(records(&lines).last().unwrap()["final"], true);
 
     let tracer = start_tcptrace(&[]);
     tracer.signal(Signal::SIGTERM);
     let (code, lines) = tracer.finish();
     assert_eq!(code, 0);
-    assert_eq!(parse_all(&lines).last().unwrap()["final"], true);
+    assert_eq!(records(&lines).last().unwrap()["final"], true);
 }
 
 #[test]

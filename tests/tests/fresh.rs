@@ -12,7 +12,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use tcptrace_tests::{Netns, Running, schema_validator, start_traced, tcptrace_bin};
+use tcptrace_tests::{Netns, Running, records, start_traced, tcptrace_bin};
 
 /// The host's tracing-related mounts, to prove a test left them alone.
 fn host_mounts() -> Vec<String> {
@@ -62,16 +62,7 @@ fn syn_retransmit_under(ns: &Netns, tracer: Running) -> (Vec<Value>, Vec<String>
     let before_ready = tracer.before_ready.clone();
     let (code, lines) = tracer.finish();
     assert_eq!(code, 0, "{}", before_ready.join("\n"));
-    let validator = schema_validator();
-    let records = lines
-        .iter()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            assert!(validator.validate(&v).is_ok(), "schema: {l}");
-            v
-        })
-        .collect();
-    (records, before_ready)
+    (records(&lines), before_ready)
 }
 
 /// The one retransmit record of `ns`, with the fields every test asserts.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace::model::{Cause, Verdict};
+use tcptrace::model::{Cause, Event, EventKind, Severity, Verdict};
 use tcptrace_lab::{
     self as lab,
     observer::Observer,
@@ -245,12 +245,12 @@ fn an_application_abort_is_benign() {
     let r = case(&rs, "unread_close");
     let v = verdict(r);
     assert_eq!(v.cause, Cause::ApplicationAbort);
-    assert_eq!(v.severity, tcptrace::model::Severity::Benign);
+    assert_eq!(v.severity, Severity::Benign);
     let o = r.outcome.as_ref().expect("outcome");
     let failures: Vec<&Verdict> = o
         .verdicts
         .iter()
-        .filter(|v| v.severity != tcptrace::model::Severity::Benign)
+        .filter(|v| v.severity != Severity::Benign)
         .collect();
     assert!(failures.is_empty(), "no failure verdict: {failures:#?}");
     assert_control(case(&rs, "control_read_all"), Cause::ApplicationAbort);
@@ -314,6 +314,59 @@ fn conntrack_invalid_beyond_window_and_controls() {
     assert_eq!(ev(v, "reset_pair"), true);
     assert_control(case(&rs, "control_be_liberal"), Cause::ConntrackInvalid);
     assert_control(case(&rs, "control_below_window"), Cause::ConntrackInvalid);
+}
+
+#[test]
+fn a_segment_below_the_window_is_a_tcp_stack_drop_of_the_client_pod() {
+    let rs = run("tcp_stack_drop");
+    let r = case(&rs, "below_window");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::TcpStackDrop);
+    assert_eq!(v.severity, Severity::Degraded);
+    assert_eq!(ev(v, "reason"), "TCP_OLD_SEQUENCE");
+    assert_eq!(ev(v, "drops"), 1);
+    assert_eq!(ev(v, "peer"), "10.96.0.10:80");
+    // The drop record itself: the client pod's namespace, its socket's
+    // owner (this process's connecting thread), the Service it came from.
+    let o = r.outcome.as_ref().expect("outcome");
+    let drops: Vec<&Event> = o
+        .events
+        .iter()
+        .filter(|e| e.kind == EventKind::Drop)
+        .collect();
+    assert_eq!(drops.len(), 1, "{drops:#?}");
+    let d = drops[0];
+    assert_eq!(d.netns, o.subject.netns);
+    assert_eq!(d.reason.as_deref(), Some("TCP_OLD_SEQUENCE"));
+    assert_eq!(d.pid, Some(std::process::id()));
+    assert_eq!(d.comm.as_deref(), Some("lab-client"));
+    assert_eq!(d.src.to_string(), "10.96.0.10:80");
+    assert_eq!(d.src.service.as_ref().map(|s| s.name.as_str()), Some("web"));
+    let pod = o.subject.pod.as_ref().expect("the client pod");
+    assert_eq!(
+        d.pod.as_ref().map(|p| p.uid.as_str()),
+        Some(pod.uid.as_str())
+    );
+    assert_control(case(&rs, "control_no_segment"), Cause::TcpStackDrop);
+}
+
+#[test]
+fn a_stalled_redis_with_a_small_backlog_overflows_its_listen_queue() {
+    let rs = run("listen_overflow");
+    let r = case(&rs, "stalled_small_backlog");
+    eprintln!("{}", r.outcome.as_ref().expect("outcome").note);
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::ListenOverflow);
+    assert_eq!(v.src.port, 6379);
+    assert!(ev(v, "listen_overflows").as_u64().unwrap() > 0, "{v:#?}");
+    let listener = &ev(v, "listeners")[0];
+    assert_eq!(listener["port"], 6379);
+    assert_eq!(listener["comm"], "redis-server");
+    assert_eq!(listener["pid"], number(r, "redis_pid"));
+    // backlog 1: the accept queue holds two.
+    assert_eq!(listener["queued"], 2, "{v:#?}");
+    assert!(v.fix.contains("backlog"), "{}", v.fix);
+    assert_control(case(&rs, "control_large_backlog"), Cause::ListenOverflow);
 }
 
 #[test]

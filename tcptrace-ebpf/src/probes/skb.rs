@@ -1,11 +1,11 @@
 //! skb:kfree_skb (raw): packets dropped for a reason worth reporting
 //! (netfilter, TCP), TCP over IPv4/IPv6 only.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tcptrace_common::{Event, flag, hook, kind};
+use tcptrace_common::{Event, NO_ARG, flag, hook, kind};
 
 use crate::{
     kernel::{self, Segment, read},
-    maps::config,
+    maps::{CONN_SOCKS, config},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -55,13 +55,20 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
     ev.reason = reason;
     ev.location = kernel::raw_arg(&ctx, cfg.args.kfree_skb_location).unwrap_or(0);
     // Namespace of the device the packet was on, else of its socket: the
-    // one the kernel found for it (rx_sk), else the skb's own.
+    // one the kernel found for it (rx_sk), else the skb's own, else (TCP
+    // drops before rx_sk existed) its connection's.
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
-    let sk = match kernel::raw_arg(&ctx, cfg.args.kfree_skb_rx_sk) {
+    let mut sk = match kernel::raw_arg(&ctx, cfg.args.kfree_skb_rx_sk) {
         Some(rx_sk) if rx_sk != 0 => rx_sk,
         _ => read(skb, k.skb_sk).unwrap_or(0),
     };
+    if sk == 0 && ev.netns == 0 && cfg.args.kfree_skb_rx_sk == NO_ARG {
+        // SAFETY: copied out at once.
+        sk = unsafe { CONN_SOCKS.get(seg.receiver()) }
+            .copied()
+            .unwrap_or(0);
+    }
     if sk != 0 {
         if ev.netns == 0 {
             ev.netns = kernel::net_inum(kernel::sock_net(sk, k), k);

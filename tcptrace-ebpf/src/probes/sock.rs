@@ -1,11 +1,11 @@
 //! Socket state changes (owner bookkeeping, failed connects) and socket
 //! errors.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tcptrace_common::{Event, ListenKey, Owner, direct, hook, kind, role};
+use tcptrace_common::{Event, ListenKey, NO_ARG, Owner, direct, hook, kind, role};
 
 use crate::{
     kernel,
-    maps::{LISTENERS, OWNERS, config, direct_live, mark_fin, reset_consequence},
+    maps::{CONN_SOCKS, LISTENERS, OWNERS, config, direct_live, mark_fin, reset_consequence},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -77,6 +77,16 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
             },
         };
         let _ = OWNERS.insert(sk, owner, 0);
+    }
+
+    // Where kfree_skb names no socket, established connections are indexed
+    // so that segments the TCP stack drops find theirs.
+    if cfg.args.kfree_skb_rx_sk == NO_ARG {
+        if new == states.established {
+            let _ = CONN_SOCKS.insert(kernel::conn_key_of_sock(sk, k), sk, 0);
+        } else if new == states.close {
+            let _ = CONN_SOCKS.remove(kernel::conn_key_of_sock(sk, k));
+        }
     }
 
     // Failed connect (timed out, or no source port) is always reported;

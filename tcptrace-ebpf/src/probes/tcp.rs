@@ -108,6 +108,9 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     let state = read::<u8>(sk, k.sock_state).unwrap_or(0);
     let full_sock = sk != 0 && kernel::is_full_sock(state as u32);
     ev.state = state;
+    // An active reset (close with unread data, SO_LINGER 0, an abort)
+    // closes its own socket: that move to CLOSE repeats this record.
+    let active = skb == 0 && full_sock;
     if sk == 0 {
         // No socket: the namespace is the receiving device's.
         let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
@@ -116,7 +119,11 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    let at_ns = ev.ts_ns;
     kernel::submit(hook::SEND_RESET, entry);
+    if active {
+        mark_reset(sk, at_ns, ECONNRESET);
+    }
     0
 }
 

@@ -10,7 +10,7 @@ use tcptrace::{
     attribution::{AttributionConfig, Attributor, ServiceMap},
     bpf::{Tracer, TracerOptions},
     diagnosis::DiagnoserConfig,
-    model::{Cause, Event, Record, Verdict},
+    model::{Cause, Event, EventKind, Record, Verdict},
     node::{self, FactsConfig},
     pipeline::Pipeline,
 };
@@ -25,6 +25,9 @@ const MAX_DRAIN: usize = 65_536;
 /// The tracer, loaded once, watching this process's sockets too.
 pub struct Observer {
     tracer: Tracer,
+    /// Drop records without a namespace (of any namespace's traffic): each
+    /// is a record no pod could be named for.
+    unplaced: Vec<Event>,
 }
 
 impl Observer {
@@ -38,6 +41,7 @@ impl Observer {
         };
         Ok(Self {
             tracer: Tracer::load(&opts)?,
+            unplaced: Vec::new(),
         })
     }
 
@@ -49,13 +53,20 @@ impl Observer {
             .unwrap_or(0)
     }
 
+    /// Drop records without a namespace seen since the last call.
+    pub fn take_unplaced(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.unplaced)
+    }
+
     /// Decodes what the kernel produced, keeping events of `netns`.
     fn drain(&mut self, netns: &HashSet<u32>, out: &mut Vec<Event>) {
+        let unplaced = &mut self.unplaced;
         self.tracer.drain(MAX_DRAIN, |decoded| {
-            if let Ok(ev) = decoded
-                && netns.contains(&ev.netns)
-            {
+            let Ok(ev) = decoded else { return };
+            if netns.contains(&ev.netns) {
                 out.push(ev);
+            } else if ev.netns == 0 && ev.kind == EventKind::Drop {
+                unplaced.push(ev);
             }
         });
     }
@@ -103,7 +114,11 @@ pub struct Watch<'a> {
 impl Watch<'_> {
     /// Re-reads the node facts and runs the time-based rules.
     pub fn tick(&mut self) {
-        let (facts, _names) = node::collect(&self.facts_cfg, self.pipeline.firewall_netns());
+        let (facts, _names) = node::collect(
+            &self.facts_cfg,
+            self.pipeline.firewall_netns(),
+            &self.pipeline.facts().listen_stats(),
+        );
         self.pipeline.set_facts(facts);
         let (records, _live) = self.pipeline.tick(SystemTime::now());
         self.take(records);

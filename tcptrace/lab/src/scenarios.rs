@@ -144,6 +144,7 @@ impl Case {
     pub fn run(&self, obs: &mut Observer) -> CaseResult {
         let start = Instant::now();
         let res = (self.f)(obs);
+        let unplaced = obs.take_unplaced();
         let mut r = CaseResult {
             scenario: self.scenario,
             case: self.name,
@@ -166,6 +167,15 @@ impl Case {
                 r.got = "error".into();
                 r.detail = format!("{e:#}");
                 r.error = Some(format!("{e:#}"));
+            }
+            Ok(_) if !unplaced.is_empty() => {
+                r.got = "error".into();
+                let first = serde_json::to_string(&unplaced[0]).unwrap_or_default();
+                r.detail = format!(
+                    "{} drop records without a network namespace, the first: {first}",
+                    unplaced.len()
+                );
+                r.error = Some(r.detail.clone());
             }
             Ok(o) => {
                 let mut causes: Vec<&str> = o.verdicts.iter().map(|v| v.cause.as_str()).collect();
@@ -352,6 +362,30 @@ pub fn all() -> Vec<Case> {
             "control_below_window",
             No(ConntrackInvalid),
             invalid_below,
+        ),
+        c(
+            "tcp_stack_drop",
+            "below_window",
+            Yes(TcpStackDrop),
+            stack_drop_below,
+        ),
+        c(
+            "tcp_stack_drop",
+            "control_no_segment",
+            No(TcpStackDrop),
+            stack_drop_control,
+        ),
+        c(
+            "listen_overflow",
+            "stalled_small_backlog",
+            Yes(ListenOverflow),
+            listen_small_backlog,
+        ),
+        c(
+            "listen_overflow",
+            "control_large_backlog",
+            No(ListenOverflow),
+            listen_large_backlog,
         ),
         c(
             "conntrack_table_full",
@@ -970,7 +1004,8 @@ fn nodeport_reserved(obs: &mut Observer) -> Result<Outcome> {
 /// The server of kubernetes #74839: answers one request, then reads its
 /// own sequence numbers (TCP_REPAIR) and sends one data segment on the
 /// connection from outside the socket, `beyond` or `below` the client's
-/// window, and reports what happened to its socket.
+/// window (or, with `none`, sends nothing), and reports what happened to
+/// its socket.
 const INVALID_SERVER: &str = r#"
 import socket, struct, sys, time
 mode = sys.argv[1]
@@ -1008,8 +1043,9 @@ def csum(b):
 hdr = struct.pack("!HHIIBBHHH", src[1], peer[1], seq, rcv, 5 << 4, 0x18, 65535, 0, 0)
 pseudo = socket.inet_aton(src[0]) + socket.inet_aton(peer[0]) + struct.pack("!BBH", 0, 6, len(hdr) + len(payload))
 hdr = hdr[:16] + struct.pack("!H", csum(pseudo + hdr + payload)) + hdr[18:]
-r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-r.sendto(hdr + payload, (peer[0], 0))
+if mode != "none":
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    r.sendto(hdr + payload, (peer[0], 0))
 print("sent", flush=True)
 c.settimeout(1.5)
 try:
@@ -1026,10 +1062,15 @@ time.sleep(8)
 enum Invalid {
     Beyond,
     BeLiberal,
+    /// Conntrack lets it through; the client's TCP stack drops it.
     Below,
+    /// No segment: the connection stays healthy.
+    Nothing,
 }
 
-fn invalid_case(obs: &mut Observer, mode: Invalid) -> Result<Outcome> {
+/// The crafted segment's case; `expect` is the verdict it must give (else
+/// the connection must survive and nothing be said about `Subject`'s side).
+fn invalid_case(obs: &mut Observer, mode: Invalid, expect: Option<Cause>) -> Result<Outcome> {
     let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
         .into_iter()
         .map(std::path::PathBuf::from)
@@ -1052,10 +1093,10 @@ fn invalid_case(obs: &mut Observer, mode: Invalid) -> Result<Outcome> {
         )?;
     }
     let server = lab.get(SERVER)?;
-    let arg = if mode == Invalid::Below {
-        "below"
-    } else {
-        "beyond"
+    let arg = match mode {
+        Invalid::Below => "below",
+        Invalid::Nothing => "none",
+        Invalid::Beyond | Invalid::BeLiberal => "beyond",
     };
     let python = python.to_string_lossy().into_owned();
     let mut child = lab.spawn_in_pod(server, &python, &["-c", INVALID_SERVER, arg])?;
@@ -1096,16 +1137,20 @@ fn invalid_case(obs: &mut Observer, mode: Invalid) -> Result<Outcome> {
     (&c).read_exact(&mut buf)?;
     expect_line(&["sent"])?;
     let fate = expect_line(&["reset", "alive", "closed", "data"])?;
-    let subject = Subject::pod(server);
-    if mode == Invalid::Beyond {
-        w.wait(VERDICT_WAIT, |w| {
-            w.has(Cause::ConntrackInvalid, server.netns)
-        });
-    } else {
-        w.settle(QUIET);
-        if fate != "alive" {
-            bail!("the server's connection did not survive the control: {fate}");
+    // Conntrack's verdict is about the server (its connection is reset);
+    // the TCP stack's about the client, whose stack drops the segment.
+    let subject = match expect {
+        Some(Cause::ConntrackInvalid) => Subject::pod(server),
+        _ => Subject::pod(client).to(dst, Some("web")),
+    };
+    match expect {
+        Some(cause) => {
+            w.wait(VERDICT_WAIT, |w| w.has(cause, subject.netns));
         }
+        None => w.settle(QUIET),
+    }
+    if mode != Invalid::Beyond && fate != "alive" {
+        bail!("the server's connection did not survive: {fate}");
     }
     let note = format!("the server's connection: {fate}");
     abort(c);
@@ -1115,15 +1160,126 @@ fn invalid_case(obs: &mut Observer, mode: Invalid) -> Result<Outcome> {
 }
 
 fn invalid_beyond(obs: &mut Observer) -> Result<Outcome> {
-    invalid_case(obs, Invalid::Beyond)
+    invalid_case(obs, Invalid::Beyond, Some(Cause::ConntrackInvalid))
 }
 
 fn invalid_liberal(obs: &mut Observer) -> Result<Outcome> {
-    invalid_case(obs, Invalid::BeLiberal)
+    invalid_case(obs, Invalid::BeLiberal, None)
 }
 
 fn invalid_below(obs: &mut Observer) -> Result<Outcome> {
-    invalid_case(obs, Invalid::Below)
+    invalid_case(obs, Invalid::Below, None)
+}
+
+// ---- tcp_stack_drop ------------------------------------------------------
+
+/// The segment below the window (#74839 on kernels whose conntrack accepts
+/// it): the client's TCP stack drops it, in the client pod's namespace.
+fn stack_drop_below(obs: &mut Observer) -> Result<Outcome> {
+    invalid_case(obs, Invalid::Below, Some(Cause::TcpStackDrop))
+}
+
+fn stack_drop_control(obs: &mut Observer) -> Result<Outcome> {
+    invalid_case(obs, Invalid::Nothing, None)
+}
+
+// ---- listen_overflow -----------------------------------------------------
+
+/// How long redis stalls (DEBUG SLEEP, a slow command): clients connecting
+/// meanwhile wait in its accept queue, or are dropped when it is full.
+const REDIS_STALL_S: u32 = 3;
+/// Clients connecting during the stall.
+const BURST_CLIENTS: usize = 12;
+
+/// `BURST_CLIENTS` redis-cli PINGs at once; prints one PONG per answer.
+const BURST: &str = r#"for i in $(seq "$3"); do redis-cli -h "$1" -p "$2" PING & done; wait"#;
+
+/// redis behind a Service, with listen backlog `backlog`, stalls while a
+/// burst of clients connects from another pod.
+fn listen_case(obs: &mut Observer, backlog: u32, expect: Option<Cause>) -> Result<Outcome> {
+    let lab = Lab::new(&LabSpec::pods(&[CLIENT, SERVER]).service(
+        "cache",
+        cluster_ip(70),
+        6379,
+        SERVER,
+        6379,
+        None,
+    ))?;
+    let server = lab.get(SERVER)?.clone();
+    let backlog_arg = backlog.to_string();
+    let redis = lab.redis(
+        &server,
+        6379,
+        &[
+            "--tcp-backlog",
+            &backlog_arg,
+            "--enable-debug-command",
+            "yes",
+        ],
+    )?;
+    let client = lab.get(CLIENT)?;
+    let dst = SocketAddr::from((cluster_ip(70), 6379));
+    let mut w = obs.watch(&lab);
+    let server_ip = server.ip.to_string();
+    let stall_s = REDIS_STALL_S.to_string();
+    let stall = lab.spawn_in_pod(
+        &server,
+        "redis-cli",
+        &["-h", &server_ip, "-p", "6379", "DEBUG", "SLEEP", &stall_s],
+    )?;
+    // redis takes the command within milliseconds, then sleeps.
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let burst = lab.spawn_in_pod(
+        client,
+        "sh",
+        &[
+            "-c",
+            BURST,
+            "burst",
+            &dst.ip().to_string(),
+            &dst.port().to_string(),
+            &BURST_CLIENTS.to_string(),
+        ],
+    )?;
+    // The pipeline keeps reading the facts while the clients wait, as the
+    // tracer's background reader does: the full queue is seen while full.
+    let limit = Duration::from_secs(u64::from(REDIS_STALL_S) + 12);
+    let clients = thread::Builder::new()
+        .name("lab-burst".into())
+        .spawn(move || burst.wait_output(limit))?;
+    w.wait(limit, |_| clients.is_finished());
+    let out = clients
+        .join()
+        .map_err(|_| anyhow!("the burst thread panicked"))??;
+    let pongs = String::from_utf8_lossy(&out.stdout).matches("PONG").count();
+    let took = started.elapsed();
+    stall.kill();
+    let note = format!(
+        "{pongs} of {BURST_CLIENTS} PINGs answered in {:.1} s (redis stalled {REDIS_STALL_S} s, backlog {backlog})",
+        took.as_secs_f64()
+    );
+    if pongs != BURST_CLIENTS {
+        bail!("{note}: every client must get its answer once redis is back");
+    }
+    let subject = Subject::pod(&server)
+        .num("redis_pid", i64::from(redis.pid))
+        .num("backlog", i64::from(backlog));
+    match expect {
+        Some(cause) => {
+            w.wait(VERDICT_WAIT, |w| w.has(cause, server.netns));
+        }
+        None => w.settle(QUIET),
+    }
+    Ok(outcome(&w, subject, note))
+}
+
+fn listen_small_backlog(obs: &mut Observer) -> Result<Outcome> {
+    listen_case(obs, 1, Some(Cause::ListenOverflow))
+}
+
+fn listen_large_backlog(obs: &mut Observer) -> Result<Outcome> {
+    listen_case(obs, 511, None)
 }
 
 // ---- conntrack_table_full ----------------------------------------------

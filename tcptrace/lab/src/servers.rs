@@ -54,33 +54,39 @@ impl Lab {
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, conf)?;
         let conf_arg = conf_path.to_string_lossy().into_owned();
-        let child = self.spawn_in_pod(pod, "nginx", &["-c", &conf_arg, "-p", &d.to_string()])?;
+        // -e: the error log before the configuration is read, too (the
+        // compiled-in path may not exist).
+        let err_log = format!("{d}/error.log");
+        let child = self.spawn_in_pod(
+            pod,
+            "nginx",
+            &["-c", &conf_arg, "-p", &d.to_string(), "-e", &err_log],
+        )?;
         self.await_listening(pod, port, "nginx")?;
         Ok(child)
     }
 
-    /// redis in `pod` on `port`, without persistence.
-    pub fn redis(&self, pod: &Pod, port: u16) -> Result<SpawnedChild> {
+    /// redis in `pod` on `port`, without persistence, with `extra`
+    /// arguments (`--tcp-backlog 1`).
+    pub fn redis(&self, pod: &Pod, port: u16, extra: &[&str]) -> Result<SpawnedChild> {
         which("redis-server")?;
         let dir = self.lab_dir(&format!("redis-{}-{port}", pod.name))?;
         let port_arg = port.to_string();
         let dir_arg = dir.to_string_lossy().into_owned();
-        let child = self.spawn_in_pod(
-            pod,
-            "redis-server",
-            &[
-                "--port",
-                &port_arg,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--dir",
-                &dir_arg,
-            ],
-        )?;
+        let mut args = vec![
+            "--port",
+            &port_arg,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            &dir_arg,
+        ];
+        args.extend_from_slice(extra);
+        let child = self.spawn_in_pod(pod, "redis-server", &args)?;
         self.await_listening(pod, port, "redis-server")?;
         Ok(child)
     }

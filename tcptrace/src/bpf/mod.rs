@@ -16,8 +16,8 @@ use aya::{
     programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use tcptrace_common::{
-    CONFIG_GLOBAL, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, DIRECT_MAP, EVENTS_MAP,
-    counter_index, direct, hook,
+    CONFIG_GLOBAL, CONN_SOCKS_ENTRIES, CONN_SOCKS_MAP, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP,
+    Config, DIRECT_MAP, EVENTS_MAP, NO_ARG, counter_index, direct, hook,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -44,7 +44,15 @@ const DROP_REASONS: &[&str] = &[
     "TCP_LISTEN_OVERFLOW",
     "TCP_OVERWINDOW",
     "TCP_FLAGS",
+    "TCP_ZEROWINDOW",
+    "TCP_OFO_DROP",
+    "TCP_OFO_QUEUE_PRUNE",
+    "TCP_RFC7323_PAWS",
+    "TCP_RFC7323_PAWS_ACK",
+    "TCP_RFC7323_TSECR",
+    "TCP_RFC7323_TW_PAWS",
     "SOCKET_BACKLOG",
+    "SOCKET_RCVBUFF",
 ];
 
 #[derive(Clone, Debug)]
@@ -189,7 +197,7 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
     let args = offsets::raw_tp_args(btf);
     // Before 6.10, tcp_send_reset has no reason and is not called for
     // segments without a socket.
-    let socketless_resets_traced = args.send_reset_reason != tcptrace_common::NO_ARG;
+    let socketless_resets_traced = args.send_reset_reason != NO_ARG;
     let no_socket = names.drop_reason_value("NO_SOCKET");
     Ok(Config {
         self_tgid: if opts.ignore_self {
@@ -227,6 +235,16 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &cfg, true)
             .map_max_entries(EVENTS_MAP, opts.ring_buffer_bytes)
+            // The connection index serves kernels whose kfree_skb names no
+            // socket; elsewhere it stays unused and takes no memory.
+            .map_max_entries(
+                CONN_SOCKS_MAP,
+                if cfg.args.kfree_skb_rx_sk == NO_ARG {
+                    CONN_SOCKS_ENTRIES
+                } else {
+                    1
+                },
+            )
             .load(BPF_OBJECT)
             .map_err(|e| {
                 let text = e.to_string();

@@ -8,7 +8,8 @@ use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Event, PeerFin, TcpDetail, Verdict, facts::DropRule,
+    Cause, Confidence, Endpoint, Event, PeerFin, TcpDetail, Verdict,
+    facts::{DropRule, QueuedListener},
 };
 
 /// A verdict for one occurrence, or a confirmation of an earlier one.
@@ -35,6 +36,14 @@ pub(super) fn obj(v: Value) -> Map<String, Value> {
 }
 
 /// Who suffered, for summaries.
+/// "1 segment", "3 segments".
+fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 pub(super) fn who(ev: &Event) -> String {
     if let Some(p) = &ev.pod {
         return format!("pod {}/{}", p.namespace, p.name);
@@ -729,6 +738,7 @@ pub(super) fn application_abort(ev: &Event) -> Candidate {
         Some("TCP_ABORT_ON_LINGER") => "closed it with SO_LINGER 0",
         Some("TCP_ABORT_ON_DATA") => "had closed it when more data arrived",
         Some("TCP_DISCONNECT_WITH_DATA") => "disconnected it with data pending",
+        Some("TCP_STATE") => "disconnected it (or closed its listener before accepting it)",
         _ => "aborted it",
     };
     Candidate {
@@ -808,6 +818,117 @@ pub(super) fn unexplained(ev: &Event, server: &Endpoint, resets: u32) -> Candida
     );
     v.dst = server.clone();
     v.resets = u64::from(resets);
+    Candidate {
+        v,
+        occurrence: true,
+    }
+}
+
+/// Segments of a live connection the TCP stack dropped (`drops` so far),
+/// as `reason`: the connection is degraded, and the reason says why.
+pub(super) fn tcp_stack_drop(ev: &Event, reason: &str, drops: u32, first: bool) -> Candidate {
+    // The dropped segment came from the peer to this socket.
+    let (local, peer) = (&ev.dst, &ev.src);
+    let fix = match reason {
+        r if r.starts_with("TCP_RFC7323") => format!(
+            "segments from {peer} carry TCP timestamps older than earlier ones (PAWS): hosts behind one NAT address with different timestamp clocks; give them separate source addresses (no shared SNAT or masquerade address) or turn net.ipv4.tcp_timestamps off on them"
+        ),
+        "TCP_OLD_SEQUENCE"
+        | "TCP_INVALID_SEQUENCE"
+        | "TCP_INVALID_END_SEQUENCE"
+        | "TCP_OVERWINDOW" => format!(
+            "segments from {peer} fall outside the receive window: a NAT or middlebox on the path rewrites or replays them, or {peer} kept sending after a reset; check conntrack's INVALID handling on the node (nf_conntrack_tcp_be_liberal) and the peer"
+        ),
+        "TCP_INVALID_ACK_SEQUENCE" => format!(
+            "{peer} acknowledges data this side never sent: another connection's segments reach this socket (NAT port reuse); check the NAT in between"
+        ),
+        "TCP_ZEROWINDOW"
+        | "SOCKET_RCVBUFF"
+        | "SOCKET_BACKLOG"
+        | "TCP_OFO_DROP"
+        | "TCP_OFO_QUEUE_PRUNE" => format!(
+            "the application on {local} reads too slowly: its receive buffer is full and segments from {peer} are dropped; read faster or raise its buffer (SO_RCVBUF, net.ipv4.tcp_rmem)"
+        ),
+        _ => format!(
+            "the TCP stack drops segments from {peer} ({reason}): look at the peer and the path for malformed or stale segments"
+        ),
+    };
+    let mut v = verdict(
+        ev,
+        Cause::TcpStackDrop,
+        Confidence::Certain,
+        format!(
+            "{}: {} from {peer} dropped by the TCP stack ({reason})",
+            who(ev),
+            counted(drops, "segment")
+        ),
+        obj(json!({
+            "reason": reason,
+            "drops": drops,
+            "location": ev.location,
+            "peer": peer.to_string(),
+        })),
+        fix,
+    );
+    v.src = local.clone();
+    v.dst = peer.clone();
+    Candidate {
+        v,
+        occurrence: first,
+    }
+}
+
+/// A namespace's listeners dropped `overflows` connections (their SYNs)
+/// because their accept queues were full.
+pub(super) fn listen_overflow(
+    ev: &Event,
+    overflows: u64,
+    drops: u64,
+    full: &[QueuedListener],
+) -> Candidate {
+    let listeners: Vec<String> = full
+        .iter()
+        .map(|l| {
+            let who = match (&l.comm, l.pid) {
+                (Some(c), Some(p)) => format!("{c} ({p})"),
+                _ => "an unknown process".into(),
+            };
+            format!(
+                "port {} of {who}, {} waiting to be accepted",
+                l.port, l.queued
+            )
+        })
+        .collect();
+    let fix = match full.first() {
+        Some(l) => format!(
+            "the server on port {} accepts connections too slowly for its listen backlog: accept faster (more workers) or raise the listen() backlog and net.core.somaxconn",
+            l.port
+        ),
+        None => "a server here accepts connections too slowly for its listen backlog: accept faster or raise the backlog and net.core.somaxconn".into(),
+    };
+    let mut v = verdict(
+        ev,
+        Cause::ListenOverflow,
+        Confidence::Certain,
+        format!(
+            "{}: {} dropped because a listen queue was full{}",
+            who(ev),
+            counted(overflows, "connection attempt"),
+            listeners
+                .first()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default()
+        ),
+        obj(json!({
+            "listen_overflows": overflows,
+            "listen_drops": drops,
+            "listeners": full,
+        })),
+        fix,
+    );
+    if let Some(l) = full.first() {
+        v.src = Endpoint::new(l.ip, l.port);
+    }
     Candidate {
         v,
         occurrence: true,

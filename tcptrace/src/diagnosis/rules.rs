@@ -12,16 +12,16 @@ use super::{
     causes::{
         Candidate, CtTrend, FirewallDrop, InvalidEvidence, application_abort, bind_conflict,
         connection_refused, conntrack_invalid, idle_cause, idle_timeout, keepalive_race,
-        keepalive_race_server_side, netfilter_drop, nodeport_collision, port_exhaustion,
-        refused_server_side, retransmit_storm, syn_timeout, table_full, table_full_syn,
-        unexplained,
+        keepalive_race_server_side, listen_overflow, netfilter_drop, nodeport_collision,
+        port_exhaustion, refused_server_side, retransmit_storm, syn_timeout, table_full,
+        table_full_syn, tcp_stack_drop, unexplained,
     },
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, TcpDetail,
     TcpFlags, TcpState, Verdict,
-    facts::{ConntrackFacts, ConntrackStats, DropRule, NodeFacts},
+    facts::{ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts},
 };
 
 #[derive(Clone, Debug)]
@@ -87,6 +87,7 @@ pub struct Diagnoser {
     /// SYNs dropped by a full conntrack table: (the drop, its verdict).
     full_table_drops: VecDeque<(Event, Verdict)>,
     prev_ct: HashMap<u32, ConntrackStats>,
+    prev_listen: HashMap<u32, ListenStats>,
     /// Latest non-zero conntrack counter deltas per netns.
     trends: HashMap<u32, CtTrend>,
     /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
@@ -126,6 +127,8 @@ struct SockState {
     /// Set once a cause explained this connection; later events of it only
     /// confirm (or add nothing).
     concluded: Option<(Cause, Confidence)>,
+    /// Segments of it the TCP stack dropped.
+    stack_drops: u32,
 }
 
 /// One connection: the kernel reuses freed sock addresses, so the sock
@@ -245,9 +248,16 @@ impl Diagnoser {
     /// Reads counter-based causes from the facts, accounts for resets that
     /// waited long enough, and re-emits aggregated verdicts whose interval
     /// passed. Call every second or two.
-    pub fn tick(&mut self, now: SystemTime, facts: &NodeFacts) -> Diagnosed {
+    /// `name` attributes the stand-in events of verdicts made from a
+    /// namespace's counters (no event of a socket names their pod).
+    pub fn tick(
+        &mut self,
+        now: SystemTime,
+        facts: &NodeFacts,
+        name: &mut dyn FnMut(&mut Event),
+    ) -> Diagnosed {
         let mut out = Vec::new();
-        for c in self.counter_rules(now, facts) {
+        for c in self.counter_rules(now, facts, name) {
             let ev = event_of(&c.v);
             let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
             out.extend(self.submit(c, Some(origin)));
@@ -432,6 +442,9 @@ impl Diagnoser {
             }
             EventKind::SocketError if errno == Some(Errno::ETIMEDOUT) => {
                 self.timed_out(&key, ev, facts)
+            }
+            EventKind::Drop if ev.reason.as_deref().is_some_and(is_tcp_stack_drop) => {
+                self.tcp_stack_drop(&key, ev)
             }
             EventKind::Drop => {
                 let full = self.netfilter_drop(ev, facts);
@@ -735,6 +748,16 @@ impl Diagnoser {
         (t.invalid > 0 && within(t.at, time, self.cfg.correlation_window)).then_some(t.invalid)
     }
 
+    /// A segment of a live connection the TCP stack dropped: one occurrence
+    /// per connection, the drops counted in its evidence.
+    fn tcp_stack_drop(&mut self, key: &SockKey, ev: &Event) -> Vec<Candidate> {
+        let reason = ev.reason.clone().unwrap_or_default();
+        let s = self.sock(key, ev.time, false);
+        s.stack_drops += 1;
+        let n = s.stack_drops;
+        vec![tcp_stack_drop(ev, &reason, n, n == 1)]
+    }
+
     /// Remembers a segment a netfilter rule dropped, by its connection's
     /// client end (the same before and after NAT), with where it happened.
     fn note_firewall_drop(&mut self, ev: &Event, ends: Ends) {
@@ -825,17 +848,22 @@ impl Diagnoser {
         }]
     }
 
-    /// Counter deltas between ticks: table-full drops on their own, and the
-    /// invalid counter confirming reset pairs.
-    fn counter_rules(&mut self, now: SystemTime, facts: &NodeFacts) -> Vec<Candidate> {
+    /// Counter deltas between ticks: table-full drops on their own, the
+    /// invalid counter confirming reset pairs, listen queue overflows.
+    fn counter_rules(
+        &mut self,
+        now: SystemTime,
+        facts: &NodeFacts,
+        name: &mut dyn FnMut(&mut Event),
+    ) -> Vec<Candidate> {
         self.prev_ct.retain(|ns, _| facts.netns.contains_key(ns));
+        let mut out = self.listen_rules(now, facts, name);
         let mut nss: Vec<(&u32, &ConntrackFacts)> = facts
             .netns
             .iter()
             .filter_map(|(ns, f)| Some((ns, f.ct.as_ref()?)))
             .collect();
         nss.sort_by_key(|(ns, _)| **ns);
-        let mut out = Vec::new();
         for (&ns, ct) in nss {
             let Some(prev) = self.prev_ct.insert(ns, ct.stats) else {
                 continue;
@@ -852,14 +880,8 @@ impl Diagnoser {
             }
             self.trends.insert(ns, t);
             if t.drop > 0 {
-                let mut ev = Event::new(
-                    now,
-                    EventKind::Drop,
-                    Endpoint::unspecified(),
-                    Endpoint::unspecified(),
-                    ns,
-                );
-                ev.identity_level = IdentityLevel::Netns;
+                let mut ev = namespace_event(now, ns);
+                name(&mut ev);
                 if let Some(v) = table_full(&ev, ct, Some(t), facts, ns) {
                     out.push(Candidate {
                         v,
@@ -891,6 +913,36 @@ impl Diagnoser {
                     out.push(c);
                 }
             }
+        }
+        out
+    }
+
+    /// Listen queue overflows between ticks, per namespace: connections its
+    /// listeners dropped (the kernel counts them; no packet is reported).
+    fn listen_rules(
+        &mut self,
+        now: SystemTime,
+        facts: &NodeFacts,
+        name: &mut dyn FnMut(&mut Event),
+    ) -> Vec<Candidate> {
+        self.prev_listen
+            .retain(|ns, _| facts.netns.contains_key(ns));
+        let mut out = Vec::new();
+        let mut nss: Vec<(&u32, &NetnsFacts)> = facts.netns.iter().collect();
+        nss.sort_by_key(|(ns, _)| **ns);
+        for (&ns, f) in nss {
+            let Some(stats) = f.listen else { continue };
+            let Some(prev) = self.prev_listen.insert(ns, stats) else {
+                continue;
+            };
+            let overflows = stats.overflows.saturating_sub(prev.overflows);
+            if overflows == 0 {
+                continue;
+            }
+            let drops = stats.drops.saturating_sub(prev.drops);
+            let mut ev = namespace_event(now, ns);
+            name(&mut ev);
+            out.push(listen_overflow(&ev, overflows, drops, &f.queued_listeners));
         }
         out
     }
@@ -1018,6 +1070,19 @@ fn note_live(a: &mut Agg, now: SystemTime, interval: Duration, live: &mut Vec<Ve
     }
 }
 
+/// A stand-in event for a namespace's counters (attribution names it).
+fn namespace_event(now: SystemTime, netns: u32) -> Event {
+    let mut ev = Event::new(
+        now,
+        EventKind::Drop,
+        Endpoint::unspecified(),
+        Endpoint::unspecified(),
+        netns,
+    );
+    ev.identity_level = IdentityLevel::Netns;
+    ev
+}
+
 /// A stand-in event with a verdict's ends and namespace, to tell which
 /// end is the client.
 fn event_of(v: &Verdict) -> Event {
@@ -1046,6 +1111,9 @@ fn same_conn(a: &Event, b: &Event) -> bool {
 /// from a synchronized socket.
 fn is_application_abort(ev: &Event) -> bool {
     match ev.reason.as_deref() {
+        // tcp_disconnect(), or a listener closed with connections it never
+        // accepted: the application's doing, no segment answered.
+        Some("TCP_STATE") => ev.tcp_flags.is_none(),
         Some(r) => APPLICATION_ABORTS.contains(&r),
         None => {
             ev.tcp_flags.is_none()
@@ -1062,6 +1130,12 @@ fn is_application_abort(ev: &Event) -> bool {
                 )
         }
     }
+}
+
+/// Drops by the TCP stack itself (not netfilter's, not a closed port's).
+fn is_tcp_stack_drop(reason: &str) -> bool {
+    (reason.starts_with("TCP_") && reason != "TCP_LISTEN_OVERFLOW")
+        || matches!(reason, "SOCKET_BACKLOG" | "SOCKET_RCVBUFF")
 }
 
 /// Reset reasons that mean the application closed abortively.
@@ -1162,7 +1236,7 @@ mod tests {
         }
         // Every destination is new, so each is reported once.
         assert_eq!(emitted, 10_000);
-        d.tick(t0 + Duration::from_secs(3600), &facts);
+        d.tick(t0 + Duration::from_secs(3600), &facts, &mut |_| {});
         assert!(d.socks.is_empty() && d.aggs.is_empty());
     }
 }

@@ -168,7 +168,7 @@ fn run(mut f: NodeFacts, steps: Vec<Step>) -> Vec<Verdict> {
         match step {
             Ev(e) => out.extend(d.observe(&e.0, &f).verdicts),
             Facts(change) => change(&mut f),
-            Tick(ms) => out.extend(d.tick(at(ms), &f).verdicts),
+            Tick(ms) => out.extend(d.tick(at(ms), &f, &mut |_| {}).verdicts),
         }
     }
     out
@@ -1210,4 +1210,93 @@ fn every_reset_is_accounted_for_once() {
         ]
     );
     assert_eq!(last.iter().map(|v| v.resets).sum::<u64>(), resets);
+}
+
+#[test]
+fn segments_the_tcp_stack_drops_degrade_one_connection_once() {
+    // The Service's segments below the client's window (#74839 where
+    // conntrack accepts them): one verdict, the count in its evidence.
+    let mut steps = connected(0x1000);
+    for ms in [5_000, 5_200, 5_600] {
+        steps.push(Ev(ev(ms, Drop, CLIENT, SVC, P)
+            .sock(0x1000)
+            .reason("TCP_OLD_SEQUENCE")
+            .location("tcp_validate_incoming+0x16b")
+            .flags(TcpFlags::PSH | TcpFlags::ACK)));
+    }
+    steps.push(Tick(20_000));
+    let v = run(facts(), steps);
+    // At once, then once more with the final count (one occurrence).
+    assert_eq!(
+        causes(&v),
+        vec![(TcpStackDrop, Certain, 1), (TcpStackDrop, Certain, 1)]
+    );
+    assert_eq!(v[0].severity, Severity::Degraded);
+    assert_eq!((&v[0].src, &v[0].dst), (&ep(P), &ep(SVC)));
+    assert_eq!(
+        v[0].summary,
+        "pod default/client: 1 segment from 10.96.0.10:80 dropped by the TCP stack (TCP_OLD_SEQUENCE)"
+    );
+    assert_eq!(v[1].evidence["drops"], json!(3));
+    assert_eq!(
+        v[1].summary,
+        "pod default/client: 3 segments from 10.96.0.10:80 dropped by the TCP stack (TCP_OLD_SEQUENCE)"
+    );
+    assert!(
+        v[0].fix.contains("outside the receive window"),
+        "{}",
+        v[0].fix
+    );
+    // A PAWS drop says what PAWS means behind NAT.
+    let mut steps = connected(0x2000);
+    steps.push(Ev(ev(5_000, Drop, CLIENT, SVC, P)
+        .sock(0x2000)
+        .reason("TCP_RFC7323_PAWS")));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(TcpStackDrop, Certain, 1)]);
+    assert!(v[0].fix.contains("timestamps"), "{}", v[0].fix);
+}
+
+#[test]
+fn a_rising_listen_overflow_counter_names_the_full_listener() {
+    use crate::model::facts::{ListenStats, QueuedListener};
+    let mut f = facts();
+    f.netns.get_mut(&SERVER).expect("server").listen = Some(ListenStats {
+        overflows: 3,
+        drops: 3,
+    });
+    let v = run(
+        f,
+        vec![
+            // The first reading is the baseline; no rise, no verdict.
+            Tick(1_000),
+            Tick(2_000),
+            Facts(|f| {
+                let s = f.netns.get_mut(&SERVER).expect("server");
+                s.listen = Some(ListenStats {
+                    overflows: 13,
+                    drops: 14,
+                });
+                s.queued_listeners = vec![QueuedListener {
+                    ip: "0.0.0.0".parse().expect("ip"),
+                    port: 8080,
+                    queued: 2,
+                    pid: Some(4242),
+                    comm: Some("web".into()),
+                }];
+            }),
+            Tick(3_000),
+            Tick(4_000),
+        ],
+    );
+    assert_eq!(causes(&v), vec![(ListenOverflow, Certain, 1)]);
+    assert_eq!(v[0].netns, SERVER);
+    assert_eq!(v[0].src, ep("0.0.0.0:8080"));
+    assert_eq!(v[0].evidence["listen_overflows"], json!(10));
+    assert_eq!(v[0].evidence["listen_drops"], json!(11));
+    assert_eq!(v[0].evidence["listeners"][0]["comm"], json!("web"));
+    assert_eq!(
+        v[0].summary,
+        "netns 11: 10 connection attempts dropped because a listen queue was full (port 8080 of web (4242), 2 waiting to be accepted)"
+    );
 }

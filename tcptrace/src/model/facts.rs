@@ -1,6 +1,9 @@
 //! Node facts as plain data (sysctls per netns, conntrack counters,
 //! NodePorts, middlebox timeouts), read by `node` and used by diagnosis.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
@@ -58,6 +61,14 @@ impl PathTimeout {
 }
 
 impl NodeFacts {
+    /// Each namespace's listen counters, to compare the next reading with.
+    pub fn listen_stats(&self) -> HashMap<u32, ListenStats> {
+        self.netns
+            .iter()
+            .filter_map(|(ns, f)| Some((*ns, f.listen?)))
+            .collect()
+    }
+
     /// Adds NodePorts (kube-proxy's); ports already known (given on the
     /// command line) keep their name.
     pub fn add_nodeports(&mut self, ports: impl IntoIterator<Item = (u16, String)>) {
@@ -131,6 +142,33 @@ pub struct NetnsFacts {
     /// The rules that drop or reject, read only for namespaces where
     /// netfilter dropped a traced connection's packets (None: not read).
     pub drop_rules: Option<Vec<DropRule>>,
+    /// TcpExt ListenOverflows / ListenDrops (None: unreadable).
+    pub listen: Option<ListenStats>,
+    /// Listeners with connections waiting in their accept queue when read,
+    /// with their process.
+    pub queued_listeners: Vec<QueuedListener>,
+}
+
+/// Connections a namespace's listeners could not take (its SYNs dropped
+/// silently: the kernel counts them, it reports no dropped packet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ListenStats {
+    pub overflows: u64,
+    pub drops: u64,
+}
+
+/// A listener with connections waiting to be accepted (/proc/net/tcp
+/// shows the queue's length, not its limit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QueuedListener {
+    #[serde(serialize_with = "super::text::ip_text::serialize")]
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Connections waiting to be accepted.
+    pub queued: u32,
+    /// The process holding the listening socket, when found.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
 }
 
 /// A netfilter rule that drops or rejects packets, as `iptables-save -c`
@@ -153,6 +191,8 @@ impl Default for NetnsFacts {
             tw_reuse: 2,
             ct: None,
             drop_rules: None,
+            listen: None,
+            queued_listeners: Vec::new(),
         }
     }
 }

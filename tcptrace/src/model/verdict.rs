@@ -21,12 +21,14 @@ pub enum Cause {
     KeepaliveRace,
     NetfilterDrop,
     ApplicationAbort,
+    TcpStackDrop,
+    ListenOverflow,
     Unexplained,
 }
 
 impl Cause {
     /// Every cause, in the order of the README's table.
-    pub const ALL: [Cause; 13] = [
+    pub const ALL: [Cause; 15] = [
         Cause::IdleTimeout,
         Cause::ConntrackInvalid,
         Cause::ConntrackTableFull,
@@ -39,6 +41,8 @@ impl Cause {
         Cause::KeepaliveRace,
         Cause::NetfilterDrop,
         Cause::ApplicationAbort,
+        Cause::TcpStackDrop,
+        Cause::ListenOverflow,
         Cause::Unexplained,
     ];
 
@@ -57,6 +61,8 @@ impl Cause {
             Cause::KeepaliveRace => "keepalive_race",
             Cause::NetfilterDrop => "netfilter_drop",
             Cause::ApplicationAbort => "application_abort",
+            Cause::TcpStackDrop => "tcp_stack_drop",
+            Cause::ListenOverflow => "listen_overflow",
             Cause::Unexplained => "unexplained",
         }
     }
@@ -66,7 +72,7 @@ impl Cause {
     pub fn severity(self) -> Severity {
         match self {
             Cause::ApplicationAbort => Severity::Benign,
-            Cause::RetransmitStorm => Severity::Degraded,
+            Cause::RetransmitStorm | Cause::TcpStackDrop => Severity::Degraded,
             _ => Severity::Failure,
         }
     }

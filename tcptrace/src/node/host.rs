@@ -3,6 +3,7 @@
 //! are: cgroups, processes, their network files, the kubelet's log tree.
 //! Attribution parses them.
 use std::{
+    collections::HashMap,
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -84,6 +85,45 @@ pub fn read_procs(proc_dir: &Path) -> io::Result<Vec<RawProc>> {
         }
     }
     Ok(procs)
+}
+
+/// The processes holding the sockets with these inodes: inode -> (pid,
+/// comm), from the `socket:[inode]` links under `/proc/<pid>/fd`.
+pub fn socket_owners(proc_root: &Path, inodes: &[u64]) -> HashMap<u64, (u32, String)> {
+    let mut found = HashMap::new();
+    let Ok(dir) = fs::read_dir(proc_root) else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        if found.len() == inodes.len() {
+            break;
+        }
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.parse::<u64>().ok());
+            if let Some(inode) = inode.filter(|i| inodes.contains(i)) {
+                let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                found.insert(inode, (pid, comm.trim().to_string()));
+            }
+        }
+    }
+    found
 }
 
 /// A namespace's address tables, through one of its processes.

@@ -19,7 +19,7 @@ use std::{
 };
 
 use self::{kube_proxy::RuleDumps, sysctl::collect_netns};
-use crate::model::facts::NodeFacts;
+use crate::model::facts::{ListenStats, NetnsFacts, NodeFacts, QueuedListener};
 
 /// What the refresher needs to know besides the namespaces themselves.
 #[derive(Clone, Debug)]
@@ -35,8 +35,13 @@ pub struct FactsConfig {
 /// Reads every namespace's facts once. Errors for single namespaces (a pod
 /// that just exited) are skipped. kube-proxy's NodePorts are added by the
 /// pipeline, which parses its rules.
-/// The drop rules of the namespaces in `firewall` are read too.
-pub fn collect(cfg: &FactsConfig, firewall: &BTreeSet<u32>) -> (NodeFacts, HashMap<u32, String>) {
+/// The drop rules of the namespaces in `firewall` are read too, and the
+/// full listeners of namespaces whose listen overflows rose since `prev`.
+pub fn collect(
+    cfg: &FactsConfig,
+    firewall: &BTreeSet<u32>,
+    prev: &HashMap<u32, ListenStats>,
+) -> (NodeFacts, HashMap<u32, String>) {
     let mut facts = NodeFacts {
         middlebox_timeout_s: cfg.middlebox_timeout_s,
         nodeports: cfg.nodeports.clone(),
@@ -46,6 +51,7 @@ pub fn collect(cfg: &FactsConfig, firewall: &BTreeSet<u32>) -> (NodeFacts, HashM
         if let Some(ct) = node.ct.as_mut() {
             ct.invalid_drop_rule = kube_proxy::drops_invalid(&cfg.node_netns);
         }
+        node.queued_listeners = overflowing(&node, prev.get(&inode), &cfg.node_netns);
         facts.node_netns = Some(inode);
         facts.netns.insert(inode, node);
     }
@@ -55,8 +61,9 @@ pub fn collect(cfg: &FactsConfig, firewall: &BTreeSet<u32>) -> (NodeFacts, HashM
             names.insert(ns.inode, name.clone());
         }
         if !facts.netns.contains_key(&ns.inode)
-            && let Ok((inode, f)) = collect_netns(&ns.path)
+            && let Ok((inode, mut f)) = collect_netns(&ns.path)
         {
+            f.queued_listeners = overflowing(&f, prev.get(&inode), &ns.path);
             facts.netns.insert(inode, f);
         }
         if firewall.contains(&ns.inode)
@@ -67,6 +74,19 @@ pub fn collect(cfg: &FactsConfig, firewall: &BTreeSet<u32>) -> (NodeFacts, HashM
     }
     facts.ipvs_tcp_timeout_s = kube_proxy::ipvs_tcp_timeout(&cfg.host_root);
     (facts, names)
+}
+
+/// The listeners with queued connections of a namespace whose listen
+/// overflow counter rose since `prev`.
+fn overflowing(
+    f: &NetnsFacts,
+    prev: Option<&ListenStats>,
+    path: &std::path::Path,
+) -> Vec<QueuedListener> {
+    match (f.listen, prev) {
+        (Some(now), Some(prev)) if now.overflows > prev.overflows => sysctl::queued_listeners(path),
+        _ => Vec::new(),
+    }
 }
 
 /// kube-proxy's rules in the node namespace, as its tools print them.
@@ -112,6 +132,7 @@ impl Refresher {
             .spawn(move || {
                 let mut round = 0u32;
                 let mut firewall = BTreeSet::new();
+                let mut prev = HashMap::new();
                 loop {
                     let mut take = |w: Wake| {
                         if let Wake::Firewall(ns) = w
@@ -133,7 +154,8 @@ impl Refresher {
                     }
                     round += 1;
                     let rules = round.is_multiple_of(SERVICES_EVERY).then(|| rules(&cfg));
-                    let (facts, _) = collect(&cfg, &firewall);
+                    let (facts, _) = collect(&cfg, &firewall, &prev);
+                    prev = facts.listen_stats();
                     if tx.send(Update { facts, rules }).is_err() {
                         return;
                     }

@@ -4,12 +4,15 @@
 //! the caller's threads never change namespace.
 use std::{
     fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 
-use crate::model::facts::{ConntrackFacts, ConntrackStats, NetnsFacts};
+use crate::model::facts::{
+    ConntrackFacts, ConntrackStats, ListenStats, NetnsFacts, QueuedListener,
+};
 
 /// Reads the sysctls and conntrack counters of the namespace behind `path`
 /// (`/proc/<pid>/ns/net`, `/run/netns/NAME`). Returns its inode and facts.
@@ -73,7 +76,116 @@ fn read_netns_facts(proc_root: &Path) -> Result<NetnsFacts> {
         tw_reuse,
         ct,
         drop_rules: None,
+        listen: fs::read_to_string(proc_root.join("thread-self/net/netstat"))
+            .ok()
+            .and_then(|t| parse_listen_stats(&t)),
+        queued_listeners: Vec::new(),
     })
+}
+
+/// `ListenOverflows` and `ListenDrops` of the `TcpExt:` lines of
+/// /proc/net/netstat (a header line of names, then one of values).
+pub fn parse_listen_stats(text: &str) -> Option<ListenStats> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some(ListenStats {
+        overflows: get("ListenOverflows")?,
+        drops: get("ListenDrops")?,
+    })
+}
+
+/// A listening socket of /proc/net/tcp{,6}: its port, accept queue and
+/// inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerRow {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub queued: u32,
+    pub inode: u64,
+}
+
+/// Listening sockets (state 0A) of a /proc/net/tcp table: for them
+/// `rx_queue` is the accept queue's length.
+pub fn parse_listeners(text: &str) -> Vec<ListenerRow> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) != Some(&"0A") {
+                return None;
+            }
+            let (ip, port) = f.get(1)?.split_once(':')?;
+            let (_, rx) = f.get(4)?.split_once(':')?;
+            Some(ListenerRow {
+                ip: parse_proc_ip(ip)?,
+                port: u16::from_str_radix(port, 16).ok()?,
+                queued: u32::from_str_radix(rx, 16).ok()?,
+                inode: f.get(9)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// An address of /proc/net/tcp{,6}: the address's bytes as 32-bit words
+/// in the kernel's byte order, each printed as hex.
+fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
+    let mut bytes = [0u8; 16];
+    let words = hex.len() / 8;
+    if !hex.len().is_multiple_of(8) || !matches!(words, 1 | 4) {
+        return None;
+    }
+    for (i, chunk) in bytes.chunks_mut(4).take(words).enumerate() {
+        let word = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    Some(if words == 1 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    })
+}
+
+/// Listeners of the namespace behind `path` with connections waiting to
+/// be accepted, with the process holding each. Costs a walk of every
+/// process's descriptors: read only when the namespace's listeners overflow.
+pub fn queued_listeners(path: &Path) -> Vec<QueuedListener> {
+    super::netns::enter(path, "tcptrace-listen", || {
+        read_queued_listeners(Path::new("/proc"))
+    })
+    .unwrap_or_default()
+}
+
+/// Listeners of the calling thread's namespace with connections waiting
+/// to be accepted, with the process holding each (through its inode).
+fn read_queued_listeners(proc_root: &Path) -> Vec<QueuedListener> {
+    let full: Vec<ListenerRow> = ["thread-self/net/tcp", "thread-self/net/tcp6"]
+        .iter()
+        .filter_map(|t| fs::read_to_string(proc_root.join(t)).ok())
+        .flat_map(|t| parse_listeners(&t))
+        .filter(|l| l.queued > 0)
+        .collect();
+    if full.is_empty() {
+        return Vec::new();
+    }
+    let owners =
+        super::host::socket_owners(proc_root, &full.iter().map(|l| l.inode).collect::<Vec<_>>());
+    full.into_iter()
+        .map(|l| {
+            let owner = owners.get(&l.inode);
+            QueuedListener {
+                ip: l.ip,
+                port: l.port,
+                queued: l.queued,
+                pid: owner.map(|o| o.0),
+                comm: owner.map(|o| o.1.clone()),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -177,6 +289,51 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn listen_counters_and_full_listeners() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPHPHits\n\
+                       TcpExt: 0 7 9 120\n\
+                       IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            parse_listen_stats(netstat),
+            Some(ListenStats {
+                overflows: 7,
+                drops: 9
+            })
+        );
+        assert_eq!(parse_listen_stats("IpExt: x\nIpExt: 1\n"), None);
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1B58 00000000:0000 0A 00000001:00000002 00:00000000 00000000     0        0 4242 1 0 100 0 0 10 0\n\
+   1: 0100007F:1B58 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0 20 4 30 10 -1\n";
+        assert_eq!(
+            parse_listeners(tcp),
+            vec![ListenerRow {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                port: 7000,
+                queued: 2,
+                inode: 4242
+            }]
+        );
+    }
+
+    #[test]
+    fn proc_net_addresses() {
+        assert_eq!(
+            parse_proc_ip("0100007F"),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_ip("0200F40A"),
+            Some("10.244.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_ip("00000000000000000000000001000000"),
+            Some("::1".parse().unwrap())
+        );
+        assert_eq!(parse_proc_ip("0100007"), None);
+        assert_eq!(parse_proc_ip("zz00007F"), None);
+    }
+
     // Captured from a 6.18 kernel with two CPUs (values edited to be non-zero).
     const STAT_618: &str = "\
 entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
@@ -272,6 +429,8 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
                 tw_reuse: 1,
                 ct: None,
                 drop_rules: None,
+                listen: None,
+                queued_listeners: Vec::new(),
             }
         );
     }

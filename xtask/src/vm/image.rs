@@ -23,7 +23,7 @@ use super::{
 };
 
 /// Bump when the base image's layout or contents change.
-const IMAGE_VERSION: u32 = 2;
+const IMAGE_VERSION: u32 = 3;
 const GUEST_TCPTRACE: &str = "/usr/local/bin/tcptrace";
 /// Host programs copied into the image with their libraries. iptables and
 /// friends keep the host's alternative (nft or legacy).
@@ -43,6 +43,10 @@ const HOST_TOOLS: &[&str] = &[
     "/usr/bin/setpriv",
     "/usr/bin/python3",
     "/usr/bin/bash",
+    // The lab's real servers and clients.
+    "/usr/sbin/nginx",
+    "/usr/bin/redis-server",
+    "/usr/bin/redis-cli",
 ];
 /// Plugin directories (dlopen'ed, so ldd does not see them).
 const HOST_LIB_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables"];
