@@ -202,6 +202,11 @@ pub mod flag {
     pub const ROLE_SERVER: u32 = 1 << 8;
     /// `fin_ns` and `fin_idle_jiffies` tell when the peer closed its side.
     pub const PEER_FIN: u32 = 1 << 9;
+    /// A handshake that needed retransmits completed: `total_retrans`
+    /// holds them, `connect_ms` how long connect() took (0: unknown).
+    pub const SLOW_HANDSHAKE: u32 = 1 << 10;
+    /// `port_lo`..=`port_hi` is the namespace's ephemeral port range.
+    pub const PORT_RANGE: u32 = 1 << 11;
 }
 
 /// `Owner::role` values.
@@ -257,10 +262,17 @@ pub struct Event {
     pub fin_ns: u64,
     /// How long the connection had been idle when that FIN arrived.
     pub fin_idle_jiffies: u32,
-    pub _pad2: u32,
+    /// With `flag::SLOW_HANDSHAKE`: milliseconds from connect() to
+    /// ESTABLISHED (0 when unknown: an accepted connection).
+    pub connect_ms: u32,
+    /// With `flag::PORT_RANGE`: the namespace's ip_local_port_range at the
+    /// failure (the namespace may be gone by the time userspace looks).
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub _pad3: u32,
 }
 
-const _: () = assert!(size_of::<Event>() == 152);
+const _: () = assert!(size_of::<Event>() == 160);
 
 /// Who owns a socket, captured in process context, its role, when the
 /// peer closed its side and the reset it received last (recorded afresh at
@@ -285,9 +297,11 @@ pub struct Owner {
     /// A [`role`] value.
     pub role: u32,
     pub _pad: u32,
+    /// When the owner was recorded (boot ns): connect(), listen(), accept.
+    pub start_ns: u64,
 }
 
-const _: () = assert!(size_of::<Owner>() == 64);
+const _: () = assert!(size_of::<Owner>() == 72);
 
 impl Owner {
     /// No process known (tgid 0).
@@ -302,6 +316,7 @@ impl Owner {
         fin_idle_jiffies: 0,
         role: role::UNKNOWN,
         _pad: 0,
+        start_ns: 0,
     };
 }
 
@@ -330,6 +345,31 @@ pub struct ConnKey {
 }
 
 const _: () = assert!(size_of::<ConnKey>() == 40);
+
+/// A connection's client end (address and port), which NAT on the way to
+/// the server does not change: flows whose handshake needed retransmits are
+/// watched by it, so that drops of their packets are reported whatever the
+/// reason.
+/// What [`ConnKey`] finds: the connection's socket and namespace (kept
+/// past the socket's close, whose segments may still be dropped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnSock {
+    pub sk: u64,
+    pub netns: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+const _: () = assert!(size_of::<EndKey>() == 24);
 
 /// The sockaddr passed to bind(), saved until the syscall returns.
 #[repr(C)]
@@ -404,6 +444,11 @@ pub struct KernelOffsets {
     pub net_inum: u32,
     /// net.ipv4.sysctl_tcp_keepalive_time
     pub net_keepalive_time: u32,
+    /// net.ipv4.ip_local_ports.range
+    pub net_port_range: u32,
+    /// 1: `range` is a u32 (low port in bits 0-15, high in 16-31, 6.6+);
+    /// 0: an `int[2]`.
+    pub port_range_packed: u32,
     /// sock.sk_flags
     pub sock_flags: u32,
     /// tcp_sock.lsndtime
@@ -426,6 +471,10 @@ pub struct KernelOffsets {
     pub skb_network_header: u32,
     /// sk_buff.dev
     pub skb_dev: u32,
+    /// sk_buff._skb_refdst (a dst_entry pointer, low bit a flag)
+    pub skb_refdst: u32,
+    /// dst_entry.dev
+    pub dst_dev: u32,
     /// net_device.nd_net
     pub dev_net: u32,
     /// sk_buff.sk
@@ -485,6 +534,8 @@ impl KernelOffsets {
         sock_net: KERNEL_ABSENT,
         net_inum: KERNEL_ABSENT,
         net_keepalive_time: KERNEL_ABSENT,
+        net_port_range: KERNEL_ABSENT,
+        port_range_packed: 0,
         sock_flags: KERNEL_ABSENT,
         tcp_lsndtime: KERNEL_ABSENT,
         tcp_rcv_tstamp: KERNEL_ABSENT,
@@ -496,6 +547,8 @@ impl KernelOffsets {
         skb_head: KERNEL_ABSENT,
         skb_network_header: KERNEL_ABSENT,
         skb_dev: KERNEL_ABSENT,
+        skb_refdst: KERNEL_ABSENT,
+        dst_dev: KERNEL_ABSENT,
         dev_net: KERNEL_ABSENT,
         skb_sk: KERNEL_ABSENT,
         sock_state: KERNEL_ABSENT,
@@ -557,6 +610,9 @@ pub struct Config {
     pub states: TcpStates,
     /// Drop reasons worth reporting, as a bitmap over reason numbers.
     pub drop_reasons: [u64; 4],
+    /// Drop reasons that are no loss (a closing socket's queue, a duplicate
+    /// segment), not reported even for watched flows.
+    pub quiet_reasons: [u64; 4],
     pub kernel: KernelOffsets,
     pub args: RawTpArgs,
     pub syscalls: SyscallOffsets,
@@ -582,6 +638,7 @@ impl Config {
             _pad: 0,
         },
         drop_reasons: [0; 4],
+        quiet_reasons: [0; 4],
         kernel: KernelOffsets::NONE,
         args: RawTpArgs::NONE,
         syscalls: SyscallOffsets::NONE,
@@ -590,7 +647,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 88 + size_of::<KernelOffsets>() + 16 + 8);
+const _: () = assert!(size_of::<Config>() == 120 + size_of::<KernelOffsets>() + 16 + 8);
 
 #[cfg(feature = "user")]
 mod pod {

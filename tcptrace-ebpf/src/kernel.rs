@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, ArgIndex, ConnKey, Event, FieldOffset, KERNEL_ABSENT, KernelOffsets,
-    Owner, flag, role,
+    ABSENT, AF_INET, AF_INET6, ArgIndex, ConnKey, EndKey, Event, FieldOffset, KERNEL_ABSENT,
+    KernelOffsets, Owner, flag, role,
 };
 
 use crate::maps::{self, EVENTS, OWNERS};
@@ -50,15 +50,30 @@ pub fn sock_net(sk: u64, k: &KernelOffsets) -> u64 {
     read::<u64>(sk, k.sock_net).unwrap_or(0)
 }
 
-/// Network namespace inode of the current task.
+/// Records namespace `net`'s ephemeral port range on `ev`.
 #[inline(always)]
-pub fn current_netns() -> u32 {
+pub fn port_range(net: u64, k: &KernelOffsets, ev: &mut Event) {
+    let range = if k.port_range_packed != 0 {
+        read::<u32>(net, k.net_port_range).map(|r| (r as u16, (r >> 16) as u16))
+    } else {
+        read::<[i32; 2]>(net, k.net_port_range).map(|r| (r[0] as u16, r[1] as u16))
+    };
+    if let Some((lo, hi)) = range {
+        ev.port_lo = lo;
+        ev.port_hi = hi;
+        ev.flags |= flag::PORT_RANGE;
+    }
+}
+
+/// The current task's network namespace (`struct net *`).
+#[inline(always)]
+pub fn current_net() -> u64 {
     let k = &maps::config().kernel;
     // SAFETY: helper without preconditions; the pointer is only read through
     // bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() };
     let nsproxy: u64 = read(task, k.task_nsproxy).unwrap_or(0);
-    net_inum(read(nsproxy, k.nsproxy_net).unwrap_or(0), k)
+    read(nsproxy, k.nsproxy_net).unwrap_or(0)
 }
 
 /// The current task as the owner of a socket in `role`.
@@ -76,6 +91,8 @@ pub fn current_owner(netns: u32, role: u32) -> Owner {
         fin_idle_jiffies: 0,
         role,
         _pad: 0,
+        // SAFETY: a helper without preconditions.
+        start_ns: unsafe { bpf_ktime_get_boot_ns() },
     }
 }
 
@@ -226,6 +243,16 @@ pub fn conn_key_of_sock(sk: u64, k: &KernelOffsets) -> ConnKey {
     key
 }
 
+#[inline(always)]
+pub fn end_key(addr: [u8; 16], port: u16, family: u8) -> EndKey {
+    EndKey {
+        addr,
+        port,
+        family,
+        _pad: [0; 5],
+    }
+}
+
 /// Reads the 4-tuple of a request socket (a connection still in its
 /// handshake): its local port is `skc_num`, it has no `inet_sock`.
 #[inline(always)]
@@ -265,6 +292,15 @@ impl Segment {
         ev.dport = self.dport;
         ev.tcp_flags = self.flags;
         ev.flags |= flag::TCP_FLAGS_KNOWN;
+    }
+
+    /// The segment's two ends: (source, destination).
+    #[inline(always)]
+    pub fn ends(&self) -> (EndKey, EndKey) {
+        (
+            end_key(self.saddr, self.sport, self.family),
+            end_key(self.daddr, self.dport, self.family),
+        )
     }
 
     /// The connection of the socket receiving this segment.

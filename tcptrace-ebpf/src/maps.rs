@@ -2,7 +2,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tcptrace_common::{BindArgs, COUNTERS_LEN, Config, ConnKey, CtAllocArgs, ListenKey, Owner};
+use tcptrace_common::{
+    BindArgs, COUNTERS_LEN, Config, ConnKey, ConnSock, CtAllocArgs, EndKey, ListenKey, Owner,
+};
 
 /// Failure events for userspace. Its size is set at load time.
 #[map(name = "EVENTS")]
@@ -19,8 +21,58 @@ pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 
 /// Established connection -> its sock pointer, kept only on kernels whose
 /// kfree_skb has no `rx_sk` (see `ConnKey`).
 #[map(name = "CONN_SOCKS")]
-pub static CONN_SOCKS: LruHashMap<ConnKey, u64> =
+pub static CONN_SOCKS: LruHashMap<ConnKey, ConnSock> =
     LruHashMap::with_max_entries(tcptrace_common::CONN_SOCKS_ENTRIES, 0);
+
+/// Client ends of flows whose handshake needed retransmits -> when they
+/// were last watched (boot ns): drops of their packets are reported
+/// whatever the reason.
+#[map(name = "WATCHED")]
+pub static WATCHED: LruHashMap<EndKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// When a flow was last watched (boot ns): drops of other reasons are
+/// looked up only while some flow was watched lately.
+#[map(name = "WATCH_LAST")]
+pub static WATCH_LAST: Array<u64> = Array::with_max_entries(1, 0);
+
+/// How long a watched flow's drops are looked up after it was watched.
+const WATCH_NS: u64 = 300_000_000_000;
+
+/// Watches the flow of client end `key` (a handshake retransmit).
+#[inline(always)]
+pub fn watch(key: &EndKey) {
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+    let _ = WATCHED.insert(key, now, 0);
+    if let Some(last) = WATCH_LAST.get_ptr_mut(0) {
+        // SAFETY: an array slot of the right type; racing writers store
+        // times a moment apart.
+        unsafe { *last = now };
+    }
+}
+
+/// Whether `t` (boot ns) is within the watch period.
+#[inline(always)]
+fn watch_recent(t: u64) -> bool {
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+    t != 0 && now.wrapping_sub(t) < WATCH_NS
+}
+
+/// Whether some flow was watched lately: the cheap test before a dropped
+/// packet is parsed.
+#[inline(always)]
+pub fn watching_lately() -> bool {
+    WATCH_LAST.get(0).is_some_and(|t| watch_recent(*t))
+}
+
+/// Whether the packet between ends `a` and `b` belongs to a flow watched
+/// lately (either end may be the client).
+#[inline(always)]
+pub fn watched(a: &EndKey, b: &EndKey) -> bool {
+    // SAFETY: copied out at once.
+    unsafe { WATCHED.get(a).or_else(|| WATCHED.get(b)) }.is_some_and(|t| watch_recent(*t))
+}
 
 /// listening (netns, port) -> owner, inherited by accepted sockets.
 #[map(name = "LISTENERS")]

@@ -72,7 +72,10 @@ fn raw_records() -> Vec<Vec<u8>> {
             comm: *b"storm\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,
-            _pad2: 0,
+            connect_ms: 0,
+            port_lo: 0,
+            port_hi: 0,
+            _pad3: 0,
         };
         let owned = RawEvent {
             flags: flag::OWNER_KNOWN | flag::TCP_DETAIL,

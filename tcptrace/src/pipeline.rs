@@ -1,8 +1,10 @@
-//! Decoded events -> naming -> diagnosis -> records for the sinks. No I/O:
-//! node facts arrive as data from the refresher.
+//! Decoded events -> naming -> diagnosis -> records for the sinks. Node
+//! facts arrive as data from the refresher; I/O happens only where a cache
+//! falls short: attribution rescans, and a namespace's facts read at its
+//! failure when they are missing or older than it.
 use std::{
-    collections::{BTreeSet, HashSet},
-    time::{Instant, SystemTime},
+    collections::{BTreeSet, HashMap, HashSet},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{
@@ -15,6 +17,13 @@ use crate::{
 const MAX_PENDING_NETNS: usize = 4096;
 /// Namespaces whose drop rules are asked for, at most.
 const MAX_FIREWALL_NETNS: usize = 64;
+/// Facts older than this when a namespace fails are read again then.
+const FACTS_FRESH: Duration = Duration::from_secs(1);
+/// Reads at failures per second, at most (each enters a namespace).
+const MAX_FAILURE_READS: u32 = 16;
+/// The facts of a namespace that disappeared are kept this long, for the
+/// verdicts still waiting on its failures.
+const VANISHED_KEEP: Duration = Duration::from_secs(300);
 
 pub struct Pipeline {
     attributor: Attributor,
@@ -26,6 +35,10 @@ pub struct Pipeline {
     unknown_netns: HashSet<u32>,
     /// Namespaces where netfilter dropped traced packets.
     firewall_netns: BTreeSet<u32>,
+    /// When each namespace's facts were read.
+    facts_read: HashMap<u32, Instant>,
+    /// Reads at failures in the current second: (its start, count).
+    failure_reads: (Instant, u32),
 }
 
 /// What processing one event produced.
@@ -50,13 +63,72 @@ impl Pipeline {
             nodeports: Vec::new(),
             unknown_netns: HashSet::new(),
             firewall_netns: BTreeSet::new(),
+            facts_read: HashMap::new(),
+            failure_reads: (Instant::now(), 0),
         }
     }
 
+    /// Takes a refresh of the facts. Namespaces it no longer has keep their
+    /// last facts for [`VANISHED_KEEP`].
     pub fn set_facts(&mut self, mut facts: NodeFacts) {
+        let now = Instant::now();
         self.unknown_netns.retain(|n| !facts.netns.contains_key(n));
         facts.add_nodeports(self.nodeports.iter().cloned());
+        for ns in facts.netns.keys() {
+            self.facts_read.insert(*ns, now);
+        }
+        for (ns, f) in self.facts.netns.drain() {
+            let recent = self
+                .facts_read
+                .get(&ns)
+                .is_some_and(|t| now.saturating_duration_since(*t) < VANISHED_KEEP);
+            if recent {
+                facts.netns.entry(ns).or_insert(f);
+            }
+        }
+        self.facts_read.retain(|ns, _| facts.netns.contains_key(ns));
         self.facts = facts;
+    }
+
+    /// Reads the facts of `ev`'s namespace now when they are missing or
+    /// older than [`FACTS_FRESH`] (a namespace that fails right after it
+    /// was made, or is about to go): the verdict gets the numbers of the
+    /// moment it failed. Bounded to [`MAX_FAILURE_READS`] a second.
+    fn facts_at_failure(&mut self, ev: &Event) {
+        let now = Instant::now();
+        let fresh = self
+            .facts_read
+            .get(&ev.netns)
+            .is_some_and(|t| now.saturating_duration_since(*t) < FACTS_FRESH);
+        if ev.netns == 0 || fresh || self.facts.node_netns == Some(ev.netns) {
+            return;
+        }
+        if now.saturating_duration_since(self.failure_reads.0) >= Duration::from_secs(1) {
+            self.failure_reads = (now, 0);
+        }
+        if self.failure_reads.1 >= MAX_FAILURE_READS {
+            return;
+        }
+        self.failure_reads.1 += 1;
+        // Marked read even when it fails: one attempt a second.
+        self.facts_read.insert(ev.netns, now);
+        let read = self
+            .attributor
+            .netns_files(ev.netns, ev.pid)
+            .into_iter()
+            .find_map(|file| {
+                crate::node::sysctl::collect_netns(&file)
+                    .ok()
+                    .filter(|(inode, _)| *inode == ev.netns)
+            });
+        if let Some((inode, mut f)) = read {
+            if let Some(old) = self.facts.netns.get(&inode) {
+                f.drop_rules.clone_from(&old.drop_rules);
+                f.queued_listeners.clone_from(&old.queued_listeners);
+            }
+            self.facts.netns.insert(inode, f);
+            self.unknown_netns.remove(&inode);
+        }
     }
 
     pub fn set_services(&mut self, services: ServiceMap) {
@@ -86,6 +158,7 @@ impl Pipeline {
                 watch_firewall: None,
             };
         }
+        self.facts_at_failure(&ev);
         let needs_facts = ev.netns != 0
             && !self.facts.netns.contains_key(&ev.netns)
             && self.unknown_netns.len() < MAX_PENDING_NETNS

@@ -12,6 +12,7 @@ mod apt;
 mod bench;
 mod elf;
 mod kind;
+mod kselftest;
 mod setup;
 mod vm;
 
@@ -61,6 +62,9 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// The kernel's own network selftests (Debian's linux-source-6.1) under
+    /// tcptrace (root): the `kselftest` suite, writing docs/kselftests.md.
+    Kselftest,
     /// Boot Debian's 6.1 / 6.12 kernels in qemu and run the root integration
     /// tests inside; `--kernel all` also runs them on the host and writes
     /// docs/kernel-matrix.md.
@@ -133,6 +137,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { no_root, no_vm } => test(no_root, no_vm),
         Task::Bench { smoke } => bench::bench(smoke),
+        Task::Kselftest => kselftest_suite(),
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Kind(k) => match k.action {
             Some(KindAction::Stop) => kind::stop(&k.name, &k.nodes),
@@ -320,6 +325,7 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         );
     }
     build(false)?;
+    let selftests = kselftest::prepare()?;
     // What the tests and tcptrace mount (tracefs, network namespaces) stays
     // in a mount namespace of this run's own and is gone with it.
     private_mounts()?;
@@ -327,6 +333,7 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         "root integration tests",
         cargo()
             .env("TCPTRACE_BIN", target_dir().join("debug/tcptrace"))
+            .env("TCPTRACE_KSELFTESTS", selftests.env_value())
             .args([
                 "test",
                 "--package",
@@ -344,8 +351,43 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
     vm::vm_test(&vm::VmTestArgs::ci())
 }
 
+/// Runs the kernel's selftests under tcptrace and writes their table to
+/// docs/kselftests.md.
+fn kselftest_suite() -> Result<()> {
+    if !is_root() {
+        bail!("the kernel selftests make network namespaces and load BPF programs: run as root");
+    }
+    setup::ensure()?;
+    build(false)?;
+    let selftests = kselftest::prepare()?;
+    if let kselftest::Selftests::Unavailable(why) = &selftests {
+        bail!("the kernel selftests are unavailable: {why}");
+    }
+    private_mounts()?;
+    step(
+        "kernel selftests under tcptrace",
+        cargo()
+            .env("TCPTRACE_BIN", target_dir().join("debug/tcptrace"))
+            .env("TCPTRACE_KSELFTESTS", selftests.env_value())
+            .env(
+                "TCPTRACE_KSELFTEST_REPORT",
+                workspace_root().join("docs/kselftests.md"),
+            )
+            .args([
+                "test",
+                "--package",
+                "tcptrace-tests",
+                "--test",
+                "kselftest",
+                "--",
+                "--test-threads=1",
+            ]),
+    )
+}
+
 /// Moves this process (and what it starts) into a mount namespace of its
-/// own whose mounts do not propagate to the host's.
+/// own: its mounts do not propagate to the host's, the host's (network
+/// namespaces made outside) still reach it.
 pub(crate) fn private_mounts() -> Result<()> {
     use nix::{mount::MsFlags, sched::CloneFlags};
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
@@ -353,10 +395,10 @@ pub(crate) fn private_mounts() -> Result<()> {
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .context("making / private in the test mount namespace")
+    .context("making / a slave in the test mount namespace")
 }
 
 /// tracefs in this process's (private) mount namespace, for tools that do

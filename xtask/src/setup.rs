@@ -40,6 +40,14 @@ const PACKAGES: &[&str] = &[
     "redis-tools",
     "wrk",
     "curl",
+    // The kernel's own network selftests: built with gcc, run with these.
+    "gcc",
+    "make",
+    "netcat-openbsd",
+    "iperf3",
+    "socat",
+    "iputils-ping",
+    "xz-utils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian's rustc, registered with rustup; aya-build runs it by this name.

@@ -89,7 +89,9 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     let owner = kernel::current_owner(0, role::UNKNOWN);
     kernel::set_owner(ev, &owner);
     // The netns of the calling task.
-    ev.netns = kernel::current_netns();
+    let net = kernel::current_net();
+    ev.netns = kernel::net_inum(net, &config().kernel);
+    kernel::port_range(net, &config().kernel, ev);
     kernel::submit(hook::EXIT_BIND, entry);
     0
 }

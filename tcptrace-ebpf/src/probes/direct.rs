@@ -68,7 +68,9 @@ fn report(hook: u32, sk: u64, ret: i32) {
     ev.state = cfg.states.close as u8;
     ev.errno = ret;
     ev.sk = sk;
-    ev.netns = kernel::net_inum(kernel::sock_net(sk, &cfg.kernel), &cfg.kernel);
+    let net = kernel::sock_net(sk, &cfg.kernel);
+    ev.netns = kernel::net_inum(net, &cfg.kernel);
+    kernel::port_range(net, &cfg.kernel, ev);
     let owner = kernel::current_owner(ev.netns, role::CLIENT);
     kernel::set_owner(ev, &owner);
     kernel::submit(hook, entry);

@@ -5,7 +5,7 @@ use tcptrace_common::{Event, NO_ARG, flag, hook, kind};
 
 use crate::{
     kernel::{self, Segment, read},
-    maps::{CONN_SOCKS, config},
+    maps::{self, CONN_SOCKS, config},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -26,7 +26,13 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
     let word = (reason / 64) as usize;
     let wanted =
         word < cfg.drop_reasons.len() && cfg.drop_reasons[word] & (1u64 << (reason % 64)) != 0;
-    if !wanted && !reset {
+    // Other reasons only for flows watched (after a handshake retransmit);
+    // a closed port's drop is its reset's.
+    let quiet =
+        word < cfg.quiet_reasons.len() && cfg.quiet_reasons[word] & (1u64 << (reason % 64)) != 0;
+    let maybe_watched =
+        !wanted && !reset && !quiet && reason != cfg.no_socket_reason && maps::watching_lately();
+    if !wanted && !reset && !maybe_watched {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
@@ -38,6 +44,12 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
     let Some(seg) = kernel::skb_segment(skb, k) else {
         return 0;
     };
+    if maybe_watched {
+        let (src, dst) = seg.ends();
+        if !maps::watched(&src, &dst) {
+            return 0;
+        }
+    }
     if reset {
         // The kernel answers a segment without a socket with a reset, unless
         // the segment is a reset itself.
@@ -55,19 +67,28 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
     ev.reason = reason;
     ev.location = kernel::raw_arg(&ctx, cfg.args.kfree_skb_location).unwrap_or(0);
     // Namespace of the device the packet was on, else of its socket: the
-    // one the kernel found for it (rx_sk), else the skb's own, else (TCP
-    // drops before rx_sk existed) its connection's.
+    // one the kernel found for it (rx_sk), else the skb's own; TCP input
+    // has cleared the device by then, but its route's device remains.
+    // Before rx_sk existed, the connection's socket is looked up too.
     let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
     ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
     let mut sk = match kernel::raw_arg(&ctx, cfg.args.kfree_skb_rx_sk) {
         Some(rx_sk) if rx_sk != 0 => rx_sk,
         _ => read(skb, k.skb_sk).unwrap_or(0),
     };
-    if sk == 0 && ev.netns == 0 && cfg.args.kfree_skb_rx_sk == NO_ARG {
+    if sk == 0 && cfg.args.kfree_skb_rx_sk == NO_ARG {
         // SAFETY: copied out at once.
-        sk = unsafe { CONN_SOCKS.get(seg.receiver()) }
-            .copied()
-            .unwrap_or(0);
+        if let Some(conn) = unsafe { CONN_SOCKS.get(seg.receiver()) }.copied()
+            && (ev.netns == 0 || ev.netns == conn.netns)
+        {
+            sk = conn.sk;
+            ev.netns = conn.netns;
+        }
+    }
+    if ev.netns == 0 && sk == 0 {
+        let dst = read::<u64>(skb, k.skb_refdst).unwrap_or(0) & !1;
+        let dst_dev: u64 = read(dst, k.dst_dev).unwrap_or(0);
+        ev.netns = kernel::net_inum(read(dst_dev, k.dev_net).unwrap_or(0), k);
     }
     if sk != 0 {
         if ev.netns == 0 {

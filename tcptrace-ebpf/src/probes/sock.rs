@@ -1,7 +1,7 @@
 //! Socket state changes (owner bookkeeping, failed connects) and socket
 //! errors.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tcptrace_common::{Event, ListenKey, NO_ARG, Owner, direct, hook, kind, role};
+use tcptrace_common::{ConnSock, Event, ListenKey, NO_ARG, Owner, direct, flag, hook, kind, role};
 
 use crate::{
     kernel,
@@ -65,7 +65,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
             _pad: 0,
         };
         // SAFETY: copied out before the insert.
-        let owner = match unsafe { LISTENERS.get(key) } {
+        let mut owner = match unsafe { LISTENERS.get(key) } {
             Some(listener) => *listener,
             // The listener predates tracing: the process is unknown (softirq
             // runs on behalf of anyone), the role is not. Also replaces
@@ -76,28 +76,37 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
                 ..Owner::UNKNOWN
             },
         };
+        // SAFETY: a helper without preconditions.
+        owner.start_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
         let _ = OWNERS.insert(sk, owner, 0);
     }
 
     // Where kfree_skb names no socket, established connections are indexed
-    // so that segments the TCP stack drops find theirs.
-    if cfg.args.kfree_skb_rx_sk == NO_ARG {
-        if new == states.established {
-            let _ = CONN_SOCKS.insert(kernel::conn_key_of_sock(sk, k), sk, 0);
-        } else if new == states.close {
-            let _ = CONN_SOCKS.remove(kernel::conn_key_of_sock(sk, k));
-        }
+    // so that segments the TCP stack drops find theirs: also after the
+    // close (the reset that closes it is dropped afterwards); a new
+    // connection with the same ends replaces the entry.
+    if cfg.args.kfree_skb_rx_sk == NO_ARG && new == states.established {
+        let conn = ConnSock {
+            sk,
+            netns: kernel::net_inum(kernel::sock_net(sk, k), k),
+            _pad: 0,
+        };
+        let _ = CONN_SOCKS.insert(kernel::conn_key_of_sock(sk, k), conn, 0);
     }
 
     // Failed connect (timed out, or no source port) is always reported;
     // other transitions only on request. A refused one was reported as the
     // reset that refused it.
     let failed_connect = old == states.syn_sent && new == states.close;
+    // A handshake that needed retransmits: connected, but late.
+    let handshake = new == states.established && (old == states.syn_sent || old == states.syn_recv);
+    let slow_handshake =
+        handshake && kernel::read::<u32>(sk, k.tcp_total_retrans).is_some_and(|n| n > 0);
     // Without a source port the direct hook, when live, reported it already.
     let reported_already = failed_connect
         && ((sport() == 0 && direct_live(direct::HASH_CONNECT)) || reset_consequence(sk).is_some());
-    if (failed_connect && !reported_already) || cfg.all_states != 0 {
-        emit_state_change(sk, old, new, failed_connect);
+    if (failed_connect && !reported_already) || slow_handshake || cfg.all_states != 0 {
+        emit_state_change(sk, old, new, failed_connect, slow_handshake);
     }
 
     // The owner stays in the LRU map past CLOSE: resets and errors are
@@ -115,7 +124,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool) {
+fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool, slow_handshake: bool) {
     let k = &config().kernel;
     let Some(mut entry) = kernel::reserve(hook::SET_STATE, kind::STATE_CHANGE) else {
         return;
@@ -132,10 +141,20 @@ fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool) {
     if failed_connect && ev.sport == 0 {
         ev.kind = kind::CONNECT_ERROR;
         ev.errno = -EADDRNOTAVAIL;
+        kernel::port_range(kernel::sock_net(sk, k), k, ev);
     }
     if !kernel::attach_owner(ev, sk) {
         entry.discard(0);
         return;
+    }
+    if slow_handshake {
+        ev.flags |= flag::SLOW_HANDSHAKE;
+        ev.total_retrans = kernel::read::<u32>(sk, k.tcp_total_retrans).unwrap_or(0);
+        // SAFETY: copied out at once.
+        let start = unsafe { OWNERS.get(sk) }.map_or(0, |o| o.start_ns);
+        if ev.flags & flag::ROLE_CLIENT != 0 && start != 0 {
+            ev.connect_ms = (ev.ts_ns.saturating_sub(start) / 1_000_000) as u32;
+        }
     }
     kernel::submit(hook::SET_STATE, entry);
 }

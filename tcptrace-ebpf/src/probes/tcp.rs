@@ -6,7 +6,7 @@ use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
     kernel::{self, read},
-    maps::{config, mark_reset},
+    maps::{self, config, mark_reset},
 };
 
 /// Netns, owner and TCP detail of an event about socket `sk`; false when
@@ -49,6 +49,10 @@ pub fn tcp_retransmit_skb(ctx: RawTracePointContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    // A SYN retransmit: where this flow's packets die is worth knowing.
+    if ev.state as u32 == config().states.syn_sent {
+        maps::watch(&kernel::end_key(ev.saddr, ev.sport, ev.family));
+    }
     kernel::submit(hook::RETRANSMIT_SKB, entry);
     0
 }
@@ -71,6 +75,8 @@ pub fn tcp_retransmit_synack(ctx: RawTracePointContext) -> u32 {
         entry.discard(0);
         return 0;
     }
+    // The client's end: where this flow's packets die is worth knowing.
+    maps::watch(&kernel::end_key(ev.daddr, ev.dport, ev.family));
     kernel::submit(hook::RETRANSMIT_SYNACK, entry);
     0
 }

@@ -623,9 +623,12 @@ impl Lab {
             let procs = cgroup.map(|dir| dir.join("cgroup.procs"));
             let mut command = match &procs {
                 Some(procs) => {
+                    // iproute2 by path: a busybox sh would run its own `ip`.
+                    let ip = which("ip")?;
                     let mut c = Command::new("sh");
-                    c.args(["-c", "echo 0 > \"$0\" && exec ip \"$@\""])
+                    c.args(["-c", "echo 0 > \"$0\" && exec \"$@\""])
                         .arg(procs)
+                        .arg(ip)
                         .args(&full);
                     c
                 }
@@ -644,6 +647,7 @@ impl Lab {
             let pid = child.id();
             Ok((child, Resource::Process(pid)))
         })?;
+        let mut child = child;
         let pid = child.id();
         // `ip netns exec` enters the namespace, then execs the command.
         let deadline = Instant::now() + SPAWN_WAIT;
@@ -655,6 +659,16 @@ impl Lab {
             }
             if Instant::now() > deadline {
                 bail!("{cmd} did not start in {netns} within {SPAWN_WAIT:?}");
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!(
+                    "{cmd} exited ({status}) before it started in {netns}: {}",
+                    err.trim()
+                );
             }
             thread::sleep(Duration::from_millis(5));
         }

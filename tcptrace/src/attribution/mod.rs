@@ -136,6 +136,8 @@ pub struct Attributor {
     /// Keys still unknown after a scan; cleared by the next scan.
     missed_netns: HashSet<u32>,
     missed_cgroups: HashSet<u64>,
+    /// Namespaces looked up by name since the last scan.
+    looked_up_netns: HashSet<u32>,
     last_scan: Option<Instant>,
     warnings: Vec<String>,
     warned: HashSet<String>,
@@ -153,6 +155,7 @@ impl Attributor {
             services: ServiceMap::default(),
             missed_netns: HashSet::new(),
             missed_cgroups: HashSet::new(),
+            looked_up_netns: HashSet::new(),
             last_scan: None,
             warnings: Vec::new(),
             warned: HashSet::new(),
@@ -164,13 +167,18 @@ impl Attributor {
     /// namespace, a stat of the path it was found through.
     pub fn attribute(&mut self, ev: &mut Event) {
         let now = Instant::now();
-        if (self.is_miss(ev) || self.netns_replaced(ev.netns, now))
-            && self
+        if self.is_miss(ev) || self.netns_replaced(ev.netns, now) {
+            if self
                 .last_scan
                 .is_none_or(|t| now.saturating_duration_since(t) >= MISS_RESCAN_INTERVAL)
-        {
-            self.scan(now);
-            self.remember_misses(ev);
+            {
+                self.scan(now);
+                self.remember_misses(ev);
+            } else {
+                // Too soon for a full scan: a namespace made a moment ago
+                // (a test, a pod starting) still gets its `ip netns` name.
+                self.name_new_netns(ev.netns, now);
+            }
         }
 
         let by_cgroup = ev
@@ -266,6 +274,60 @@ impl Attributor {
         }
     }
 
+    /// Looks namespace `ino` up among the named ones only (a directory
+    /// read), between full scans.
+    fn name_new_netns(&mut self, ino: u32, now: Instant) {
+        if ino == 0
+            || self.looked_up_netns.len() >= self.cfg.max_entries
+            || !self.looked_up_netns.insert(ino)
+        {
+            return;
+        }
+        let root = &self.cfg.host_root;
+        let Some(ns) = node::netns::named(root)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|ns| ns.inode == ino)
+        else {
+            return;
+        };
+        self.netns.insert(
+            ino,
+            Seen {
+                value: NetnsInfo {
+                    name: ns.name,
+                    pod: None,
+                    in_scope: false,
+                    via: ns.path,
+                    checked: now,
+                },
+                last_seen: now,
+            },
+        );
+    }
+
+    /// Files to enter namespace `ino` through, best first: where the last
+    /// scan found it, `pid`'s namespace link, the named namespace with
+    /// that inode (the caller checks the inode of what it enters).
+    pub fn netns_files(&self, ino: u32, pid: Option<u32>) -> Vec<PathBuf> {
+        let root = &self.cfg.host_root;
+        let mut files: Vec<PathBuf> = self
+            .netns
+            .get(&ino)
+            .map(|e| e.value.via.clone())
+            .into_iter()
+            .collect();
+        files.extend(pid.map(|p| root.join(format!("proc/{p}/ns/net"))));
+        files.extend(
+            node::netns::named(root)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|ns| ns.inode == ino)
+                .map(|ns| ns.path),
+        );
+        files
+    }
+
     /// Whether the cached namespace `ino` may be gone, its inode taken by a
     /// new namespace: the path it was found through no longer leads to it.
     /// Checked at most once a second per namespace.
@@ -328,6 +390,7 @@ impl Attributor {
         self.last_scan = Some(now);
         self.missed_netns.clear();
         self.missed_cgroups.clear();
+        self.looked_up_netns.clear();
         let root = self.cfg.host_root.clone();
         let cap = self.cfg.max_entries;
 

@@ -13,7 +13,8 @@ use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
-    Endpoint, Errno, Event, EventKind, PeerFin, Role, SockPtr, TcpDetail, TcpFlags, TcpState,
+    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, TcpDetail,
+    TcpFlags, TcpState,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -164,10 +165,7 @@ impl Decoder {
         };
         let (src, dst) = match raw.family {
             AF_INET => (ip4(&raw.saddr, raw.sport), ip4(&raw.daddr, raw.dport)),
-            AF_INET6 => (
-                Endpoint::new(IpAddr::V6(Ipv6Addr::from(raw.saddr)), raw.sport),
-                Endpoint::new(IpAddr::V6(Ipv6Addr::from(raw.daddr)), raw.dport),
-            ),
+            AF_INET6 => (ip6(raw.saddr, raw.sport), ip6(raw.daddr, raw.dport)),
             other => return Err(DecodeError::Family(other)),
         };
         let time = self.boot_wall + Duration::from_nanos(raw.ts_ns);
@@ -244,6 +242,18 @@ impl Decoder {
                 idle_before_ms: self.jiffies_ms(raw.fin_idle_jiffies),
             });
         }
+        if raw.flags & flag::PORT_RANGE != 0 {
+            ev.port_range = Some(PortRange {
+                lo: raw.port_lo,
+                hi: raw.port_hi,
+            });
+        }
+        if raw.flags & flag::SLOW_HANDSHAKE != 0 {
+            ev.handshake = Some(Handshake {
+                retransmits: raw.total_retrans,
+                connect_ms: (raw.connect_ms != 0).then_some(u64::from(raw.connect_ms)),
+            });
+        }
         if raw.flags & flag::TCP_DETAIL != 0 {
             ev.tcp = Some(TcpDetail {
                 idle_ms: self.jiffies_ms(raw.idle_jiffies),
@@ -256,6 +266,14 @@ impl Decoder {
         }
         Ok(ev)
     }
+}
+
+/// An IPv6 socket's address; IPv4 peers of a dual-stack socket
+/// (::ffff:a.b.c.d) as the IPv4 address they are.
+fn ip6(addr: [u8; 16], port: u16) -> Endpoint {
+    let v6 = Ipv6Addr::from(addr);
+    let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+    Endpoint::new(ip, port)
 }
 
 fn ip4(addr: &[u8; 16], port: u16) -> Endpoint {
@@ -330,7 +348,10 @@ mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,
-            _pad2: 0,
+            connect_ms: 0,
+            port_lo: 0,
+            port_hi: 0,
+            _pad3: 0,
         }
     }
 
@@ -371,7 +392,7 @@ mod tests {
     #[test]
     fn rejects_bad_records() {
         let mut d = Decoder::new(names(), UNIX_EPOCH);
-        assert_eq!(d.decode(&[0u8; 10]), Err(DecodeError::Size(10, 152)));
+        assert_eq!(d.decode(&[0u8; 10]), Err(DecodeError::Size(10, 160)));
         let mut r = raw();
         r.kind = 99;
         assert_eq!(d.decode(&bytes(&r)), Err(DecodeError::Kind(99)));
@@ -404,6 +425,50 @@ mod tests {
         let ev = d.decode(&bytes(&r)).unwrap();
         assert_eq!(ev.reason.as_deref(), Some("NETFILTER_DROP"));
         assert_eq!(ev.state, None);
+    }
+
+    #[test]
+    fn decodes_the_port_range_a_slow_handshake_and_mapped_addresses() {
+        let mut d = Decoder::new(names(), UNIX_EPOCH);
+        let mut r = raw();
+        r.kind = kind::BIND_ERROR;
+        r.flags = flag::PORT_RANGE;
+        r.errno = -98;
+        (r.port_lo, r.port_hi) = (32768, 32768);
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(
+            ev.port_range,
+            Some(PortRange {
+                lo: 32768,
+                hi: 32768
+            })
+        );
+        assert_eq!(ev.port_range.map(PortRange::size), Some(1));
+
+        let mut r = raw();
+        r.kind = kind::STATE_CHANGE;
+        r.flags = flag::SLOW_HANDSHAKE;
+        (r.old_state, r.state) = (2, 1);
+        r.total_retrans = 7;
+        r.connect_ms = 11_340;
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(
+            ev.handshake,
+            Some(Handshake {
+                retransmits: 7,
+                connect_ms: Some(11_340)
+            })
+        );
+        assert_eq!(ev.tcp, None, "no TCP detail without its flag");
+
+        // A dual-stack socket's IPv4 peer is the IPv4 address it is.
+        let mut r = raw();
+        r.family = AF_INET6;
+        r.saddr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 168, 1, 1];
+        r.daddr = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let ev = d.decode(&bytes(&r)).unwrap();
+        assert_eq!(ev.src.ip.to_string(), "192.168.1.1");
+        assert_eq!(ev.dst.ip.to_string(), "fd00::1");
     }
 
     #[test]

@@ -55,6 +55,18 @@ const DROP_REASONS: &[&str] = &[
     "SOCKET_RCVBUFF",
 ];
 
+/// Drops that lose nothing: a closing socket's queues, segments the peer
+/// already had (after a retransmit), merged segments.
+const QUIET_REASONS: &[&str] = &[
+    "SOCKET_CLOSE",
+    "QUEUE_PURGE",
+    "TCP_CLOSE",
+    "TCP_OLD_DATA",
+    "TCP_OFOMERGE",
+    "TCP_OLD_ACK",
+    "DUP_FRAG",
+];
+
 #[derive(Clone, Debug)]
 pub struct TracerOptions {
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
@@ -186,14 +198,16 @@ fn boot_wall_time() -> Result<SystemTime> {
 
 /// Builds the program configuration for the running kernel, from BTF only.
 pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions) -> Result<Config> {
-    let mut drop_reasons = [0u64; 4];
-    for name in DROP_REASONS {
-        if let Some(v) = names.drop_reason_value(name)
-            && v < 256
-        {
-            drop_reasons[(v / 64) as usize] |= 1 << (v % 64);
+    // Drop reasons as a bitmap over this kernel's numbers for them.
+    let reason_bits = |wanted: &[&str]| {
+        let mut bits = [0u64; 4];
+        for v in wanted.iter().filter_map(|n| names.drop_reason_value(n)) {
+            if v < 256 {
+                bits[(v / 64) as usize] |= 1 << (v % 64);
+            }
         }
-    }
+        bits
+    };
     let args = offsets::raw_tp_args(btf);
     // Before 6.10, tcp_send_reset has no reason and is not called for
     // segments without a socket.
@@ -209,7 +223,8 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         reset_from_drop: u32::from(!socketless_resets_traced && no_socket.is_some()),
         no_socket_reason: no_socket.unwrap_or(0),
         states: names.states.numbers()?,
-        drop_reasons,
+        drop_reasons: reason_bits(DROP_REASONS),
+        quiet_reasons: reason_bits(QUIET_REASONS),
         kernel: offsets::kernel_offsets(btf),
         args,
         syscalls: offsets::syscall_offsets(btf),

@@ -271,6 +271,9 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_net: sock(&["__sk_common", "skc_net"]),
         net_inum: opt(btf.offset("net", &["ns", "inum"])),
         net_keepalive_time: opt(btf.offset("net", &["ipv4", "sysctl_tcp_keepalive_time"])),
+        net_port_range: opt(btf.offset("net", &["ipv4", "ip_local_ports", "range"])),
+        // Before 6.6 a seqlock guarded two ints.
+        port_range_packed: u32::from(btf.offset("local_ports", &["lock"]).is_none()),
         // sk_flags became a define for __sk_common.skc_flags in 6.x.
         sock_flags: opt(btf
             .offset("sock", &["sk_flags"])
@@ -291,6 +294,8 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         skb_head: opt(btf.offset("sk_buff", &["head"])),
         skb_network_header: opt(btf.offset("sk_buff", &["network_header"])),
         skb_dev: opt(btf.offset("sk_buff", &["dev"])),
+        skb_refdst: opt(btf.offset("sk_buff", &["_skb_refdst"])),
+        dst_dev: opt(btf.offset("dst_entry", &["dev"])),
         dev_net: opt(btf.offset("net_device", &["nd_net"])),
         skb_sk: opt(btf.offset("sk_buff", &["sk"])),
         sock_state: sock(&["__sk_common", "skc_state"]),

@@ -8,7 +8,8 @@ use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Event, PeerFin, TcpDetail, Verdict,
+    Cause, Confidence, Endpoint, Event, EventKind, Handshake, PeerFin, PortRange, Role, TcpDetail,
+    Verdict,
     facts::{DropRule, QueuedListener},
 };
 
@@ -62,6 +63,8 @@ pub(super) fn where_set(ns: u32, ev: &Event, facts: &NodeFacts) -> String {
         "on the node".into()
     } else if let Some(p) = ev.pod.as_ref().filter(|_| ns == ev.netns) {
         format!("in the network namespace of pod {}/{}", p.namespace, p.name)
+    } else if let Some(n) = ev.netns_name.as_ref().filter(|_| ns == ev.netns) {
+        format!("in network namespace {n}")
     } else {
         format!("in network namespace {ns}")
     }
@@ -392,18 +395,25 @@ pub(super) fn port_exhaustion(ev: &Event, facts: &NodeFacts, confidence: Confide
     let (np_lo, np_hi) = facts.nodeport_range;
     let place = where_set(ev.netns, ev, facts);
     let mut fixes = Vec::new();
-    match ns {
-        Some(f) => {
-            let (lo, hi) = f.port_range;
-            match wider_range(f.port_range, facts.nodeport_range) {
+    // The range the kernel read at the failure, else the facts' reading.
+    let range = ev.port_range.or_else(|| {
+        ns.map(|f| PortRange {
+            lo: f.port_range.0,
+            hi: f.port_range.1,
+        })
+    });
+    match range {
+        Some(r) => {
+            let (lo, hi) = (r.lo, r.hi);
+            match wider_range((lo, hi), facts.nodeport_range) {
                 Some((a, b)) => fixes.push(format!(
-                    "widen net.ipv4.ip_local_port_range to \"{a} {b}\" ({} ports, clear of the NodePort range {np_lo}-{np_hi}; now {lo}-{hi} = {} ports) {place}",
-                    u32::from(b) - u32::from(a) + 1,
-                    f.port_range_size()
+                    "widen net.ipv4.ip_local_port_range to \"{a} {b}\" ({}, clear of the NodePort range {np_lo}-{np_hi}; now {lo}-{hi} = {}) {place}",
+                    counted(u32::from(b) - u32::from(a) + 1, "port"),
+                    counted(r.size(), "port")
                 )),
                 None => fixes.push(format!(
-                    "the port range {lo}-{hi} ({} ports) cannot grow without overlapping the NodePort range {np_lo}-{np_hi}",
-                    f.port_range_size()
+                    "the port range {lo}-{hi} ({}) cannot grow without overlapping the NodePort range {np_lo}-{np_hi}",
+                    counted(r.size(), "port")
                 )),
             }
         }
@@ -411,33 +421,64 @@ pub(super) fn port_exhaustion(ev: &Event, facts: &NodeFacts, confidence: Confide
             "widen net.ipv4.ip_local_port_range {place}, keeping it clear of the NodePort range {np_lo}-{np_hi}"
         )),
     }
-    fixes.push(format!(
-        "reuse connections to {} (connection pooling, HTTP keep-alive)",
-        ev.dst
-    ));
-    if ns.is_none_or(|f| f.tw_reuse != 1) {
-        fixes.push("set net.ipv4.tcp_tw_reuse=1".into());
+    // bind() to port 0 takes an ephemeral port for no destination yet.
+    let bind = ev.kind == EventKind::BindError;
+    if bind {
+        fixes.push(
+            "bind to port 0 less often (reuse the sockets, or let connect() pick the port)".into(),
+        );
+    } else {
+        fixes.push(format!(
+            "reuse connections to {} (connection pooling, HTTP keep-alive)",
+            ev.dst
+        ));
+        if ns.is_none_or(|f| f.tw_reuse != 1) {
+            fixes.push("set net.ipv4.tcp_tw_reuse=1".into());
+        }
     }
-    let size = ns.map(NetnsFacts::port_range_size);
+    let size = range.map(PortRange::size);
+    let ports = size.map_or("an unknown number of ephemeral ports".to_string(), |n| {
+        counted(n, "ephemeral port")
+    });
+    let (summary, target) = if bind {
+        (
+            format!(
+                "{}: bind() to {} found no free ephemeral port ({ports})",
+                who(ev),
+                ev.src
+            ),
+            ("bind_addr", ev.src.to_string()),
+        )
+    } else {
+        (
+            format!(
+                "{}: no free source port to connect to {} ({ports})",
+                who(ev),
+                ev.dst
+            ),
+            ("dst", ev.dst.to_string()),
+        )
+    };
+    let mut evidence = obj(json!({
+        "errno": ev.errno,
+        "port_range": range.map(|r| r.to_string()),
+        "port_range_size": size,
+    }));
+    evidence.insert(target.0.into(), json!(target.1));
+    // Known only from the namespace's facts (gone with a short-lived one).
+    if let Some(f) = ns {
+        evidence.insert("reserved_in_range".into(), json!(f.reserved_in_range()));
+        if !bind {
+            evidence.insert("tw_reuse".into(), json!(f.tw_reuse));
+        }
+    }
     Candidate {
         v: verdict(
             ev,
             Cause::PortExhaustion,
             confidence,
-            format!(
-                "{}: no free source port to connect to {} ({} ephemeral ports)",
-                who(ev),
-                ev.dst,
-                size.map_or("unknown number of".to_string(), |n| n.to_string())
-            ),
-            obj(json!({
-                "dst": ev.dst.to_string(),
-                "errno": ev.errno,
-                "port_range": ns.map(|f| format!("{}-{}", f.port_range.0, f.port_range.1)),
-                "port_range_size": size,
-                "reserved_in_range": ns.map(NetnsFacts::reserved_in_range),
-                "tw_reuse": ns.map(|f| f.tw_reuse),
-            })),
+            summary,
+            evidence,
             fixes.join("; "),
         ),
         occurrence: true,
@@ -533,22 +574,41 @@ pub(super) fn table_full_syn(ev: &Event, full: &Verdict, retrans: u32) -> Candid
 }
 
 /// Nothing answered the SYNs, and no drop on the path was seen.
-pub(super) fn syn_timeout(ev: &Event, retrans: u32) -> Candidate {
+/// A connect that timed out; `drop` is where its SYNs were seen dying.
+pub(super) fn syn_timeout(ev: &Event, retrans: u32, drop: Option<&PathDrop>) -> Candidate {
+    let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans }));
+    let (lost, fix) = match drop {
+        Some(d) => {
+            evidence.insert("dropped".into(), d.evidence());
+            (
+                format!(": {}", d.describe()),
+                format!(
+                    "the SYNs to {} die on the way: {}; fix that hop",
+                    ev.dst,
+                    d.describe()
+                ),
+            )
+        }
+        None => (
+            String::new(),
+            format!(
+                "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
+                ev.dst
+            ),
+        ),
+    };
     Candidate {
         v: verdict(
             ev,
             Cause::SynTimeout,
             Confidence::Certain,
             format!(
-                "{}: connect to {} timed out after {retrans} SYN retransmits",
+                "{}: connect to {} timed out after {retrans} SYN retransmits{lost}",
                 who(ev),
                 ev.dst
             ),
-            obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans })),
-            format!(
-                "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
-                ev.dst
-            ),
+            evidence,
+            fix,
         ),
         occurrence: true,
     }
@@ -674,7 +734,9 @@ pub(super) fn keepalive_race_server_side(ev: &Event) -> Candidate {
 
 /// What a netfilter rule dropped of one connection, in which namespace.
 #[derive(Clone, Debug)]
-pub(super) struct FirewallDrop {
+pub(super) struct PathDrop {
+    /// The kernel's drop reason (NETFILTER_DROP, IP_INNOROUTES, ...).
+    pub(super) reason: String,
     pub(super) netns: u32,
     /// The namespace's pod (`namespace/name`) or `ip netns` name.
     pub(super) place: Option<String>,
@@ -687,7 +749,7 @@ pub(super) struct FirewallDrop {
 
 /// The connection's segments were retransmitted because a netfilter rule
 /// dropped them in `drop.netns`.
-pub(super) fn netfilter_drop(ev: &Event, drop: &FirewallDrop, retransmits: u32) -> Candidate {
+pub(super) fn netfilter_drop(ev: &Event, drop: &PathDrop, retransmits: u32) -> Candidate {
     let place = drop
         .place
         .clone()
@@ -730,6 +792,110 @@ pub(super) fn netfilter_drop(ev: &Event, drop: &FirewallDrop, retransmits: u32) 
     }
 }
 
+impl PathDrop {
+    /// Where, why and how often, for a verdict's evidence.
+    fn evidence(&self) -> Value {
+        json!({
+            "reason": self.reason,
+            "netns": self.netns,
+            "place": self.place,
+            "location": self.location,
+            "drops": self.drops,
+            "dst": self.dst.to_string(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        let place = self
+            .place
+            .clone()
+            .unwrap_or_else(|| format!("network namespace {}", self.netns));
+        let at = self
+            .location
+            .as_deref()
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default();
+        format!(
+            "{} dropped in {place} ({}{at})",
+            counted(self.drops, "packet"),
+            self.reason
+        )
+    }
+}
+
+/// A connection that was established only after its handshake was
+/// retransmitted: it worked, late (degraded). `drop` is where its packets
+/// were seen dying, if they were.
+pub(super) fn slow_connect(ev: &Event, h: &Handshake, drop: Option<&PathDrop>) -> Candidate {
+    let accepted = ev.role == Some(Role::Server);
+    let secs = h
+        .connect_ms
+        .map(|ms| format!(" ({:.1} s)", ms as f64 / 1000.0));
+    let mut evidence = if accepted {
+        obj(json!({ "peer": ev.dst.to_string(), "synack_retransmits": h.retransmits }))
+    } else {
+        obj(json!({
+            "dst": ev.dst.to_string(),
+            "syn_retransmits": h.retransmits,
+            "connect_ms": h.connect_ms,
+        }))
+    };
+    if let Some(d) = drop {
+        evidence.insert("dropped".into(), d.evidence());
+    }
+    let lost = drop.map_or_else(String::new, |d| format!(": {}", d.describe()));
+    let (summary, fix) = if accepted {
+        (
+            format!(
+                "{}: accepted {} only after {} SYN-ACK retransmits{lost}",
+                who(ev),
+                ev.dst,
+                h.retransmits
+            ),
+            format!(
+                "SYN-ACKs to {}, or its ACKs, were lost: check the path back to that client",
+                ev.dst.ip
+            ),
+        )
+    } else {
+        (
+            format!(
+                "{}: connected to {} only after {} SYN retransmits{}{lost}",
+                who(ev),
+                ev.dst,
+                h.retransmits,
+                secs.unwrap_or_default()
+            ),
+            match drop {
+                Some(d) => format!(
+                    "the SYNs died on the way: {}; fix that hop, then connects take one round trip again",
+                    d.describe()
+                ),
+                None => format!(
+                    "the first SYNs to {} went unanswered and no drop was seen: a stale conntrack entry for this source port, a full listen queue at the server, or a lossy path",
+                    ev.dst
+                ),
+            },
+        )
+    };
+    let mut v = verdict(
+        ev,
+        Cause::SlowConnect,
+        Confidence::Certain,
+        summary,
+        evidence,
+        fix,
+    );
+    if accepted {
+        // The destination of an accepted connection is this server.
+        std::mem::swap(&mut v.src, &mut v.dst);
+    }
+    Candidate {
+        v,
+        occurrence: true,
+    }
+}
+
 /// The application closed its connection abortively (unread data, or
 /// SO_LINGER 0): a reset by design, not a network failure.
 pub(super) fn application_abort(ev: &Event) -> Candidate {
@@ -753,6 +919,36 @@ pub(super) fn application_abort(ev: &Event) -> Candidate {
                 "state": ev.state,
             })),
             "nothing to fix if the application meant to stop early; otherwise have it read the whole response before closing".to_string(),
+        ),
+        occurrence: true,
+    }
+}
+
+/// The peer closed its side right after the connection was used (no idle
+/// time before its FIN) and reset what this side sent next: the peer
+/// application stopped early, as application_abort is on the peer's node.
+pub(super) fn peer_abort(ev: &Event, fin: &PeerFin) -> Candidate {
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::ApplicationAbort,
+            Confidence::Likely,
+            format!(
+                "{}: {} closed the connection while it was in use ({} ms after the last data) and reset what followed: the peer application stopped early",
+                who(ev),
+                ev.dst,
+                fin.idle_before_ms
+            ),
+            obj(json!({
+                "peer": ev.dst.to_string(),
+                "peer_idle_before_fin_ms": fin.idle_before_ms,
+                "fin_to_reset_ms": fin.ago_ms,
+                "state": ev.state,
+            })),
+            format!(
+                "nothing to fix if {} meant to stop early; otherwise it should read the whole exchange before closing",
+                ev.dst
+            ),
         ),
         occurrence: true,
     }

@@ -10,11 +10,11 @@ use foldhash::HashMap;
 
 use super::{
     causes::{
-        Candidate, CtTrend, FirewallDrop, InvalidEvidence, application_abort, bind_conflict,
+        Candidate, CtTrend, InvalidEvidence, PathDrop, application_abort, bind_conflict,
         connection_refused, conntrack_invalid, idle_cause, idle_timeout, keepalive_race,
         keepalive_race_server_side, listen_overflow, netfilter_drop, nodeport_collision,
-        port_exhaustion, refused_server_side, retransmit_storm, syn_timeout, table_full,
-        table_full_syn, tcp_stack_drop, unexplained,
+        peer_abort, port_exhaustion, refused_server_side, retransmit_storm, slow_connect,
+        syn_timeout, table_full, table_full_syn, tcp_stack_drop, unexplained,
     },
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
@@ -98,7 +98,7 @@ pub struct Diagnoser {
     ledger: Ledger<AggKey>,
     /// Packets of a connection (by its client's end) a netfilter rule
     /// dropped, and where.
-    firewall_drops: HashMap<End, (SystemTime, FirewallDrop)>,
+    path_drops: HashMap<End, (SystemTime, PathDrop)>,
 }
 
 /// What feeding the diagnoser produced.
@@ -366,6 +366,13 @@ impl Diagnoser {
                 if state == Some(TcpState::Established) {
                     s.established = true;
                     s.syn_sent = false;
+                    if let Some(h) = &ev.handshake
+                        && s.concluded.is_none()
+                    {
+                        let c = slow_connect(ev, h, self.path_drop(ends, ev.time));
+                        self.conclude(&key, &c);
+                        return vec![c];
+                    }
                 }
                 if ev.old_state == Some(TcpState::SynSent)
                     && state == Some(TcpState::Close)
@@ -429,7 +436,11 @@ impl Diagnoser {
             EventKind::ResetReceived
                 if matches!(state, Some(TcpState::CloseWait | TcpState::LastAck)) =>
             {
-                let c = keepalive_race(ev, ev.peer_fin.as_ref());
+                // A peer that closed a busy connection did not time it out.
+                let c = match ev.peer_fin.as_ref() {
+                    Some(fin) if fin.idle_before_ms < MIN_PEER_IDLE_MS => peer_abort(ev, fin),
+                    fin => keepalive_race(ev, fin),
+                };
                 self.conclude(&key, &c);
                 vec![c]
             }
@@ -450,7 +461,7 @@ impl Diagnoser {
                 let full = self.netfilter_drop(ev, facts);
                 // A full conntrack table drops through netfilter too.
                 if full.is_empty() {
-                    self.note_firewall_drop(ev, ends);
+                    self.note_path_drop(ev, ends);
                 }
                 full
             }
@@ -522,7 +533,8 @@ impl Diagnoser {
         {
             table_full_syn(ev, full, retrans)
         } else {
-            syn_timeout(ev, retrans)
+            let ends = Ends::of(ev, Some(facts));
+            syn_timeout(ev, retrans, self.path_drop(ends, ev.time))
         };
         self.conclude(key, &c);
         vec![c]
@@ -760,16 +772,13 @@ impl Diagnoser {
 
     /// Remembers a segment a netfilter rule dropped, by its connection's
     /// client end (the same before and after NAT), with where it happened.
-    fn note_firewall_drop(&mut self, ev: &Event, ends: Ends) {
-        if ev.reason.as_deref() != Some("NETFILTER_DROP") {
-            return;
-        }
-        if self.firewall_drops.len() >= self.cfg.max_socks {
+    fn note_path_drop(&mut self, ev: &Event, ends: Ends) {
+        let reason = ev.reason.clone().unwrap_or_default();
+        if self.path_drops.len() >= self.cfg.max_socks {
             let window = self.cfg.correlation_window;
             let now = ev.time;
-            self.firewall_drops
-                .retain(|_, (t, _)| within(*t, now, window));
-            if self.firewall_drops.len() >= self.cfg.max_socks {
+            self.path_drops.retain(|_, (t, _)| within(*t, now, window));
+            if self.path_drops.len() >= self.cfg.max_socks {
                 return;
             }
         }
@@ -778,10 +787,19 @@ impl Diagnoser {
             .as_ref()
             .map(|p| format!("pod {}/{}", p.namespace, p.name))
             .or_else(|| ev.netns_name.as_ref().map(|n| format!("netns {n}")));
-        let entry = self.firewall_drops.entry(ends.client).or_insert_with(|| {
+        // A drop elsewhere, or for another reason, replaces what was noted.
+        if self
+            .path_drops
+            .get(&ends.client)
+            .is_some_and(|(_, d)| d.reason != reason || d.netns != ev.netns)
+        {
+            self.path_drops.remove(&ends.client);
+        }
+        let entry = self.path_drops.entry(ends.client).or_insert_with(|| {
             (
                 ev.time,
-                FirewallDrop {
+                PathDrop {
+                    reason,
                     netns: ev.netns,
                     place,
                     location: ev.location.clone(),
@@ -804,8 +822,8 @@ impl Diagnoser {
         retransmits: u32,
         facts: &NodeFacts,
     ) -> Option<Candidate> {
-        let (at, drop) = self.firewall_drops.get(&ends.client)?;
-        if !within(*at, ev.time, self.cfg.correlation_window) {
+        let (at, drop) = self.path_drops.get(&ends.client)?;
+        if drop.reason != "NETFILTER_DROP" || !within(*at, ev.time, self.cfg.correlation_window) {
             return None;
         }
         let mut drop = drop.clone();
@@ -815,6 +833,15 @@ impl Diagnoser {
             .and_then(|f| f.drop_rules.as_deref())
             .and_then(|rules| matching_rule(rules, drop.dst.port));
         Some(netfilter_drop(ev, &drop, retransmits))
+    }
+
+    /// Where the packets of the connection with these ends were last seen
+    /// dropped, if that was within the correlation window of `time`.
+    fn path_drop(&self, ends: Ends, time: SystemTime) -> Option<&PathDrop> {
+        self.path_drops
+            .get(&ends.client)
+            .filter(|(at, _)| within(*at, time, self.cfg.correlation_window))
+            .map(|(_, d)| d)
     }
 
     fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
@@ -1115,12 +1142,16 @@ fn is_application_abort(ev: &Event) -> bool {
         // accepted: the application's doing, no segment answered.
         Some("TCP_STATE") => ev.tcp_flags.is_none(),
         Some(r) => APPLICATION_ABORTS.contains(&r),
+        // Before 6.10 resets carry no reason: an active one (no segment
+        // answered) from a synchronized socket, or one closing it (close()
+        // with unread data moves it to CLOSE first).
         None => {
             ev.tcp_flags.is_none()
                 && matches!(
                     ev.state,
                     Some(
-                        TcpState::Established
+                        TcpState::Close
+                            | TcpState::Established
                             | TcpState::CloseWait
                             | TcpState::FinWait1
                             | TcpState::FinWait2
@@ -1137,6 +1168,10 @@ fn is_tcp_stack_drop(reason: &str) -> bool {
     (reason.starts_with("TCP_") && reason != "TCP_LISTEN_OVERFLOW")
         || matches!(reason, "SOCKET_BACKLOG" | "SOCKET_RCVBUFF")
 }
+
+/// Idle time before a peer's FIN below which its close was no idle timeout
+/// (servers time idle connections out after seconds).
+const MIN_PEER_IDLE_MS: u64 = 500;
 
 /// Reset reasons that mean the application closed abortively.
 const APPLICATION_ABORTS: [&str; 4] = [

@@ -1300,3 +1300,65 @@ fn a_rising_listen_overflow_counter_names_the_full_listener() {
         "netns 11: 10 connection attempts dropped because a listen queue was full (port 8080 of web (4242), 2 waiting to be accepted)"
     );
 }
+
+#[test]
+fn a_connect_that_needed_syn_retransmits_is_slow_with_where_the_syns_died() {
+    let mut steps = vec![Ev(ev(0, StateChange, CLIENT, P, SVC)
+        .sock(0x4000)
+        .from(TcpState::Close)
+        .state(TcpState::SynSent))];
+    for ms in [1_000, 2_000, 3_000] {
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock(0x4000)
+            .state(TcpState::SynSent)
+            .flags(TcpFlags::SYN)));
+        // Each SYN dies in the server's namespace after DNAT.
+        steps.push(Ev(ev(ms + 1, Drop, SERVER, P, B)
+            .reason("IP_INADDRERRORS")
+            .location("ip_error+0x94")
+            .flags(TcpFlags::SYN)));
+    }
+    let mut est = ev(7_000, StateChange, CLIENT, P, SVC)
+        .sock(0x4000)
+        .role(Role::Client)
+        .from(TcpState::SynSent)
+        .state(TcpState::Established);
+    est.0.handshake = Some(crate::model::Handshake {
+        retransmits: 3,
+        connect_ms: Some(7_000),
+    });
+    steps.push(Ev(est));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(SlowConnect, Certain, 1)]);
+    let s = &v[0];
+    assert_eq!(s.severity, Severity::Degraded);
+    assert_eq!(s.evidence["syn_retransmits"], json!(3));
+    assert_eq!(s.evidence["connect_ms"], json!(7_000));
+    assert_eq!(s.evidence["dropped"]["reason"], json!("IP_INADDRERRORS"));
+    assert_eq!(s.evidence["dropped"]["drops"], json!(3));
+    assert_eq!(s.evidence["dropped"]["netns"], json!(SERVER));
+    assert_eq!(
+        s.summary,
+        "pod default/client: connected to 10.96.0.10:80 only after 3 SYN retransmits (7.0 s): 3 packets dropped in pod default/server (IP_INADDRERRORS at ip_error+0x94)"
+    );
+}
+
+#[test]
+fn a_reset_after_the_peer_closed_a_busy_connection_is_the_peer_s_abort() {
+    // The peer closed right after the last data (no idle time): not an idle
+    // timeout, the peer application stopped early.
+    let v = run(
+        facts(),
+        vec![
+            Ev(ev(10_001, ResetReceived, CLIENT, P, SVC)
+                .sock(0x3000)
+                .role(Role::Client)
+                .state(TcpState::CloseWait)
+                .peer_fin(0, 0)),
+            Tick(30_000),
+        ],
+    );
+    assert_eq!(causes(&v), vec![(ApplicationAbort, Likely, 1)]);
+    assert_eq!(v[0].severity, Severity::Benign);
+    assert_eq!(v[0].evidence["peer_idle_before_fin_ms"], json!(0));
+}

@@ -151,6 +151,45 @@ impl<'de> Deserialize<'de> for SockPtr {
     }
 }
 
+/// An inclusive port range, written "lo-hi" as the sysctl is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn size(self) -> u32 {
+        (u32::from(self.hi) + 1).saturating_sub(u32::from(self.lo))
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <&str>::deserialize(d)?;
+        s.split_once('-')
+            .and_then(|(lo, hi)| {
+                Some(PortRange {
+                    lo: lo.parse().ok()?,
+                    hi: hi.parse().ok()?,
+                })
+            })
+            .ok_or_else(|| D::Error::custom(format!("not a port range {s:?}")))
+    }
+}
+
 bitflags::bitflags! {
     /// The flags of a TCP segment, written "SYN|ACK" ("NONE" when empty).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -13,7 +13,7 @@ mod probe;
 mod text;
 mod verdict;
 
-pub use kernel::{Errno, SockPtr, TcpFlags, TcpState};
+pub use kernel::{Errno, PortRange, SockPtr, TcpFlags, TcpState};
 pub use probe::{ProbeState, ProbeStatus, Tier};
 pub use text::rfc3339;
 pub use verdict::{Cause, Confidence, Severity, Verdict};
@@ -110,6 +110,12 @@ impl Endpoint {
     pub fn unspecified() -> Self {
         Self::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
     }
+
+    /// No address and no port: a record without this end (a bind has no
+    /// destination, a namespace's counters have no connection).
+    pub fn is_unspecified(&self) -> bool {
+        self.ip.is_unspecified() && self.port == 0
+    }
 }
 
 impl std::fmt::Display for Endpoint {
@@ -164,6 +170,16 @@ pub struct PeerFin {
     pub idle_before_ms: u64,
 }
 
+/// A handshake that completed only after retransmits (of the SYN on the
+/// connecting side, of the SYN-ACK on the accepting side).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    pub retransmits: u32,
+    /// From connect() to ESTABLISHED (the connecting side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<u64>,
+}
+
 /// TCP socket detail read at the moment of the event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpDetail {
@@ -185,6 +201,11 @@ pub struct Event {
     pub time: SystemTime,
     pub kind: EventKind,
     pub src: Endpoint,
+    /// Absent when the event has no destination (a bind).
+    #[serde(
+        default = "Endpoint::unspecified",
+        skip_serializing_if = "Endpoint::is_unspecified"
+    )]
     pub dst: Endpoint,
     /// Network namespace inode (0 when unknown).
     pub netns: u32,
@@ -223,6 +244,13 @@ pub struct Event {
     pub role: Option<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_fin: Option<PeerFin>,
+    /// On a move to ESTABLISHED: the handshake needed retransmits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<Handshake>,
+    /// On connect/bind errors: the namespace's ip_local_port_range when it
+    /// failed, read by the kernel ("32768-60999").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     #[serde(default)]
@@ -259,6 +287,8 @@ impl Event {
             tcp: None,
             role: None,
             peer_fin: None,
+            handshake: None,
+            port_range: None,
             pod: None,
             identity_level: IdentityLevel::Netns,
         }

@@ -23,12 +23,13 @@ pub enum Cause {
     ApplicationAbort,
     TcpStackDrop,
     ListenOverflow,
+    SlowConnect,
     Unexplained,
 }
 
 impl Cause {
     /// Every cause, in the order of the README's table.
-    pub const ALL: [Cause; 15] = [
+    pub const ALL: [Cause; 16] = [
         Cause::IdleTimeout,
         Cause::ConntrackInvalid,
         Cause::ConntrackTableFull,
@@ -43,6 +44,7 @@ impl Cause {
         Cause::ApplicationAbort,
         Cause::TcpStackDrop,
         Cause::ListenOverflow,
+        Cause::SlowConnect,
         Cause::Unexplained,
     ];
 
@@ -63,6 +65,7 @@ impl Cause {
             Cause::ApplicationAbort => "application_abort",
             Cause::TcpStackDrop => "tcp_stack_drop",
             Cause::ListenOverflow => "listen_overflow",
+            Cause::SlowConnect => "slow_connect",
             Cause::Unexplained => "unexplained",
         }
     }
@@ -72,7 +75,7 @@ impl Cause {
     pub fn severity(self) -> Severity {
         match self {
             Cause::ApplicationAbort => Severity::Benign,
-            Cause::RetransmitStorm | Cause::TcpStackDrop => Severity::Degraded,
+            Cause::RetransmitStorm | Cause::TcpStackDrop | Cause::SlowConnect => Severity::Degraded,
             _ => Severity::Failure,
         }
     }
@@ -126,6 +129,12 @@ pub struct Verdict {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
     pub src: Endpoint,
+    /// Absent when the verdict has no destination (a bind, a namespace's
+    /// counters).
+    #[serde(
+        default = "Endpoint::unspecified",
+        skip_serializing_if = "Endpoint::is_unspecified"
+    )]
     pub dst: Endpoint,
     /// One-line explanation for people.
     pub summary: String,
