@@ -905,6 +905,8 @@ pub(super) fn application_abort(ev: &Event) -> Candidate {
         Some("TCP_ABORT_ON_DATA") => "had closed it when more data arrived",
         Some("TCP_DISCONNECT_WITH_DATA") => "disconnected it with data pending",
         Some("TCP_STATE") => "disconnected it (or closed its listener before accepting it)",
+        // Without a reason (before 6.10), a reset answering a segment.
+        None if ev.tcp_flags.is_some() => "had closed it when more data arrived",
         _ => "aborted it",
     };
     Candidate {

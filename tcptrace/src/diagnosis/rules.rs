@@ -129,6 +129,9 @@ struct SockState {
     concluded: Option<(Cause, Confidence)>,
     /// Segments of it the TCP stack dropped.
     stack_drops: u32,
+    /// When the kernel reset it after the application had closed it
+    /// (FIN_WAIT): data arrived that nobody would read.
+    closed_then_reset: Option<SystemTime>,
 }
 
 /// One connection: the kernel reuses freed sock addresses, so the sock
@@ -444,7 +447,17 @@ impl Diagnoser {
                 self.conclude(&key, &c);
                 vec![c]
             }
-            EventKind::ResetSent if is_application_abort(ev) => vec![application_abort(ev)],
+            // tcp_reset() without a reset from the peer: data arrived at a
+            // socket the application had closed (its reset follows).
+            EventKind::ResetReceived
+                if matches!(state, Some(TcpState::FinWait1 | TcpState::FinWait2)) =>
+            {
+                self.sock(&key, ev.time, false).closed_then_reset = Some(ev.time);
+                vec![]
+            }
+            EventKind::ResetSent if is_application_abort(ev) || self.aborted_on_data(&key, ev) => {
+                vec![application_abort(ev)]
+            }
             EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
                 self.reset_sent(ev, facts)
             }
@@ -770,8 +783,23 @@ impl Diagnoser {
         vec![tcp_stack_drop(ev, &reason, n, n == 1)]
     }
 
-    /// Remembers a segment a netfilter rule dropped, by its connection's
-    /// client end (the same before and after NAT), with where it happened.
+    /// Before 6.10 resets carry no reason: a reset answering data at a
+    /// socket the kernel just reset in FIN_WAIT is the abort on data.
+    fn aborted_on_data(&self, key: &SockKey, ev: &Event) -> bool {
+        ev.reason.is_none()
+            && ev
+                .tcp_flags
+                .is_some_and(|f| !f.intersects(TcpFlags::SYN | TcpFlags::RST))
+            && self
+                .socks
+                .get(key)
+                .and_then(|s| s.closed_then_reset)
+                .is_some_and(|t| within(t, ev.time, RESET_CONSEQUENCE))
+    }
+
+    /// Remembers a segment dropped on its connection's path, by the
+    /// connection's client end (the same before and after NAT), with where
+    /// and why.
     fn note_path_drop(&mut self, ev: &Event, ends: Ends) {
         let reason = ev.reason.clone().unwrap_or_default();
         if self.path_drops.len() >= self.cfg.max_socks {
@@ -1168,6 +1196,9 @@ fn is_tcp_stack_drop(reason: &str) -> bool {
     (reason.starts_with("TCP_") && reason != "TCP_LISTEN_OVERFLOW")
         || matches!(reason, "SOCKET_BACKLOG" | "SOCKET_RCVBUFF")
 }
+
+/// How close the kernel's own tcp_reset() and the reset it sends are.
+const RESET_CONSEQUENCE: Duration = Duration::from_secs(1);
 
 /// Idle time before a peer's FIN below which its close was no idle timeout
 /// (servers time idle connections out after seconds).

@@ -1362,3 +1362,37 @@ fn a_reset_after_the_peer_closed_a_busy_connection_is_the_peer_s_abort() {
     assert_eq!(v[0].severity, Severity::Benign);
     assert_eq!(v[0].evidence["peer_idle_before_fin_ms"], json!(0));
 }
+
+#[test]
+fn without_reset_reasons_data_after_close_is_the_application_s_abort() {
+    // 6.1: the client closed (FIN_WAIT1), nginx's data arrived, the kernel
+    // reset the socket (tcp_reset) and answered the data with a reset; no
+    // reason names it.
+    let v = run(
+        facts(),
+        vec![
+            Ev(ev(5_000, ResetReceived, CLIENT, P, SVC)
+                .sock(0x5000)
+                .role(Role::Client)
+                .state(TcpState::FinWait1)),
+            Ev(ev(5_000, ResetSent, CLIENT, P, SVC)
+                .sock(0x5000)
+                .role(Role::Client)
+                .state(TcpState::Close)
+                .flags(TcpFlags::PSH | TcpFlags::ACK)),
+            Tick(30_000),
+        ],
+    );
+    assert_eq!(causes(&v), vec![(ApplicationAbort, Certain, 1)]);
+    assert_eq!(v[0].severity, Severity::Benign);
+    assert_eq!(
+        v[0].resets, 2,
+        "the kernel's reset of the socket and the one it sent"
+    );
+    assert!(
+        v[0].summary
+            .contains("had closed it when more data arrived"),
+        "{}",
+        v[0].summary
+    );
+}
