@@ -481,6 +481,7 @@ mod tests {
             identity_level: IdentityLevel::Pod,
             netns: 7,
             netns_name: None,
+            node: None,
             pid: None,
             comm: None,
             src: Endpoint::unspecified(),

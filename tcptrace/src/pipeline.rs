@@ -3,7 +3,8 @@
 //! falls short: attribution rescans, and a namespace's facts read at its
 //! failure when they are missing or older than it.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -39,6 +40,10 @@ pub struct Pipeline {
     facts_read: HashMap<u32, Instant>,
     /// Reads at failures in the current second: (its start, count).
     failure_reads: (Instant, u32),
+    /// The attribution scan whose nodes the facts carry.
+    nodes_scan: u64,
+    /// Other nodes' NodePorts (kind), by node namespace.
+    node_nodeports: HashMap<u32, BTreeMap<u16, String>>,
 }
 
 /// What processing one event produced.
@@ -65,6 +70,44 @@ impl Pipeline {
             firewall_netns: BTreeSet::new(),
             facts_read: HashMap::new(),
             failure_reads: (Instant::now(), 0),
+            nodes_scan: 0,
+            node_nodeports: HashMap::new(),
+        }
+    }
+
+    /// The nodes sharing this kernel other than tcptrace's own (kind), as
+    /// files to enter their network namespaces through: their kube-proxy
+    /// rules are wanted.
+    pub fn other_nodes(&self) -> Vec<(u32, PathBuf)> {
+        let mut nodes: Vec<(u32, PathBuf)> = self
+            .attributor
+            .other_nodes()
+            .iter()
+            .map(|(ns, n)| (*ns, n.netns_file.clone()))
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// Takes the Services of the node tcptrace runs in and of the other
+    /// nodes (by namespace): their NodePorts stay each node's own.
+    pub fn set_all_services(&mut self, services: ServiceMap, others: Vec<(u32, ServiceMap)>) {
+        let mut all = services;
+        self.node_nodeports.clear();
+        for (ns, map) in others {
+            self.node_nodeports
+                .insert(ns, map.nodeport_names().collect());
+            all.merge(map);
+        }
+        self.facts.node_nodeports.clone_from(&self.node_nodeports);
+        self.set_services(all);
+    }
+
+    /// Copies the nodes of the latest attribution scan into the facts.
+    fn sync_nodes(&mut self) {
+        if self.attributor.scans() != self.nodes_scan {
+            self.nodes_scan = self.attributor.scans();
+            self.facts.node_of.clone_from(self.attributor.node_of());
         }
     }
 
@@ -74,6 +117,8 @@ impl Pipeline {
         let now = Instant::now();
         self.unknown_netns.retain(|n| !facts.netns.contains_key(n));
         facts.add_nodeports(self.nodeports.iter().cloned());
+        facts.node_nodeports.clone_from(&self.node_nodeports);
+        facts.node_of.clone_from(self.attributor.node_of());
         for ns in facts.netns.keys() {
             self.facts_read.insert(*ns, now);
         }
@@ -100,7 +145,7 @@ impl Pipeline {
             .facts_read
             .get(&ev.netns)
             .is_some_and(|t| now.saturating_duration_since(*t) < FACTS_FRESH);
-        if ev.netns == 0 || fresh || self.facts.node_netns == Some(ev.netns) {
+        if ev.netns == 0 || fresh || self.facts.is_node(ev.netns) {
             return;
         }
         if now.saturating_duration_since(self.failure_reads.0) >= Duration::from_secs(1) {
@@ -158,6 +203,7 @@ impl Pipeline {
                 watch_firewall: None,
             };
         }
+        self.sync_nodes();
         self.facts_at_failure(&ev);
         let needs_facts = ev.netns != 0
             && !self.facts.netns.contains_key(&ev.netns)
@@ -204,6 +250,7 @@ impl Pipeline {
     /// moved for the live sinks.
     pub fn tick(&mut self, now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {
         self.attributor.refresh(Instant::now());
+        self.sync_nodes();
         let attributor = &mut self.attributor;
         let diagnosed = self
             .diagnoser

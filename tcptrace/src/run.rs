@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeSet, HashMap},
     io::{self, IsTerminal as _},
+    path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -244,6 +245,7 @@ impl Session {
                 refresher,
                 tally: Tally::default(),
                 notices: Notices::default(),
+                nodes: Vec::new(),
             },
         })
     }
@@ -299,7 +301,11 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
-                    apply_updates(&self.stages.refresher, &mut self.stages.pipeline);
+                    apply_updates(
+                        &self.stages.refresher,
+                        &mut self.stages.pipeline,
+                        &mut self.stages.nodes,
+                    );
                     for warning in self.stages.pipeline.take_warnings() {
                         self.stages.notices.warn(format!("warning: {warning}"));
                     }
@@ -346,12 +352,23 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn apply_updates(refresher: &Refresher, pipeline: &mut Pipeline) {
+fn apply_updates(refresher: &Refresher, pipeline: &mut Pipeline, nodes: &mut Vec<(u32, PathBuf)>) {
     for update in refresher.updates() {
         if let Some(rules) = &update.rules {
-            pipeline.set_services(ServiceMap::from_dumps(rules));
+            let others = update
+                .node_rules
+                .iter()
+                .map(|(ns, r)| (*ns, ServiceMap::from_dumps(r)))
+                .collect();
+            pipeline.set_all_services(ServiceMap::from_dumps(rules), others);
         }
         pipeline.set_facts(update.facts);
+    }
+    // Other nodes on this kernel (kind): their rules are read too.
+    let found = pipeline.other_nodes();
+    if found != *nodes {
+        refresher.watch_nodes(found.clone());
+        *nodes = found;
     }
 }
 
@@ -362,6 +379,8 @@ struct Stages {
     refresher: Refresher,
     tally: Tally,
     notices: Notices,
+    /// The other nodes whose rules the refresher reads.
+    nodes: Vec<(u32, PathBuf)>,
 }
 
 impl Stages {
@@ -373,8 +392,9 @@ impl Stages {
             refresher,
             tally,
             notices,
+            nodes,
         } = self;
-        apply_updates(refresher, pipeline);
+        apply_updates(refresher, pipeline, nodes);
         let mut written = Ok(());
         let n = tracer.drain(DRAIN_BATCH, |decoded| match decoded {
             Ok(ev) => {

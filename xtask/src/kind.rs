@@ -21,8 +21,8 @@
 //!     -> `/`, every cgroup tcptrace can see is this node's;
 //!   - host cgroup namespace: `0::/system.slice/docker-<id>.scope/init.scope`
 //!     -> `/system.slice/docker-<id>.scope`.
-//! - A privileged container gets /sys but not tracefs, which attaching
-//!   tracepoints needs: it is mounted in the node's mount namespace first.
+//! - tcptrace mounts tracefs itself where a node lacks it (its bind
+//!   hooks need it): nothing is prepared in the node but the binary.
 //! - `docker exec` does not pass signals on to the process it started, so
 //!   each agent is started through `sh` writing its pid to [`PID_FILE`];
 //!   stopping sends SIGTERM to that pid (tcptrace then flushes and exits 0).
@@ -137,24 +137,14 @@ pub fn parse_scope(proc1_cgroup: &str) -> Result<String> {
     Ok(if node.is_empty() { "/" } else { node }.to_string())
 }
 
-/// Copies the binary in and makes sure tracefs is mounted in the node.
+/// Copies the binary into the node.
 pub fn prepare_plan(node: &str, bin: &Path) -> Vec<Vec<String>> {
-    vec![
-        strings(&[
-            "docker",
-            "cp",
-            &bin.display().to_string(),
-            &format!("{node}:{NODE_BIN}"),
-        ]),
-        strings(&[
-            "docker",
-            "exec",
-            node,
-            "sh",
-            "-c",
-            "[ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing",
-        ]),
-    ]
+    vec![strings(&[
+        "docker",
+        "cp",
+        &bin.display().to_string(),
+        &format!("{node}:{NODE_BIN}"),
+    ])]
 }
 
 /// Quotes one word for `sh -c`.
@@ -509,25 +499,15 @@ mod tests {
     }
 
     #[test]
-    fn prepares_a_node_with_the_binary_and_tracefs() {
+    fn prepares_a_node_with_the_binary() {
         assert_eq!(
             prepare_plan("kind-worker", Path::new("/w/target/static/tcptrace")),
-            vec![
-                s(&[
-                    "docker",
-                    "cp",
-                    "/w/target/static/tcptrace",
-                    "kind-worker:/usr/local/bin/tcptrace"
-                ]),
-                s(&[
-                    "docker",
-                    "exec",
-                    "kind-worker",
-                    "sh",
-                    "-c",
-                    "[ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing",
-                ]),
-            ]
+            vec![s(&[
+                "docker",
+                "cp",
+                "/w/target/static/tcptrace",
+                "kind-worker:/usr/local/bin/tcptrace"
+            ])]
         );
         assert_eq!(
             scope_cmd("kind-worker"),

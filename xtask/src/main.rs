@@ -12,6 +12,7 @@ mod apt;
 mod bench;
 mod elf;
 mod kind;
+mod kind_cluster;
 mod kselftest;
 mod setup;
 mod vm;
@@ -62,6 +63,12 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// A kind-shaped cluster on this machine's Docker engine (root): node
+    /// containers labelled as kind labels them, pods inside, no registry.
+    KindCluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// The kernel's own network selftests (Debian's linux-source-6.1) under
     /// tcptrace (root): the `kselftest` suite, writing docs/kselftests.md.
     Kselftest,
@@ -94,6 +101,23 @@ struct KindArgs {
     /// Arguments for tcptrace.
     #[arg(last = true)]
     args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start the nodes (and dockerd, when none runs).
+    Up {
+        #[arg(long, default_value = "kind")]
+        name: String,
+        #[arg(long, default_value_t = 2)]
+        nodes: u8,
+    },
+    /// Remove the nodes, their network, the image and the dockerd `up`
+    /// started.
+    Down {
+        #[arg(long, default_value = "kind")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +162,13 @@ fn run(task: Task) -> Result<()> {
         Task::Test { no_root, no_vm } => test(no_root, no_vm),
         Task::Bench { smoke } => bench::bench(smoke),
         Task::Kselftest => kselftest_suite(),
+        Task::KindCluster { action } => match action {
+            ClusterAction::Up { name, nodes } => {
+                setup::ensure()?;
+                kind_cluster::up(&kind_cluster::Options { name, nodes })
+            }
+            ClusterAction::Down { name } => kind_cluster::down(&name),
+        },
         Task::VmTest(args) => vm::vm_test(&args),
         Task::Kind(k) => match k.action {
             Some(KindAction::Stop) => kind::stop(&k.name, &k.nodes),
@@ -325,6 +356,8 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         );
     }
     build(false)?;
+    // The kind test runs `cargo xtask kind`, which ships the static binary.
+    build_static()?;
     let selftests = kselftest::prepare()?;
     // What the tests and tcptrace mount (tracefs, network namespaces) stays
     // in a mount namespace of this run's own and is gone with it.
@@ -333,6 +366,7 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
         "root integration tests",
         cargo()
             .env("TCPTRACE_BIN", target_dir().join("debug/tcptrace"))
+            .env("TCPTRACE_XTASK", env::current_exe()?)
             .env("TCPTRACE_KSELFTESTS", selftests.env_value())
             .args([
                 "test",

@@ -48,6 +48,8 @@ const PACKAGES: &[&str] = &[
     "socat",
     "iputils-ping",
     "xz-utils",
+    // kind-shaped clusters and the agent image, on a real Docker engine.
+    "docker.io",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian's rustc, registered with rustup; aya-build runs it by this name.

@@ -16,6 +16,7 @@
 mod cgroup;
 mod host;
 mod kubelet;
+pub mod nodes;
 mod services;
 
 #[cfg(test)]
@@ -25,10 +26,11 @@ mod tests;
 
 use std::{
     collections::{HashMap, HashSet},
+    fs,
     hash::Hash,
     io,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -118,6 +120,15 @@ struct NetnsInfo {
     checked: Instant,
 }
 
+/// A node of this kernel other than tcptrace's own (a kind node).
+#[derive(Clone, Debug)]
+pub struct OtherNode {
+    /// Its hostname (the node's name).
+    pub name: Option<String>,
+    /// Its network namespace, through one of its processes.
+    pub netns_file: PathBuf,
+}
+
 #[derive(Debug)]
 struct CgroupInfo {
     owner: Option<Identity>,
@@ -136,9 +147,16 @@ pub struct Attributor {
     /// Keys still unknown after a scan; cleared by the next scan.
     missed_netns: HashSet<u32>,
     missed_cgroups: HashSet<u64>,
+    /// Nodes sharing this kernel (kind), other than the one tcptrace runs
+    /// in, by network namespace.
+    other_nodes: HashMap<u32, OtherNode>,
+    /// Each pod namespace's node namespace.
+    node_of: HashMap<u32, u32>,
     /// Namespaces looked up by name since the last scan.
     looked_up_netns: HashSet<u32>,
     last_scan: Option<Instant>,
+    /// Scans so far, to tell when the nodes may have changed.
+    scans: u64,
     warnings: Vec<String>,
     warned: HashSet<String>,
 }
@@ -155,8 +173,11 @@ impl Attributor {
             services: ServiceMap::default(),
             missed_netns: HashSet::new(),
             missed_cgroups: HashSet::new(),
+            other_nodes: HashMap::new(),
+            node_of: HashMap::new(),
             looked_up_netns: HashSet::new(),
             last_scan: None,
+            scans: 0,
             warnings: Vec::new(),
             warned: HashSet::new(),
         }
@@ -194,6 +215,13 @@ impl Attributor {
         let identity = by_cgroup.or_else(|| netns.and_then(|n| n.pod.as_ref()));
         if ev.netns_name.is_none() {
             ev.netns_name = netns.and_then(|n| n.name.clone());
+        }
+        let node_netns = self.node_of.get(&ev.netns).copied().unwrap_or(ev.netns);
+        if ev.node.is_none() {
+            ev.node = self
+                .other_nodes
+                .get(&node_netns)
+                .and_then(|n| n.name.clone());
         }
         ev.identity_level = match identity {
             Some(id) => {
@@ -306,6 +334,21 @@ impl Attributor {
         );
     }
 
+    /// The other nodes of this kernel (kind), by network namespace.
+    pub fn other_nodes(&self) -> &HashMap<u32, OtherNode> {
+        &self.other_nodes
+    }
+
+    /// Each pod namespace's node namespace, as the last scan found them.
+    pub fn node_of(&self) -> &HashMap<u32, u32> {
+        &self.node_of
+    }
+
+    /// How many scans ran (the nodes change only with one).
+    pub fn scans(&self) -> u64 {
+        self.scans
+    }
+
     /// Files to enter namespace `ino` through, best first: where the last
     /// scan found it, `pid`'s namespace link, the named namespace with
     /// that inode (the caller checks the inode of what it enters).
@@ -385,31 +428,95 @@ impl Attributor {
             .is_some_and(|s| s.contains_cgroup(cgroup_path))
     }
 
+    /// Finds the nodes of this kernel by the processes' cgroups; those that
+    /// are not tcptrace's own are named by their hostname.
+    fn find_nodes(&mut self, procs: &[host::ProcEntry]) {
+        let list: Vec<nodes::Proc<'_>> = procs
+            .iter()
+            .filter_map(|p| {
+                Some(nodes::Proc {
+                    pid: p.pid,
+                    netns: p.netns,
+                    cgroup: parse_proc_cgroup(&p.cgroup).unified?,
+                })
+            })
+            .collect();
+        let (found, node_of) = nodes::find(&list);
+        let own = node::netns::inode(Path::new("/proc/self/ns/net")).unwrap_or(0);
+        let proc_dir = self.cfg.host_root.join("proc");
+        self.other_nodes = found
+            .into_values()
+            .filter(|n| n.netns != own && !n.cgroup.is_empty())
+            .map(|n| {
+                let dir = proc_dir.join(n.pid.to_string());
+                let name = fs::read_to_string(dir.join("root/etc/hostname"))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty());
+                (
+                    n.netns,
+                    OtherNode {
+                        name,
+                        netns_file: dir.join("ns/net"),
+                    },
+                )
+            })
+            .collect();
+        self.node_of = node_of;
+    }
+
     /// Reads the host tables and merges them into the caches.
     fn scan(&mut self, now: Instant) {
         self.last_scan = Some(now);
+        self.scans += 1;
         self.missed_netns.clear();
         self.missed_cgroups.clear();
         self.looked_up_netns.clear();
         let root = self.cfg.host_root.clone();
         let cap = self.cfg.max_entries;
 
+        let proc_dir = root.join("proc");
+        let procs = host::read_procs(&proc_dir).unwrap_or_else(|e| {
+            self.warn(format!("cannot read {}: {e}", proc_dir.display()));
+            Vec::new()
+        });
+        self.find_nodes(&procs);
         let pods_dir = root.join("var/log/pods");
-        let pods = kubelet::read_pod_logs(&pods_dir).unwrap_or_else(|e| {
-            self.warn(format!(
-                "cannot read {}: {e}; pods are named by uid only (mount the host's /var/log under --host-root)",
-                pods_dir.display()
-            ));
+        // On a host of kind nodes the pods are the nodes': no kubelet here.
+        let kubelet_here = self.other_nodes.is_empty();
+        let mut pods = kubelet::read_pod_logs(&pods_dir).unwrap_or_else(|e| {
+            if kubelet_here {
+                self.warn(format!(
+                    "cannot read {}: {e}; pods are named by uid only (mount the host's /var/log under --host-root)",
+                    pods_dir.display()
+                ));
+            }
             HashMap::new()
         });
         let links_dir = root.join("var/log/containers");
-        let containers = kubelet::read_container_logs(&links_dir).unwrap_or_else(|e| {
-            self.warn(format!(
-                "cannot read {}: {e}; containers are named only in single-container pods",
-                links_dir.display()
-            ));
+        let mut containers = kubelet::read_container_logs(&links_dir).unwrap_or_else(|e| {
+            if kubelet_here {
+                self.warn(format!(
+                    "cannot read {}: {e}; containers are named only in single-container pods",
+                    links_dir.display()
+                ));
+            }
             HashMap::new()
         });
+        // Other nodes' pods are named by their own kubelet's files.
+        for node in self.other_nodes.values() {
+            let Some(node_root) = node.netns_file.parent().and_then(Path::parent) else {
+                continue;
+            };
+            let node_root = node_root.join("root");
+            pods.extend(
+                kubelet::read_pod_logs(&node_root.join("var/log/pods")).unwrap_or_default(),
+            );
+            containers.extend(
+                kubelet::read_container_logs(&node_root.join("var/log/containers"))
+                    .unwrap_or_default(),
+            );
+        }
         let kube = Kube {
             pods: &pods,
             containers: &containers,
@@ -447,11 +554,6 @@ impl Attributor {
             )),
         }
 
-        let proc_dir = root.join("proc");
-        let procs = host::read_procs(&proc_dir).unwrap_or_else(|e| {
-            self.warn(format!("cannot read {}: {e}", proc_dir.display()));
-            Vec::new()
-        });
         let mut owners: HashMap<u32, NetnsOwners> = HashMap::new();
         for p in &procs {
             let cg = parse_proc_cgroup(&p.cgroup);

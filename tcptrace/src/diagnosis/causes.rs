@@ -59,7 +59,7 @@ pub(super) fn who(ev: &Event) -> String {
 
 /// Where a sysctl must be set for the event's namespace.
 pub(super) fn where_set(ns: u32, ev: &Event, facts: &NodeFacts) -> String {
-    if facts.node_netns == Some(ns) {
+    if facts.is_node(ns) {
         "on the node".into()
     } else if let Some(p) = ev.pod.as_ref().filter(|_| ns == ev.netns) {
         format!("in the network namespace of pod {}/{}", p.namespace, p.name)
@@ -86,6 +86,7 @@ pub(super) fn verdict(
         identity_level: ev.identity_level,
         netns: ev.netns,
         netns_name: ev.netns_name.clone(),
+        node: ev.node.clone(),
         pid: ev.pid,
         comm: ev.comm.clone(),
         src: ev.src.clone(),
@@ -203,7 +204,7 @@ pub(super) fn conntrack_invalid(
     facts: &NodeFacts,
 ) -> Candidate {
     let node_ct = facts
-        .node_netns
+        .node_for(rr.netns)
         .and_then(|ns| facts.netns.get(&ns))
         .and_then(|f| f.ct.as_ref());
     let confidence = if sent.is_some() && invalid.known() {
@@ -282,7 +283,7 @@ pub(super) fn table_full(
         Confidence::Likely
     };
     let target = ct.max.max(ct.count).saturating_mul(2);
-    let place = if facts.node_netns == Some(ns) {
+    let place = if facts.is_node(ns) {
         "on the node".to_string()
     } else {
         format!("in network namespace {ns}")
@@ -329,16 +330,17 @@ pub(super) fn nodeport_collision(
 ) -> Option<Candidate> {
     // NodePort rules match packets addressed to the node itself, so only
     // sockets of the node's namespace (host network) can collide.
-    if facts.node_netns.is_some_and(|n| n != ev.netns) && ev.netns != 0 {
+    if facts.node_netns.is_some() && !facts.is_node(ev.netns) && ev.netns != 0 {
         return None;
     }
     let port = ev.src.port;
     let ns = facts.netns.get(&ev.netns);
     let reserved = ns.map_or(Vec::new(), |f| f.reserved_ports.clone());
-    let service = facts.nodeports.get(&port);
+    let nodeports = facts.nodeports_of(ev.netns);
+    let service = nodeports.get(&port);
     let (confidence, list) = if service.is_some() {
         let mut l = reserved.clone();
-        l.extend(facts.nodeports.keys().map(|&p| (p, p)));
+        l.extend(nodeports.keys().map(|&p| (p, p)));
         (Confidence::Certain, l)
     } else {
         let f: &NetnsFacts = ns?;

@@ -735,7 +735,7 @@ impl Diagnoser {
     fn invalid_evidence(&self, facts: &NodeFacts, rr: &Event) -> InvalidEvidence {
         let window = self.cfg.correlation_window;
         InvalidEvidence {
-            delta: self.invalid_rise(facts, rr.time),
+            delta: self.invalid_rise(facts, rr.netns, rr.time),
             marked: self
                 .invalid_marks
                 .iter()
@@ -767,9 +767,9 @@ impl Diagnoser {
         vec![c]
     }
 
-    /// The node's invalid counter rose near `time`.
-    fn invalid_rise(&self, facts: &NodeFacts, time: SystemTime) -> Option<u64> {
-        let t = self.trends.get(&facts.node_netns?)?;
+    /// The invalid counter of the node routing `netns` rose near `time`.
+    fn invalid_rise(&self, facts: &NodeFacts, netns: u32, time: SystemTime) -> Option<u64> {
+        let t = self.trends.get(&facts.node_for(netns)?)?;
         (t.invalid > 0 && within(t.at, time, self.cfg.correlation_window)).then_some(t.invalid)
     }
 
@@ -879,7 +879,7 @@ impl Diagnoser {
         let netns = if facts.netns.get(&ev.netns).is_some_and(|f| f.ct.is_some()) {
             Some(ev.netns)
         } else {
-            facts.node_netns
+            facts.node_for(ev.netns)
         };
         let Some((ns, ct)) = netns.and_then(|ns| Some((ns, facts.netns.get(&ns)?.ct.as_ref()?)))
         else {
@@ -945,28 +945,37 @@ impl Diagnoser {
                 }
             }
         }
+        // Each waiting reset is confirmed by the counter of its own node.
         let window = self.cfg.correlation_window;
-        if let Some(delta) = self.invalid_rise(facts, now) {
-            for (rr, sent) in std::mem::take(&mut self.pairs_awaiting_counter) {
-                if within(rr.time, now, window) {
+        let pairs = std::mem::take(&mut self.pairs_awaiting_counter);
+        for (rr, sent) in pairs {
+            if !within(rr.time, now, window) {
+                continue;
+            }
+            match self.invalid_rise(facts, rr.netns, now) {
+                Some(delta) => {
                     let mut invalid = self.invalid_evidence(facts, &rr);
                     invalid.delta = Some(delta);
                     let mut c = conntrack_invalid(&rr, Some(&sent), &invalid, facts);
                     c.occurrence = false;
                     out.push(c);
                 }
+                None => self.pairs_awaiting_counter.push_back((rr, sent)),
             }
-            let waiting: Vec<Event> = self.resets_awaiting_pair.iter().cloned().collect();
-            for rr in waiting {
-                let key = SockKey::of(&rr);
-                let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
-                if !known && within(rr.time, now, window) {
-                    let mut invalid = self.invalid_evidence(facts, &rr);
-                    invalid.delta = Some(delta);
-                    let c = conntrack_invalid(&rr, None, &invalid, facts);
-                    self.conclude(&key, &c);
-                    out.push(c);
-                }
+        }
+        let waiting: Vec<Event> = self.resets_awaiting_pair.iter().cloned().collect();
+        for rr in waiting {
+            let Some(delta) = self.invalid_rise(facts, rr.netns, now) else {
+                continue;
+            };
+            let key = SockKey::of(&rr);
+            let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
+            if !known && within(rr.time, now, window) {
+                let mut invalid = self.invalid_evidence(facts, &rr);
+                invalid.delta = Some(delta);
+                let c = conntrack_invalid(&rr, None, &invalid, facts);
+                self.conclude(&key, &c);
+                out.push(c);
             }
         }
         out

@@ -24,6 +24,11 @@ pub struct NodeFacts {
     pub ipvs_tcp_timeout_s: Option<u64>,
     /// Idle timeout of an SDN / load balancer on the path (`--middlebox-timeout`).
     pub middlebox_timeout_s: Option<u64>,
+    /// Where several nodes share the kernel (kind): each pod namespace's
+    /// node namespace. A namespace missing here is routed by `node_netns`.
+    pub node_of: HashMap<u32, u32>,
+    /// The NodePorts of those other nodes, by their namespace.
+    pub node_nodeports: HashMap<u32, BTreeMap<u16, String>>,
 }
 
 impl Default for NodeFacts {
@@ -35,6 +40,8 @@ impl Default for NodeFacts {
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             ipvs_tcp_timeout_s: None,
             middlebox_timeout_s: None,
+            node_of: HashMap::new(),
+            node_nodeports: HashMap::new(),
         }
     }
 }
@@ -61,6 +68,24 @@ impl PathTimeout {
 }
 
 impl NodeFacts {
+    /// Whether `netns` is a node's own namespace.
+    pub fn is_node(&self, netns: u32) -> bool {
+        self.node_netns == Some(netns) || self.node_nodeports.contains_key(&netns)
+    }
+
+    /// The namespace of the node that routes `netns` (itself for a node).
+    pub fn node_for(&self, netns: u32) -> Option<u32> {
+        if self.is_node(netns) {
+            return Some(netns);
+        }
+        self.node_of.get(&netns).copied().or(self.node_netns)
+    }
+
+    /// The NodePorts of node `node`.
+    pub fn nodeports_of(&self, node: u32) -> &BTreeMap<u16, String> {
+        self.node_nodeports.get(&node).unwrap_or(&self.nodeports)
+    }
+
     /// Each namespace's listen counters, to compare the next reading with.
     pub fn listen_stats(&self) -> HashMap<u32, ListenStats> {
         self.netns
@@ -87,13 +112,14 @@ impl NodeFacts {
                 .map(|ct| ct.established_timeout_s)
         };
         let mut candidates = Vec::new();
-        if let Some(s) = self.node_netns.and_then(ct_timeout) {
+        let node = self.node_for(netns);
+        if let Some(s) = node.and_then(ct_timeout) {
             candidates.push(PathTimeout {
                 secs: s,
                 source: "conntrack:node",
             });
         }
-        if Some(netns) != self.node_netns
+        if Some(netns) != node
             && let Some(s) = ct_timeout(netns)
         {
             candidates.push(PathTimeout {

@@ -211,6 +211,10 @@ pub struct Event {
     pub netns: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_name: Option<String>,
+    /// The node whose namespace routes this one, when several nodes share
+    /// the kernel (kind) and it is not the one tcptrace runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,6 +278,7 @@ impl Event {
             dst,
             netns,
             netns_name: None,
+            node: None,
             pid: None,
             comm: None,
             cgroup_id: None,

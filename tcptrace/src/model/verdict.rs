@@ -124,6 +124,9 @@ pub struct Verdict {
     pub netns: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_name: Option<String>,
+    /// As on events: the node, when several share the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -97,10 +97,12 @@ pub fn rules(cfg: &FactsConfig) -> RuleDumps {
 /// Service rules change rarely and cost a few process runs to read.
 const SERVICES_EVERY: u32 = 6;
 
-/// One refresh: the facts, and kube-proxy's rules when they were re-read.
+/// One refresh: the facts, and kube-proxy's rules when they were re-read:
+/// the node's, and the other nodes' by namespace.
 pub struct Update {
     pub facts: NodeFacts,
     pub rules: Option<RuleDumps>,
+    pub node_rules: Vec<(u32, RuleDumps)>,
 }
 
 /// Namespaces whose drop rules are read, at most.
@@ -113,6 +115,9 @@ enum Wake {
     /// Netfilter dropped a traced connection's packets in this namespace:
     /// read its drop rules from now on.
     Firewall(u32),
+    /// Other nodes share the kernel (kind): read their kube-proxy rules
+    /// too, through these files.
+    Nodes(Vec<(u32, PathBuf)>),
 }
 
 /// A background refresher: collects every `interval`, or at once when woken.
@@ -133,13 +138,19 @@ impl Refresher {
                 let mut round = 0u32;
                 let mut firewall = BTreeSet::new();
                 let mut prev = HashMap::new();
+                let mut nodes: Vec<(u32, PathBuf)> = Vec::new();
                 loop {
-                    let mut take = |w: Wake| {
-                        if let Wake::Firewall(ns) = w
-                            && firewall.len() < MAX_FIREWALL_NETNS
-                        {
+                    // New nodes get their rules read at once.
+                    let mut new_nodes = false;
+                    let mut take = |w: Wake| match w {
+                        Wake::Firewall(ns) if firewall.len() < MAX_FIREWALL_NETNS => {
                             firewall.insert(ns);
                         }
+                        Wake::Nodes(list) => {
+                            new_nodes = true;
+                            nodes = list;
+                        }
+                        _ => {}
                     };
                     match woken.recv_timeout(interval) {
                         Ok(w) => {
@@ -153,10 +164,26 @@ impl Refresher {
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                     round += 1;
-                    let rules = round.is_multiple_of(SERVICES_EVERY).then(|| rules(&cfg));
+                    let due = round.is_multiple_of(SERVICES_EVERY) || new_nodes;
+                    let rules = due.then(|| rules(&cfg));
+                    let node_rules = if due {
+                        nodes
+                            .iter()
+                            .map(|(ns, file)| (*ns, kube_proxy::read_rules(Some(file))))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                     let (facts, _) = collect(&cfg, &firewall, &prev);
                     prev = facts.listen_stats();
-                    if tx.send(Update { facts, rules }).is_err() {
+                    if tx
+                        .send(Update {
+                            facts,
+                            rules,
+                            node_rules,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -166,6 +193,11 @@ impl Refresher {
 
     pub fn wake(&self) {
         let _ = self.wake.send(Wake::Facts);
+    }
+
+    /// Reads these other nodes' kube-proxy rules from now on.
+    pub fn watch_nodes(&self, nodes: Vec<(u32, PathBuf)>) {
+        let _ = self.wake.send(Wake::Nodes(nodes));
     }
 
     /// Reads the drop rules of namespace `netns` from now on.

@@ -113,6 +113,7 @@ fn verdict(
         },
         pod,
         netns_name: None,
+        node: None,
         pid: None,
         comm: None,
         src,

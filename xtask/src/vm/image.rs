@@ -124,7 +124,7 @@ pub(super) fn cached_base(
 ) -> Result<PathBuf> {
     let release = &kernel.release;
     let base = vm_dir.join(format!("base-{release}.cpio"));
-    let fingerprint = base_fingerprint(busybox);
+    let fingerprint = fingerprint(busybox);
     let stamp = base.with_extension("stamp");
     let fresh = fs::read_to_string(&stamp).is_ok_and(|s| s == fingerprint);
     if rebuild || !fresh || !base.exists() {
@@ -139,7 +139,8 @@ pub(super) fn cached_base(
     Ok(base)
 }
 
-fn base_fingerprint(busybox: &Path) -> String {
+/// What the base image is made of: it is rebuilt when this changes.
+pub(crate) fn fingerprint(busybox: &Path) -> String {
     let mut h = DefaultHasher::new();
     IMAGE_VERSION.hash(&mut h);
     REQUIRED_MODULES.hash(&mut h);
@@ -158,8 +159,16 @@ fn base_fingerprint(busybox: &Path) -> String {
 
 /// Tools, libraries, busybox and modules of one kernel.
 fn write_base(kdir: &Path, release: &str, busybox: &Path, out: &Path) -> Result<()> {
-    let mut img = Image::with_layout();
+    let mut img = userland(busybox)?;
     img.bytes("/init", INIT.as_bytes().to_vec(), 0o755);
+    modules::add_modules(&mut img, kdir, release)?;
+    img.write(out)
+}
+
+/// What the VM and the kind-shaped nodes run on: the host's network tools,
+/// their libraries, Python, and busybox for every other command.
+pub(crate) fn userland(busybox: &Path) -> Result<Image> {
+    let mut img = Image::with_layout();
     img.bytes(
         "/etc/passwd",
         b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
@@ -215,8 +224,7 @@ fn write_base(kdir: &Path, release: &str, busybox: &Path, out: &Path) -> Result<
             img.symlink(&format!("/usr/bin/{applet}"), "busybox");
         }
     }
-    modules::add_modules(&mut img, kdir, release)?;
-    img.write(out)
+    Ok(img)
 }
 
 /// Copies a directory tree (regular files and symlinks), skipping names.
@@ -301,9 +309,10 @@ enum Data {
     Bytes(Vec<u8>),
 }
 
-/// An initramfs tree, written as a newc cpio archive.
+/// An initramfs tree, written as a newc cpio archive (or as a directory,
+/// for `docker import`).
 #[derive(Default)]
-pub(super) struct Image {
+pub(crate) struct Image {
     nodes: BTreeMap<String, Node>,
 }
 
@@ -364,7 +373,7 @@ impl Image {
         }
     }
 
-    pub(super) fn bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
+    pub(crate) fn bytes(&mut self, path: &str, data: Vec<u8>, mode: u32) {
         self.parent(path);
         self.nodes.insert(
             Self::key(path),
@@ -425,6 +434,30 @@ impl Image {
     fn write(&self, out: &Path) -> Result<()> {
         let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
         self.archive(BufWriter::new(file))?.flush()?;
+        Ok(())
+    }
+
+    /// The tree under directory `root` (device nodes left to the runtime).
+    pub(crate) fn write_dir(&self, root: &Path) -> Result<()> {
+        use std::os::unix::fs::{PermissionsExt as _, symlink};
+        for (name, node) in &self.nodes {
+            let path = root.join(name);
+            match node {
+                Node::Dir => fs::create_dir_all(&path)?,
+                Node::Symlink(target) => symlink(target, &path)?,
+                Node::CharDev(..) => {}
+                Node::File { data, mode } => {
+                    match data {
+                        Data::Bytes(b) => fs::write(&path, b)?,
+                        Data::Host(p) => {
+                            fs::copy(p, &path)
+                                .with_context(|| format!("copying {}", p.display()))?;
+                        }
+                    }
+                    fs::set_permissions(&path, fs::Permissions::from_mode(*mode))?;
+                }
+            }
+        }
         Ok(())
     }
 

@@ -79,7 +79,7 @@ fn fetch_unpacked(package: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn fetch_busybox(vm_dir: &Path) -> Result<PathBuf> {
+pub(crate) fn fetch_busybox(vm_dir: &Path) -> Result<PathBuf> {
     let dir = vm_dir.join("busybox-static");
     fetch_unpacked("busybox-static", &dir)?;
     let bin = dir.join("bin/busybox");

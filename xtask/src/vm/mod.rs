@@ -32,10 +32,12 @@ use console::KernelReport;
 use kernels::{KERNELS, KernelSpec};
 
 mod console;
-mod image;
+pub(crate) mod image;
 mod kernels;
 mod modules;
 mod report;
+
+pub(crate) use kernels::fetch_busybox;
 
 /// Marker the guest prints before its reports; the rest is console noise.
 const MARK: &str = "@@vm ";
@@ -109,7 +111,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     }
     let vm_dir = workspace_root().join("target/vm");
     fs::create_dir_all(&vm_dir).with_context(|| format!("creating {}", vm_dir.display()))?;
-    let busybox = kernels::fetch_busybox(&vm_dir)?;
+    let busybox = fetch_busybox(&vm_dir)?;
     let payload = vm_dir.join("payload.cpio");
     let t = Instant::now();
     // From here on, the snapshot the VM runs (the shared target dir may be
