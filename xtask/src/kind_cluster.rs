@@ -6,16 +6,14 @@
 //! says how) makes pods, kube-proxy-style Services and routes to the other
 //! nodes' pods.
 //!
-//! The engine is Debian's docker.io, started here when none runs, so that
-//! it leaves the host's firewall and forwarding alone (`--iptables=false`,
-//! `--ip-forward=false`, no default bridge) and stopped with the cluster.
+//! The engine is the one `crate::docker` starts when none runs, stopped
+//! with the last cluster.
 //! The node image is imported from a tree built like the VM's initramfs:
 //! the host's network tools and Python, busybox for the rest.
 use std::{
     fs,
     hash::{DefaultHasher, Hash as _, Hasher as _},
-    path::Path,
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -23,6 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    docker::{docker, ensure_dockerd, output, stop_dockerd},
     kind::{CLUSTER_LABEL, ROLE_LABEL},
     target_dir,
     vm::{fetch_busybox, image},
@@ -33,9 +32,6 @@ const KIND_NODE: &str = include_str!("kind_node.sh");
 const IMAGE: &str = "tcptrace-kind-node";
 /// Marks what this module made, for `down`.
 const MADE_BY: &str = "tcptrace.kind-cluster";
-/// The pid of the dockerd this module started.
-const DOCKERD_PID: &str = "/run/tcptrace-dockerd.pid";
-const DOCKERD_WAIT: Duration = Duration::from_secs(30);
 const NODE_WAIT: Duration = Duration::from_secs(15);
 /// Node i (1-based) is 10.89.0.(10+i); its pods are 10.244.(16i..16i+15).x.
 const NODE_NET: &str = "10.89.0";
@@ -166,7 +162,7 @@ fn wait_ready(node: &str) -> Result<()> {
 }
 
 /// Removes the cluster's containers and network, the image when no
-/// cluster uses it any more, and the dockerd this module started.
+/// cluster uses it any more, and the dockerd `up` started.
 pub fn down(name: &str) -> Result<()> {
     let result = remove_cluster(name);
     let clusters_left = output(
@@ -203,73 +199,6 @@ fn remove_cluster(name: &str) -> Result<()> {
         docker(&["network", "rm", id])?;
     }
     Ok(())
-}
-
-/// Starts Debian's dockerd when no engine answers: without touching the
-/// host's firewall or forwarding, without a default bridge.
-fn ensure_dockerd() -> Result<()> {
-    if docker(&["info"]).is_ok() {
-        return Ok(());
-    }
-    if Command::new("dockerd").arg("--version").output().is_err() {
-        bail!("no Docker engine: install docker.io (`cargo xtask setup` does)");
-    }
-    let log_path = target_dir().join("kind/dockerd.log");
-    fs::create_dir_all(log_path.parent().unwrap_or(Path::new(".")))?;
-    let log = fs::File::create(&log_path)?;
-    Command::new("setsid")
-        .args([
-            "dockerd",
-            "--bridge=none",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--ip-forward=false",
-            "--ip-masq=false",
-            "--pidfile",
-            DOCKERD_PID,
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting dockerd")?;
-    let deadline = Instant::now() + DOCKERD_WAIT;
-    while Instant::now() < deadline {
-        if docker(&["info"]).is_ok() {
-            eprintln!("xtask: started dockerd (log: {})", log_path.display());
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(300));
-    }
-    bail!(
-        "dockerd did not answer within {DOCKERD_WAIT:?}; its log: {}",
-        log_path.display()
-    )
-}
-
-/// Stops the dockerd [`ensure_dockerd`] started (none other).
-fn stop_dockerd() -> Result<()> {
-    let Ok(text) = fs::read_to_string(DOCKERD_PID) else {
-        return Ok(());
-    };
-    let Ok(pid) = text.trim().parse::<i32>() else {
-        return Ok(());
-    };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
-        let _ = fs::remove_file(DOCKERD_PID);
-        return Ok(());
-    }
-    let deadline = Instant::now() + DOCKERD_WAIT;
-    while Instant::now() < deadline {
-        if nix::sys::signal::kill(pid, None).is_err() {
-            let _ = fs::remove_file(DOCKERD_PID);
-            eprintln!("xtask: stopped dockerd");
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    bail!("dockerd (pid {pid}) did not stop within {DOCKERD_WAIT:?}")
 }
 
 /// The node image, imported when this version of it is not there yet.
@@ -311,27 +240,6 @@ fn ensure_image() -> Result<String> {
         t.elapsed().as_secs_f64()
     );
     Ok(tag)
-}
-
-fn docker(args: &[&str]) -> Result<()> {
-    output("docker", args).map(|_| ())
-}
-
-fn output(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

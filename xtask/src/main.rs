@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod apt;
 mod bench;
+mod docker;
 mod elf;
 mod kind;
 mod kind_cluster;
@@ -63,6 +64,11 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// The Docker engine and the agent image (root).
+    Docker {
+        #[command(subcommand)]
+        action: DockerAction,
+    },
     /// A kind-shaped cluster on this machine's Docker engine (root): node
     /// containers labelled as kind labels them, pods inside, no registry.
     KindCluster {
@@ -101,6 +107,15 @@ struct KindArgs {
     /// Arguments for tcptrace.
     #[arg(last = true)]
     args: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum DockerAction {
+    /// Build deploy/Containerfile as tcptrace:0.1.0 (on a Debian 12 base
+    /// made here: no registry), starting dockerd when none runs.
+    AgentImage,
+    /// Remove the agent image and its base, stop the dockerd xtask started.
+    Down,
 }
 
 #[derive(Subcommand)]
@@ -162,6 +177,13 @@ fn run(task: Task) -> Result<()> {
         Task::Test { no_root, no_vm } => test(no_root, no_vm),
         Task::Bench { smoke } => bench::bench(smoke),
         Task::Kselftest => kselftest_suite(),
+        Task::Docker { action } => match action {
+            DockerAction::AgentImage => {
+                setup::ensure()?;
+                docker::agent_image(&build_static()?)
+            }
+            DockerAction::Down => docker::down(),
+        },
         Task::KindCluster { action } => match action {
             ClusterAction::Up { name, nodes } => {
                 setup::ensure()?;

@@ -50,6 +50,7 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     // kind-shaped clusters and the agent image, on a real Docker engine.
     "docker.io",
+    "debootstrap",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian's rustc, registered with rustup; aya-build runs it by this name.
