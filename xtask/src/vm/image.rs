@@ -47,6 +47,9 @@ const HOST_TOOLS: &[&str] = &[
     "/usr/sbin/nginx",
     "/usr/bin/redis-server",
     "/usr/bin/redis-cli",
+    "/usr/bin/redis-benchmark",
+    "/usr/bin/wrk",
+    "/usr/bin/curl",
 ];
 /// Plugin directories (dlopen'ed, so ldd does not see them).
 const HOST_LIB_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables"];

@@ -179,6 +179,10 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
 }
 
+/// Suites that need what only the host has: its Docker engine (kind, the
+/// agent image) or the kernel selftests prepared by `cargo xtask test`.
+const HOST_ONLY_SUITES: [&str; 3] = ["daemonset", "kind", "kselftest"];
+
 fn build_binaries() -> Result<Binaries> {
     crate::setup::ensure()?;
     super::build(false)?;
@@ -209,6 +213,7 @@ fn build_binaries() -> Result<Binaries> {
     if tests.is_empty() {
         bail!("cargo test --no-run reported no test executables for tcptrace-tests");
     }
+    tests.retain(|(name, _)| !HOST_ONLY_SUITES.contains(&name.as_str()));
     tests.sort();
     Ok(Binaries {
         tcptrace: crate::target_dir().join("debug/tcptrace"),
