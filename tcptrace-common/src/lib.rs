@@ -98,7 +98,11 @@ pub mod hook {
 /// Counter slots per hook: events emitted, events lost (ring buffer full).
 pub const COUNTER_SEEN: u32 = 0;
 pub const COUNTER_LOST: u32 = 1;
-pub const COUNTERS_PER_HOOK: u32 = 2;
+/// Repeats counted in [`AGG_MAP`] instead of sent as records.
+pub const COUNTER_FOLDED: u32 = 2;
+/// Repeats sent as records because [`AGG_MAP`] was full.
+pub const COUNTER_AGG_FULL: u32 = 3;
+pub const COUNTERS_PER_HOOK: u32 = 4;
 pub const COUNTERS_LEN: u32 = hook::COUNT * COUNTERS_PER_HOOK;
 
 #[inline(always)]
@@ -207,6 +211,9 @@ pub mod flag {
     pub const SLOW_HANDSHAKE: u32 = 1 << 10;
     /// `port_lo`..=`port_hi` is the namespace's ephemeral port range.
     pub const PORT_RANGE: u32 = 1 << 11;
+    /// The first record of a storm: its repeats in this generation are
+    /// counted in [`crate::AGG_MAP`] under this record's `ts_ns`.
+    pub const AGG_FIRST: u32 = 1 << 12;
 }
 
 /// `Owner::role` values.
@@ -269,7 +276,8 @@ pub struct Event {
     /// failure (the namespace may be gone by the time userspace looks).
     pub port_lo: u16,
     pub port_hi: u16,
-    pub _pad3: u32,
+    /// With `flag::AGG_FIRST`: the generation its repeats are counted in.
+    pub agg_generation: u32,
 }
 
 const _: () = assert!(size_of::<Event>() == 160);
@@ -350,6 +358,42 @@ const _: () = assert!(size_of::<ConnKey>() == 40);
 /// the server does not change: flows whose handshake needed retransmits are
 /// watched by it, so that drops of their packets are reported whatever the
 /// reason.
+/// Hash of [`AggKey`] -> [`AggCount`]: repeats of one failure counted in the
+/// kernel instead of sent as records.
+pub const AGG_MAP: &str = "AGG";
+/// Array of one u32: the generation new keys are counted in. Userspace
+/// moves it on, waits until no program can still use the old one, then
+/// reads and deletes the old generation's keys: no count is lost.
+pub const AGG_GEN_MAP: &str = "AGG_GEN";
+pub const AGG_ENTRIES: u32 = 16_384;
+
+/// One failure repeated: the same kind, in the same namespace and cgroup,
+/// with the same stable end (the server's for a client; a closed port's
+/// and the client's address for a reset that refused), in one generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    pub addr: [u8; 16],
+    pub peer: [u8; 16],
+    pub cgroup_id: u64,
+    pub netns: u32,
+    pub generation: u32,
+    pub port: u16,
+    pub kind: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+
+const _: () = assert!(size_of::<AggKey>() == 56);
+
+/// Repeats of an [`AggKey`]'s failure, and the `ts_ns` of its first record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggCount {
+    pub count: u64,
+    pub first_ns: u64,
+}
+
 /// What [`ConnKey`] finds: the connection's socket and namespace (kept
 /// past the socket's close, whose segments may still be dropped).
 #[repr(C)]
@@ -613,6 +657,9 @@ pub struct Config {
     /// Drop reasons that are no loss (a closing socket's queue, a duplicate
     /// segment), not reported even for watched flows.
     pub quiet_reasons: [u64; 4],
+    /// 1: count repeats of storm-prone failures in [`AGG_MAP`].
+    pub aggregate: u32,
+    pub _pad2: u32,
     pub kernel: KernelOffsets,
     pub args: RawTpArgs,
     pub syscalls: SyscallOffsets,
@@ -639,6 +686,8 @@ impl Config {
         },
         drop_reasons: [0; 4],
         quiet_reasons: [0; 4],
+        aggregate: 0,
+        _pad2: 0,
         kernel: KernelOffsets::NONE,
         args: RawTpArgs::NONE,
         syscalls: SyscallOffsets::NONE,
@@ -647,7 +696,7 @@ impl Config {
 }
 
 const _: () = assert!(size_of::<KernelOffsets>().is_multiple_of(8));
-const _: () = assert!(size_of::<Config>() == 120 + size_of::<KernelOffsets>() + 16 + 8);
+const _: () = assert!(size_of::<Config>() == 128 + size_of::<KernelOffsets>() + 16 + 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -659,6 +708,10 @@ mod pod {
     unsafe impl aya::Pod for super::ListenKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AggKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AggCount {}
 }
 
 #[cfg(test)]

@@ -10,11 +10,14 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, ArgIndex, ConnKey, EndKey, Event, FieldOffset, KERNEL_ABSENT,
-    KernelOffsets, Owner, flag, role,
+    ABSENT, AF_INET, AF_INET6, AggKey, ArgIndex, ConnKey, EndKey, Event, FieldOffset,
+    KERNEL_ABSENT, KernelOffsets, Owner, flag, role,
 };
 
-use crate::maps::{self, EVENTS, OWNERS};
+use crate::{
+    agg,
+    maps::{self, EVENTS, OWNERS},
+};
 
 /// Reads a `T` at `base + offset`, or `None` when the offset is unknown or
 /// the read faults.
@@ -124,6 +127,58 @@ pub fn reserve(hook: u32, kind: u8) -> Option<RingBufEntry<Event>> {
 pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
     entry.submit(0);
     maps::count(hook, tcptrace_common::COUNTER_SEEN);
+}
+
+/// Submits `entry`, or counts it as a repeat of `key`'s failure.
+#[inline(always)]
+pub fn submit_or_fold(hook: u32, mut entry: RingBufEntry<Event>, key: &AggKey) {
+    if agg::count_repeat(hook, key) {
+        entry.discard(0);
+        return;
+    }
+    // SAFETY: reserve() initialised the entry.
+    let ev = unsafe { entry.assume_init_mut() };
+    if agg::open(hook, key, ev) {
+        submit(hook, entry);
+    } else {
+        entry.discard(0);
+    }
+}
+
+/// The storm key of a filled record: its destination (a bind's address).
+#[inline(always)]
+pub fn dst_key(ev: &Event) -> AggKey {
+    let (addr, port) = if ev.kind == tcptrace_common::kind::BIND_ERROR {
+        (ev.saddr, ev.sport)
+    } else {
+        (ev.daddr, ev.dport)
+    };
+    agg::key(
+        ev.kind,
+        ev.netns,
+        ev.cgroup_id,
+        ev.family,
+        addr,
+        port,
+        [0; 16],
+    )
+}
+
+/// The storm key of a refused connect on the client: its server end.
+#[inline(always)]
+pub fn refused_key(sk: u64, k: &KernelOffsets, kind: u8) -> AggKey {
+    let conn = conn_key_of_sock(sk, k);
+    // SAFETY: copied out at once.
+    let cgroup = unsafe { OWNERS.get(sk) }.map_or(0, |o| o.cgroup_id);
+    agg::key(
+        kind,
+        net_inum(sock_net(sk, k), k),
+        cgroup,
+        conn.family,
+        conn.remote,
+        conn.remote_port,
+        [0; 16],
+    )
 }
 
 /// Copies an owner (and what it recorded of the peer's FIN) into the event;
@@ -300,6 +355,21 @@ impl Segment {
         (
             end_key(self.saddr, self.sport, self.family),
             end_key(self.daddr, self.dport, self.family),
+        )
+    }
+
+    /// The storm key of the reset refusing this segment: the closed end,
+    /// and the address of the client refused.
+    #[inline(always)]
+    pub fn refused_key(&self, netns: u32, kind: u8) -> AggKey {
+        agg::key(
+            kind,
+            netns,
+            0,
+            self.family,
+            self.daddr,
+            self.dport,
+            self.saddr,
         )
     }
 

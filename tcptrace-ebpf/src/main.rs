@@ -5,6 +5,7 @@
 // aya's program macros hand every program its context by value.
 #![allow(clippy::needless_pass_by_value)]
 
+mod agg;
 mod kernel;
 mod maps;
 mod probes;

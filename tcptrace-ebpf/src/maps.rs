@@ -1,9 +1,10 @@
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tcptrace_common::{
-    BindArgs, COUNTERS_LEN, Config, ConnKey, ConnSock, CtAllocArgs, EndKey, ListenKey, Owner,
+    AggCount, AggKey, BindArgs, COUNTERS_LEN, Config, ConnKey, ConnSock, CtAllocArgs, EndKey,
+    ListenKey, Owner,
 };
 
 /// Failure events for userspace. Its size is set at load time.
@@ -23,6 +24,16 @@ pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 
 #[map(name = "CONN_SOCKS")]
 pub static CONN_SOCKS: LruHashMap<ConnKey, ConnSock> =
     LruHashMap::with_max_entries(tcptrace_common::CONN_SOCKS_ENTRIES, 0);
+
+/// Repeats of storm-prone failures, counted instead of sent (`AggKey`),
+/// per CPU: no program nests with itself on a CPU, so no increment races.
+#[map(name = "AGG")]
+pub static AGG: PerCpuHashMap<AggKey, AggCount> =
+    PerCpuHashMap::with_max_entries(tcptrace_common::AGG_ENTRIES, 0);
+
+/// The generation new aggregation keys are counted in (one u32).
+#[map(name = "AGG_GEN")]
+pub static AGG_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Client ends of flows whose handshake needed retransmits -> when they
 /// were last watched (boot ns): drops of their packets are reported

@@ -75,7 +75,7 @@ fn raw_records() -> Vec<Vec<u8>> {
             connect_ms: 0,
             port_lo: 0,
             port_hi: 0,
-            _pad3: 0,
+            agg_generation: 0,
         };
         let owned = RawEvent {
             flags: flag::OWNER_KNOWN | flag::TCP_DETAIL,

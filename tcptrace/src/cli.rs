@@ -134,6 +134,12 @@ pub struct TraceArgs {
     /// Do not trace bind() through syscall tracepoints (no bind_error events).
     #[arg(long)]
     pub no_syscall_hooks: bool,
+    /// Send every failure as its own record. By default a storm's repeats
+    /// (refused connects, resets refusing them, connect and bind errors of
+    /// one pod and endpoint) are counted in the kernel and arrive as one
+    /// record with a `count` each second.
+    #[arg(long)]
+    pub no_kernel_aggregation: bool,
     /// Kernel BTF file, for kernels that ship it outside /sys/kernel/btf
     /// [default: /sys/kernel/btf/vmlinux].
     #[arg(long, value_name = "FILE")]

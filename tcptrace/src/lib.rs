@@ -8,6 +8,8 @@ pub mod attribution;
 pub mod bpf;
 pub mod cli;
 pub mod diagnosis;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod node;

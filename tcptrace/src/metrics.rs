@@ -11,9 +11,11 @@
 //!   is re-reported at most every 10 s per pod and destination).
 //! - `tcptrace_verdict_occurrences_total{cause,pod}`: occurrences aggregated
 //!   into those verdicts.
-//! - `tcptrace_events_total{kind,pod}`: event records.
+//! - `tcptrace_events_total{kind,pod}`: failures the event records stand
+//!   for (a storm's record with `count` n counts n).
 //! - `tcptrace_kernel_events_total{hook}` / `tcptrace_lost_events_total{hook}`:
-//!   events the kernel delivered / lost (ring buffer full), from stats records.
+//!   events the kernel delivered (as records, or counted in a storm) / lost
+//!   (ring buffer full), from stats records.
 //! - `tcptrace_malformed_records_total`: records that could not be decoded.
 //! - `tcptrace_probe_attached{hook,tracepoint,tier}`: 1 when live, else 0.
 //!
@@ -243,7 +245,9 @@ impl Metrics {
                     kind: ev.kind.as_str().to_string(),
                     pod: self.pod_label(ev.pod.as_ref()),
                 };
-                self.events.get_or_create(&labels).inc();
+                self.events
+                    .get_or_create(&labels)
+                    .inc_by(ev.count.unwrap_or(1));
             }
             Record::Verdict(v) => {
                 let labels = CauseLabels {
@@ -256,18 +260,19 @@ impl Metrics {
             Record::Stats(s) => {
                 for h in &s.hooks {
                     let (seen, lost) = self.hook_seen.get(&h.hook).copied().unwrap_or((0, 0));
+                    let delivered = h.seen + h.folded;
                     let labels = HookLabels {
                         hook: h.hook.clone(),
                     };
                     // Counters only grow; kernel counters do too.
                     self.kernel_events
                         .get_or_create(&labels)
-                        .inc_by(h.seen.saturating_sub(seen));
+                        .inc_by(delivered.saturating_sub(seen));
                     self.lost
                         .get_or_create(&labels)
                         .inc_by(h.lost.saturating_sub(lost));
                     self.hook_seen
-                        .insert(h.hook.clone(), (h.seen.max(seen), h.lost.max(lost)));
+                        .insert(h.hook.clone(), (delivered.max(seen), h.lost.max(lost)));
                 }
                 self.malformed
                     .inc_by(s.malformed.saturating_sub(self.last_malformed));
@@ -509,6 +514,8 @@ mod tests {
                 hook: "retransmit".into(),
                 seen,
                 lost,
+                folded: 0,
+                fold_full: 0,
             }],
             r#final: false,
         })

@@ -4,20 +4,27 @@
 //! failure when they are missing or older than it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
+use tcptrace_common::{AggKey, kind};
+
 use crate::{
     attribution::{Attributor, ServiceMap},
+    bpf::Folded,
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Event, EventKind, Record, Verdict, facts::NodeFacts},
+    model::{Endpoint, Event, EventKind, Fold, Record, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
 const MAX_PENDING_NETNS: usize = 4096;
 /// Namespaces whose drop rules are asked for, at most.
 const MAX_FIREWALL_NETNS: usize = 64;
+/// Storm first records kept for their counts: two generations of the
+/// kernel's map.
+const MAX_STORMS: usize = 2 * tcptrace_common::AGG_ENTRIES as usize;
 /// Facts older than this when a namespace fails are read again then.
 const FACTS_FRESH: Duration = Duration::from_secs(1);
 /// Reads at failures per second, at most (each enters a namespace).
@@ -44,6 +51,11 @@ pub struct Pipeline {
     nodes_scan: u64,
     /// Other nodes' NodePorts (kind), by node namespace.
     node_nodeports: HashMap<u32, BTreeMap<u16, String>>,
+    /// First records of the storms the kernel counts, as processed, by
+    /// their counting generation and stamp.
+    storms: HashMap<Fold, Event>,
+    /// Storms of other nodes (`--node-scope`): their counts are not ours.
+    out_of_scope_storms: HashSet<Fold>,
 }
 
 /// What processing one event produced.
@@ -72,7 +84,66 @@ impl Pipeline {
             failure_reads: (Instant::now(), 0),
             nodes_scan: 0,
             node_nodeports: HashMap::new(),
+            storms: HashMap::new(),
+            out_of_scope_storms: HashSet::new(),
         }
+    }
+
+    /// The kernel's counts of a finished generation (after its records
+    /// were processed): each storm's repeats as one record with a
+    /// `count`, and their share of the verdicts.
+    pub fn repeats(&mut self, folded: &[Folded], now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {
+        let mut records = Vec::new();
+        let mut live = Vec::new();
+        for f in folded {
+            let key = Fold {
+                generation: f.generation,
+                first_ns: f.first_ns,
+            };
+            if self.out_of_scope_storms.remove(&key) || f.count == 0 {
+                self.storms.remove(&key);
+                self.diagnoser.storm_done(&key);
+                continue;
+            }
+            // Its first record may have been lost on a full ring buffer
+            // (counted there): the repeats are still named by their key.
+            let first = match self.storms.remove(&key) {
+                Some(first) => first,
+                None => {
+                    let mut ev = storm_event(&f.key, now);
+                    self.attributor.attribute(&mut ev);
+                    ev
+                }
+            };
+            let mut ev = first.clone();
+            ev.time = now;
+            ev.count = Some(f.count);
+            ev.fold = None;
+            ev.sock = None;
+            ev.tcp = None;
+            // The repeats' ephemeral ports are not kept.
+            match ev.kind {
+                EventKind::ResetReceived => ev.src.port = 0,
+                EventKind::ResetSent => ev.dst.port = 0,
+                _ => {}
+            }
+            let diagnosed = self.diagnoser.repeats(&first, f.count, now);
+            records.push(Record::Event(Box::new(ev)));
+            records.extend(
+                diagnosed
+                    .verdicts
+                    .into_iter()
+                    .map(|v| Record::Verdict(Box::new(v))),
+            );
+            live.extend(diagnosed.live);
+        }
+        // First records of the folded generations are done with.
+        if let Some(done) = folded.iter().map(|f| f.generation).max() {
+            let newer = |k: &Fold| k.generation.wrapping_sub(done) as i32 > 0;
+            self.storms.retain(|k, _| newer(k));
+            self.out_of_scope_storms.retain(newer);
+        }
+        (records, live)
     }
 
     /// The nodes sharing this kernel other than tcptrace's own (kind), as
@@ -196,6 +267,11 @@ impl Pipeline {
     pub fn event(&mut self, mut ev: Event) -> Processed {
         self.attributor.attribute(&mut ev);
         if !self.attributor.in_scope(&ev) {
+            if let Some(fold) = ev.fold
+                && self.out_of_scope_storms.len() < MAX_STORMS
+            {
+                self.out_of_scope_storms.insert(fold);
+            }
             return Processed {
                 records: Vec::new(),
                 live: Vec::new(),
@@ -215,6 +291,11 @@ impl Pipeline {
             && self.firewall_netns.len() < MAX_FIREWALL_NETNS
             && self.firewall_netns.insert(ev.netns))
         .then_some(ev.netns);
+        if let Some(fold) = ev.fold
+            && self.storms.len() < MAX_STORMS
+        {
+            self.storms.insert(fold, ev.clone());
+        }
         let diagnosed = self.diagnoser.observe(&ev, &self.facts);
         let mut records = Vec::with_capacity(1 + diagnosed.verdicts.len());
         records.push(Record::Event(Box::new(ev)));
@@ -262,6 +343,36 @@ impl Pipeline {
             .collect();
         (records, diagnosed.live)
     }
+}
+
+/// A storm's event from its kernel key alone (its first record was lost).
+fn storm_event(key: &AggKey, now: SystemTime) -> Event {
+    let ip = if key.family == tcptrace_common::AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
+    };
+    let end = Endpoint::new(ip, key.port);
+    let kind = match key.kind {
+        k if k == kind::RESET_SENT => EventKind::ResetSent,
+        k if k == kind::CONNECT_ERROR => EventKind::ConnectError,
+        k if k == kind::BIND_ERROR => EventKind::BindError,
+        _ => EventKind::ResetReceived,
+    };
+    // The key holds the stable end: a reset's closed port, a bind's
+    // address, else the destination.
+    let (src, dst) = match kind {
+        EventKind::ResetSent | EventKind::BindError => (end, Endpoint::unspecified()),
+        _ => (Endpoint::unspecified(), end),
+    };
+    let mut ev = Event::new(now, kind, src, dst, key.netns);
+    ev.cgroup_id = (key.cgroup_id != 0).then_some(key.cgroup_id);
+    ev
 }
 
 #[cfg(test)]

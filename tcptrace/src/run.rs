@@ -55,6 +55,7 @@ fn options(args: &TraceArgs) -> TracerOptions {
         syscall_hooks: !args.no_syscall_hooks,
         ignore_self: true,
         btf_path: args.btf.clone().unwrap_or(defaults.btf_path),
+        aggregate: !args.no_kernel_aggregation,
     }
 }
 
@@ -301,6 +302,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
+                    self.stages.fold(sink)?;
                     apply_updates(
                         &self.stages.refresher,
                         &mut self.stages.pipeline,
@@ -328,8 +330,10 @@ impl Session {
                 _ = signals.int.recv() => break,
             }
         }
-        // Whatever the kernel produced before we stopped is still delivered.
+        // Whatever the kernel produced before we stopped is still delivered,
+        // the last storm counts too.
         while self.stages.drain(sink)? == DRAIN_BATCH {}
+        self.stages.fold(sink)?;
         for record in self.stages.pipeline.finish(SystemTime::now()) {
             sink.write(&record)?;
         }
@@ -384,6 +388,24 @@ struct Stages {
 }
 
 impl Stages {
+    /// Delivers the kernel's storm counts of the generation that just
+    /// ended, after the first records it sent.
+    fn fold(&mut self, sink: &mut impl Sink) -> Result<()> {
+        let folded = self.tracer.fold()?;
+        if folded.is_empty() {
+            return Ok(());
+        }
+        while self.drain(sink)? == DRAIN_BATCH {}
+        let (records, live) = self.pipeline.repeats(&folded, SystemTime::now());
+        for record in &records {
+            sink.write(record)?;
+        }
+        for verdict in &live {
+            sink.live(verdict)?;
+        }
+        Ok(())
+    }
+
     /// Decodes, names, diagnoses and writes at most [`DRAIN_BATCH`] records.
     fn drain(&mut self, sink: &mut impl Sink) -> Result<usize> {
         let Self {

@@ -1,16 +1,23 @@
 //! A flood into a tiny ring buffer: the storm is never slowed, what does
 //! not fit is counted as lost, and delivered + lost adds up exactly.
 use std::{
-    net::{SocketAddr, TcpStream},
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
+use nix::sys::signal::Signal;
+use serde_json::Value;
 use tcptrace::{
     bpf::{Tracer, TracerOptions},
     model::EventKind,
 };
-use tcptrace_tests::Netns;
+use tcptrace_tests::{Netns, records, start_tcptrace};
 
 const CONNECTS: usize = 400;
 
@@ -22,9 +29,11 @@ fn counters(tracer: &Tracer, hook: &str) -> (u64, u64) {
 
 #[test]
 fn losses_are_counted_exactly_and_nothing_blocks() {
+    // Every refused connect as its own record, so the ring fills.
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: 4096,
         ignore_self: false,
+        aggregate: false,
         ..TracerOptions::default()
     })
     .unwrap();
@@ -126,4 +135,234 @@ fn own_sockets_are_ignored() {
         kinds,
         vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]
     );
+}
+
+/// What one tcptrace said about a namespace.
+struct Said {
+    /// Failures per kind (a record with a `count` stands for that many).
+    kinds: BTreeMap<String, u64>,
+    /// The last record of each verdict as (count, resets).
+    verdicts: BTreeMap<String, (u64, u64)>,
+    /// How many records it took.
+    records: usize,
+}
+
+fn said(lines: &[String], netns: u32) -> Said {
+    let mine: Vec<Value> = records(lines)
+        .into_iter()
+        .filter(|r| r["netns"] == u64::from(netns))
+        .collect();
+    let mut kinds = BTreeMap::new();
+    let mut verdicts = BTreeMap::new();
+    for r in &mine {
+        match r["type"].as_str() {
+            Some("event") => {
+                *kinds
+                    .entry(r["kind"].as_str().unwrap_or_default().to_string())
+                    .or_default() += r["count"].as_u64().unwrap_or(1);
+            }
+            Some("verdict") => {
+                let key = format!("{} {}", r["cause"], r["dst"]);
+                let counts = (
+                    r["count"].as_u64().unwrap_or(0),
+                    r["resets"].as_u64().unwrap_or(0),
+                );
+                verdicts.insert(key, counts);
+            }
+            _ => {}
+        }
+    }
+    Said {
+        kinds,
+        verdicts,
+        records: mine.len(),
+    }
+}
+
+/// The same storms seen by two tcptraces at once: one counting a storm's
+/// repeats in the kernel, one sending every failure as a record. Both must
+/// say the same, the first with far fewer records.
+#[test]
+fn storms_counted_in_the_kernel_say_what_every_record_says() {
+    const REFUSED: usize = 2000;
+    const EXHAUSTED: usize = 300;
+    const IN_USE: usize = 200;
+    let folding = start_tcptrace(&["--format", "json"]);
+    let every = start_tcptrace(&["--format", "json", "--no-kernel-aggregation"]);
+    let ns = Netns::new("storm").unwrap();
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"])
+        .unwrap();
+    let failed = ns
+        .run("tt-storm", || {
+            let closed = SocketAddr::from(([127, 0, 0, 1], 9));
+            let refused = (0..REFUSED)
+                .filter(|_| TcpStream::connect(closed).is_err())
+                .count();
+            // Two ports in the range, both held: every other connect finds
+            // none; binds to the listener's port find it in use.
+            let l = TcpListener::bind("127.0.0.1:8080").unwrap();
+            let held: Vec<TcpStream> = (0..2)
+                .map(|_| TcpStream::connect("127.0.0.1:8080").unwrap())
+                .collect();
+            let exhausted = (0..EXHAUSTED)
+                .filter(|_| TcpStream::connect("127.0.0.1:8080").is_err())
+                .count();
+            let in_use = (0..IN_USE)
+                .filter(|_| TcpListener::bind("127.0.0.1:8080").is_err())
+                .count();
+            drop((held, l));
+            (refused, exhausted, in_use)
+        })
+        .unwrap();
+    assert_eq!(failed, (REFUSED, EXHAUSTED, IN_USE));
+    // A count of the last generation arrives within a second.
+    thread::sleep(Duration::from_millis(1500));
+    folding.signal(Signal::SIGINT);
+    every.signal(Signal::SIGINT);
+    let (code_f, lines_f) = folding.finish();
+    let (code_e, lines_e) = every.finish();
+    assert_eq!((code_f, code_e), (0, 0));
+    let Said {
+        kinds: kinds_f,
+        verdicts: verdicts_f,
+        records: records_f,
+    } = said(&lines_f, ns.inode());
+    let Said {
+        kinds: kinds_e,
+        verdicts: verdicts_e,
+        records: records_e,
+    } = said(&lines_e, ns.inode());
+    let want = |n: usize| n as u64;
+    // Closing the held connections resets a couple more.
+    assert!(
+        kinds_e.get("reset_received") >= Some(&want(REFUSED)),
+        "{kinds_e:?}"
+    );
+    assert_eq!(
+        kinds_e.get("connect_error"),
+        Some(&want(EXHAUSTED)),
+        "{kinds_e:?}"
+    );
+    assert_eq!(
+        kinds_e.get("bind_error"),
+        Some(&want(IN_USE)),
+        "{kinds_e:?}"
+    );
+    assert_eq!(kinds_f, kinds_e, "failures per kind");
+    assert_eq!(verdicts_f, verdicts_e, "verdicts, their counts and resets");
+    eprintln!(
+        "records: {records_f} counting in the kernel, {records_e} one by one; {verdicts_f:?}"
+    );
+    assert!(
+        records_f * 20 < records_e,
+        "{records_f} records vs {records_e}"
+    );
+}
+
+/// The ids of the BPF programs, maps and links loaded now with an id above
+/// `after` (ids only grow), or the newest id when `after` is `None`.
+fn bpf_objects(after: Option<[u32; 3]>) -> ([u32; 3], Vec<String>) {
+    let programs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect();
+    let maps: Vec<u32> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .map(|m| m.id())
+        .collect();
+    let links: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    let newest = |ids: &[u32]| ids.iter().copied().max().unwrap_or(0);
+    let now = [newest(&programs), newest(&maps), newest(&links)];
+    let after = after.unwrap_or(now);
+    let mut newer = Vec::new();
+    for ((what, ids), after) in [("program", programs), ("map", maps), ("link", links)]
+        .into_iter()
+        .zip(after)
+    {
+        newer.extend(
+            ids.into_iter()
+                .filter(|&id| id > after)
+                .map(|id| format!("{what} {id}")),
+        );
+    }
+    (now, newer)
+}
+
+/// `kill -9` in the middle of a storm: everything tcptrace loaded and
+/// attached is held by its descriptors only (nothing pinned), so the kernel
+/// frees it all, and the next start traces as before.
+#[test]
+fn kill_9_during_a_storm_leaves_nothing_attached_and_the_next_start_works() {
+    let (before, _) = bpf_objects(None);
+    let victim = start_tcptrace(&["--format", "json"]);
+    let (_, loaded) = bpf_objects(Some(before));
+    assert!(
+        loaded.iter().any(|o| o.starts_with("program"))
+            && loaded.iter().any(|o| o.starts_with("link")),
+        "tcptrace attached nothing: {loaded:?}"
+    );
+    let ns = Netns::new("kill9").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let storm = {
+        let (name, stop, refused) = (ns.name.clone(), Arc::clone(&stop), Arc::clone(&refused));
+        thread::spawn(move || {
+            tcptrace_lab::netns::in_netns(&name, "tt-kill9", move || {
+                let closed = SocketAddr::from(([127, 0, 0, 1], 9));
+                let deadline = Instant::now() + Duration::from_secs(30);
+                for _ in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    if TcpStream::connect(closed).is_err() {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused.load(Ordering::Relaxed) < 2_000 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    victim.signal(Signal::SIGKILL);
+    let (code, _) = victim.finish();
+    assert_eq!(code, -1, "killed by a signal");
+    let during = refused.load(Ordering::Relaxed);
+    // The kernel frees programs and maps after the descriptors close
+    // (deferred work): bounded wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let (_, left) = bpf_objects(Some(before));
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    storm.join().unwrap().unwrap();
+    assert!(during >= 2_000, "the storm ran: {during} refused connects");
+    assert!(left.is_empty(), "left behind after kill -9: {left:?}");
+
+    // The next start attaches and names a refusal.
+    let next = start_tcptrace(&["--format", "json"]);
+    let refused_again = ns
+        .run("tt-kill9", || {
+            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], 9))).is_err()
+        })
+        .unwrap();
+    assert!(refused_again);
+    thread::sleep(Duration::from_millis(1500));
+    next.signal(Signal::SIGINT);
+    let (code, lines) = next.finish();
+    assert_eq!(code, 0);
+    let refusals: Vec<Value> = records(&lines)
+        .into_iter()
+        .filter(|r| r["netns"] == u64::from(ns.inode()) && r["cause"] == "connection_refused")
+        .collect();
+    assert_eq!(refusals.len(), 1, "{lines:?}");
+    assert_eq!(refusals[0]["count"], 1);
 }

@@ -12,6 +12,7 @@ mod apt;
 mod bench;
 mod docker;
 mod elf;
+mod fuzz;
 mod kind;
 mod kind_cluster;
 mod kselftest;
@@ -45,7 +46,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up if needed, then fmt, clippy, unit tests, the BPF artifact test,
-    /// the root integration tests, and the direct tier on Debian's 6.1
+    /// 10 s of each fuzz target, the root integration tests, and the direct tier on Debian's 6.1
     /// kernel in a VM (`vm-test --kernel 6.1 --suite vm --suite capture`).
     Test {
         /// Skip the root integration tests (and the VM).
@@ -63,6 +64,16 @@ enum Task {
         /// writes to target/bench-smoke.
         #[arg(long)]
         smoke: bool,
+    },
+    /// The cargo fuzz targets (tcptrace/fuzz: the ring-buffer decoder, the
+    /// NDJSON replay reader, the cgroup, kube-proxy and IPVS parsers), each
+    /// for a while, from the project's fixtures; installs cargo-fuzz.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Only these targets.
+        targets: Vec<String>,
     },
     /// The Docker engine and the agent image (root).
     Docker {
@@ -177,6 +188,7 @@ fn run(task: Task) -> Result<()> {
         Task::Test { no_root, no_vm } => test(no_root, no_vm),
         Task::Bench { smoke } => bench::bench(smoke),
         Task::Kselftest => kselftest_suite(),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::Docker { action } => match action {
             DockerAction::AgentImage => {
                 setup::ensure()?;
@@ -339,6 +351,9 @@ fn bpf_clippy() -> Command {
     cmd
 }
 
+/// Seconds per fuzz target in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u32 = 10;
+
 fn test(no_root: bool, no_vm: bool) -> Result<()> {
     setup::ensure()?;
     step(
@@ -368,6 +383,8 @@ fn test(no_root: bool, no_vm: bool) -> Result<()> {
             "tcptrace-ebpf",
         ]),
     )?;
+    // The readers of outside input, briefly: a crash found fails the run.
+    fuzz::fuzz(CI_FUZZ_SECONDS, &[])?;
     if no_root {
         eprintln!("xtask: root integration tests skipped (--no-root)");
         return Ok(());

@@ -92,6 +92,7 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     let net = kernel::current_net();
     ev.netns = kernel::net_inum(net, &config().kernel);
     kernel::port_range(net, &config().kernel, ev);
-    kernel::submit(hook::EXIT_BIND, entry);
+    let key = kernel::dst_key(ev);
+    kernel::submit_or_fold(hook::EXIT_BIND, entry, &key);
     0
 }

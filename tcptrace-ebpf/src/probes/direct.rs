@@ -73,7 +73,8 @@ fn report(hook: u32, sk: u64, ret: i32) {
     kernel::port_range(net, &cfg.kernel, ev);
     let owner = kernel::current_owner(ev.netns, role::CLIENT);
     kernel::set_owner(ev, &owner);
-    kernel::submit(hook, entry);
+    let key = kernel::dst_key(ev);
+    kernel::submit_or_fold(hook, entry, &key);
 }
 
 /// struct nf_conn *__nf_conntrack_alloc(struct net *, zone, orig, repl, gfp, ...)

@@ -4,13 +4,16 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, NO_ARG, flag, hook, kind};
 
 use crate::{
+    agg,
     kernel::{self, Segment, read},
     maps::{self, CONN_SOCKS, config},
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason
 /// reason[, struct sock *rx_sk])
@@ -109,6 +112,16 @@ pub fn kfree_skb(ctx: RawTracePointContext) -> u32 {
 #[inline(always)]
 fn report_reset(skb: u64, seg: &Segment) {
     let k = &config().kernel;
+    let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
+    let netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
+    // A SYN refused: a storm of refusals is counted.
+    let key = (seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0)
+        .then(|| seg.refused_key(netns, kind::RESET_SENT));
+    if let Some(key) = &key
+        && agg::count_repeat(hook::KFREE_SKB, key)
+    {
+        return;
+    }
     let Some(mut entry) = kernel::reserve(hook::KFREE_SKB, kind::RESET_SENT) else {
         return;
     };
@@ -118,7 +131,9 @@ fn report_reset(skb: u64, seg: &Segment) {
     ev.tcp_flags = seg.flags;
     ev.flags |= flag::TCP_FLAGS_KNOWN;
     ev.flags |= flag::RESET_FROM_DROP;
-    let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
-    ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
-    kernel::submit(hook::KFREE_SKB, entry);
+    ev.netns = netns;
+    match &key {
+        Some(key) => kernel::submit_or_fold(hook::KFREE_SKB, entry, key),
+        None => kernel::submit(hook::KFREE_SKB, entry),
+    }
 }

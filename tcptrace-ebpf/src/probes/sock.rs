@@ -156,7 +156,12 @@ fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool, slow_han
             ev.connect_ms = (ev.ts_ns.saturating_sub(start) / 1_000_000) as u32;
         }
     }
-    kernel::submit(hook::SET_STATE, entry);
+    if ev.kind == kind::CONNECT_ERROR {
+        let key = kernel::dst_key(ev);
+        kernel::submit_or_fold(hook::SET_STATE, entry, &key);
+    } else {
+        kernel::submit(hook::SET_STATE, entry);
+    }
 }
 
 /// Raw tracepoint: its first argument is the socket, which the classic

@@ -5,6 +5,7 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
+    agg,
     kernel::{self, read},
     maps::{self, config, mark_reset},
 };
@@ -90,6 +91,21 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     let k = &cfg.kernel;
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
+    let segment = kernel::skb_segment(skb, k);
+    // A SYN to a closed port (no socket): a storm of refusals is counted.
+    let dev_netns = || {
+        let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
+        kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k)
+    };
+    let key = segment
+        .as_ref()
+        .filter(|s| sk == 0 && s.flags & TCP_SYN != 0 && s.flags & TCP_ACK == 0)
+        .map(|s| s.refused_key(dev_netns(), kind::RESET_SENT));
+    if let Some(key) = &key
+        && agg::count_repeat(hook::SEND_RESET, key)
+    {
+        return 0;
+    }
     let Some(mut entry) = kernel::reserve(hook::SEND_RESET, kind::RESET_SENT) else {
         return 0;
     };
@@ -103,7 +119,7 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     // source (also when the socket is a listener or a time-wait socket,
     // which have no inet_sock with both ends); an active reset has only the
     // socket.
-    if let Some(seg) = kernel::skb_segment(skb, k) {
+    if let Some(seg) = segment {
         seg.fill_reply(ev);
         // The flags of the segment answered (a SYN: a refused connect).
         ev.tcp_flags = seg.flags;
@@ -119,19 +135,24 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     let active = skb == 0 && full_sock;
     if sk == 0 {
         // No socket: the namespace is the receiving device's.
-        let dev: u64 = read(skb, k.skb_dev).unwrap_or(0);
-        ev.netns = kernel::net_inum(read(dev, k.dev_net).unwrap_or(0), k);
+        ev.netns = dev_netns();
     } else if !describe_sock(ev, sk, full_sock) {
         entry.discard(0);
         return 0;
     }
     let at_ns = ev.ts_ns;
-    kernel::submit(hook::SEND_RESET, entry);
+    match &key {
+        Some(key) => kernel::submit_or_fold(hook::SEND_RESET, entry, key),
+        None => kernel::submit(hook::SEND_RESET, entry),
+    }
     if active {
         mark_reset(sk, at_ns, ECONNRESET);
     }
     0
 }
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Raw tracepoint: the classic one builds a record (with a socket cookie)
 /// that the socket itself provides.
@@ -140,6 +161,18 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     let k = &config().kernel;
     // TP_PROTO(struct sock *sk)
     let sk: u64 = ctx.arg(0);
+    // A refused connect: a storm of them is counted, not sent.
+    let refused =
+        read::<u8>(sk, k.sock_state).is_some_and(|s| s as u32 == config().states.syn_sent);
+    let key = refused.then(|| kernel::refused_key(sk, k, kind::RESET_RECEIVED));
+    if let Some(key) = &key
+        && agg::count_repeat(hook::RECEIVE_RESET, key)
+    {
+        // SAFETY: a helper without preconditions.
+        let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+        mark_reset(sk, now, ECONNREFUSED);
+        return 0;
+    }
     let Some(mut entry) = kernel::reserve(hook::RECEIVE_RESET, kind::RESET_RECEIVED) else {
         return 0;
     };
@@ -160,7 +193,10 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
         ECONNRESET
     };
     let at_ns = ev.ts_ns;
-    kernel::submit(hook::RECEIVE_RESET, entry);
+    match &key {
+        Some(key) => kernel::submit_or_fold(hook::RECEIVE_RESET, entry, key),
+        None => kernel::submit(hook::RECEIVE_RESET, entry),
+    }
     mark_reset(sk, at_ns, errno);
     0
 }

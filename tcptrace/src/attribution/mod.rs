@@ -35,6 +35,14 @@ use std::{
 };
 
 pub use self::services::ServiceMap;
+/// The parsers of cgroup and kubelet names, for the fuzz targets.
+#[cfg(fuzzing)]
+pub mod fuzzed {
+    pub use super::{
+        cgroup::{parse_cgroup_path, parse_proc_cgroup},
+        kubelet::{parse_container_log_name, parse_pod_dir_name},
+    };
+}
 use self::{
     cgroup::{CgroupOwner, parse_cgroup_path, parse_proc_cgroup},
     kubelet::{ContainerLog, PodMeta},

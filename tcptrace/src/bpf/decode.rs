@@ -13,8 +13,8 @@ use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
-    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, TcpDetail,
-    TcpFlags, TcpState,
+    Endpoint, Errno, Event, EventKind, Fold, Handshake, PeerFin, PortRange, Role, SockPtr,
+    TcpDetail, TcpFlags, TcpState,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -242,6 +242,12 @@ impl Decoder {
                 idle_before_ms: self.jiffies_ms(raw.fin_idle_jiffies),
             });
         }
+        if raw.flags & flag::AGG_FIRST != 0 {
+            ev.fold = Some(Fold {
+                generation: raw.agg_generation,
+                first_ns: raw.ts_ns,
+            });
+        }
         if raw.flags & flag::PORT_RANGE != 0 {
             ev.port_range = Some(PortRange {
                 lo: raw.port_lo,
@@ -351,7 +357,7 @@ mod tests {
             connect_ms: 0,
             port_lo: 0,
             port_hi: 0,
-            _pad3: 0,
+            agg_generation: 0,
         }
     }
 
@@ -362,6 +368,22 @@ mod tests {
             std::slice::from_raw_parts((r as *const RawEvent).cast::<u8>(), size_of::<RawEvent>())
         }
         .to_vec()
+    }
+
+    /// The decode fuzz target starts from this record (tcptrace/fuzz):
+    /// kept in the layout of the day.
+    #[test]
+    fn the_fuzz_seed_is_a_record_of_this_layout() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode-record");
+        let record = bytes(&raw());
+        if std::env::var_os("UPDATE_SEEDS").is_some() {
+            fs::write(&path, &record).expect("writing the seed");
+        }
+        let seed = fs::read(&path).expect("the seed is committed");
+        assert!(
+            seed == record,
+            "the record layout changed: UPDATE_SEEDS=1 cargo test -p tcptrace the_fuzz_seed"
+        );
     }
 
     #[test]

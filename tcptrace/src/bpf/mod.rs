@@ -12,12 +12,13 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use tcptrace_common::{
-    CONFIG_GLOBAL, CONN_SOCKS_ENTRIES, CONN_SOCKS_MAP, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP,
-    Config, DIRECT_MAP, EVENTS_MAP, NO_ARG, counter_index, direct, hook,
+    AGG_GEN_MAP, AGG_MAP, AggCount, AggKey, CONFIG_GLOBAL, CONN_SOCKS_ENTRIES, CONN_SOCKS_MAP,
+    COUNTER_AGG_FULL, COUNTER_FOLDED, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, DIRECT_MAP,
+    EVENTS_MAP, NO_ARG, counter_index, direct, hook,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -80,6 +81,9 @@ pub struct TracerOptions {
     pub ignore_self: bool,
     /// Kernel BTF to read types from.
     pub btf_path: PathBuf,
+    /// Count repeats of storm-prone failures in the kernel (see
+    /// [`Tracer::fold`]) instead of sending each as a record.
+    pub aggregate: bool,
 }
 
 impl Default for TracerOptions {
@@ -90,6 +94,7 @@ impl Default for TracerOptions {
             syscall_hooks: true,
             ignore_self: true,
             btf_path: PathBuf::from(BTF_PATH),
+            aggregate: true,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Tracer {
     ring: Ring,
     /// The last drain stopped at its limit: records are waiting.
     backlog: bool,
+    /// The programs count storms' repeats ([`Tracer::fold`]).
+    aggregate: bool,
 }
 
 /// The ring buffer, polled, or registered with tokio for readiness.
@@ -225,6 +232,8 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         states: names.states.numbers()?,
         drop_reasons: reason_bits(DROP_REASONS),
         quiet_reasons: reason_bits(QUIET_REASONS),
+        aggregate: u32::from(opts.aggregate),
+        _pad2: 0,
         kernel: offsets::kernel_offsets(btf),
         args,
         syscalls: offsets::syscall_offsets(btf),
@@ -345,6 +354,7 @@ impl Tracer {
             decoder: Decoder::new(names, boot_wall_time()?),
             ring: Ring::Polled(ring),
             backlog: false,
+            aggregate: opts.aggregate,
         })
     }
 
@@ -406,6 +416,54 @@ impl Tracer {
     }
 
     /// Cumulative per-hook counters summed over CPUs.
+    /// Ends the current counting generation and returns its counts: the
+    /// repeats of each storm whose first record (see `Event::fold`) went
+    /// out in it. The programs count in the next generation from now on;
+    /// this waits until none can still be counting in the old one (an RCU
+    /// grace period), so every repeat is in what it returns, once. Read
+    /// the ring buffer after this call, before using the counts: the first
+    /// records are there.
+    pub fn fold(&mut self) -> Result<Vec<Folded>> {
+        if !self.aggregate {
+            return Ok(Vec::new());
+        }
+        let mut generation = Array::<_, u32>::try_from(
+            self.ebpf
+                .map_mut(AGG_GEN_MAP)
+                .ok_or_else(|| anyhow!("BPF object has no {AGG_GEN_MAP} map"))?,
+        )
+        .context("opening the generation")?;
+        let old = generation.get(&0, 0).context("reading the generation")?;
+        generation
+            .set(0, old.wrapping_add(1), 0)
+            .context("moving the generation on")?;
+        wait_for_running_programs()?;
+        let mut counts = PerCpuHashMap::<_, AggKey, AggCount>::try_from(
+            self.ebpf
+                .map_mut(AGG_MAP)
+                .ok_or_else(|| anyhow!("BPF object has no {AGG_MAP} map"))?,
+        )
+        .context("opening the storm counts")?;
+        let keys: Vec<AggKey> = counts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation == old)
+            .collect();
+        let mut folded = Vec::with_capacity(keys.len());
+        for key in keys {
+            let per_cpu = counts.get(&key, 0).context("reading a storm count")?;
+            counts.remove(&key).context("removing a storm count")?;
+            // The CPU that opened the key holds the first record's stamp.
+            folded.push(Folded {
+                generation: old,
+                first_ns: per_cpu.iter().map(|c| c.first_ns).max().unwrap_or(0),
+                count: per_cpu.iter().map(|c| c.count).sum(),
+                key,
+            });
+        }
+        Ok(folded)
+    }
+
     pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
         let map = self
             .ebpf
@@ -428,10 +486,40 @@ impl Tracer {
                     hook: (*prog).to_string(),
                     seen: read(counter_index(i, COUNTER_SEEN))?,
                     lost: read(counter_index(i, COUNTER_LOST))?,
+                    folded: read(counter_index(i, COUNTER_FOLDED))?,
+                    fold_full: read(counter_index(i, COUNTER_AGG_FULL))?,
                 })
             })
             .collect()
     }
+}
+
+/// Repeats of one storm in one generation.
+#[derive(Clone, Copy, Debug)]
+pub struct Folded {
+    pub generation: u32,
+    /// The `ts_ns` of the storm's first record in that generation.
+    pub first_ns: u64,
+    /// Repeats after the first record.
+    pub count: u64,
+    pub key: AggKey,
+}
+
+/// Waits until every BPF program run that started before now has ended:
+/// tracepoint programs run under RCU, and a global membarrier waits for an
+/// RCU grace period.
+fn wait_for_running_programs() -> Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
+    if r != 0 {
+        bail!(
+            "membarrier(MEMBARRIER_CMD_GLOBAL): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Tells the programs which direct-tier hooks are live, so the tracepoint

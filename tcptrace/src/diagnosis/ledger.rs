@@ -202,6 +202,15 @@ impl<K: Clone> Ledger<K> {
         waiting.iter().filter(|o| is_reset(&o.ev)).count() as u64
     }
 
+    /// The account of the connection with client end `client`, if it has
+    /// one: its verdict's key, and whether that verdict was made from a
+    /// socketless event of namespace `netns` (a reset without a socket).
+    pub(super) fn accounted(&self, client: End, netns: u32) -> Option<(K, bool)> {
+        self.accounted
+            .get(&client)
+            .map(|a| (a.key.clone(), a.netns == netns && a.sock.is_none()))
+    }
+
     /// Connections whose events waited `settle` without an account, each
     /// with its events, oldest first; forgets old accounts.
     pub(super) fn due(&mut self, now: SystemTime, settle: Duration) -> Vec<Vec<Open>> {

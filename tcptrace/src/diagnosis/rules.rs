@@ -19,7 +19,7 @@ use super::{
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, PodRef, TcpDetail,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PodRef, TcpDetail,
     TcpFlags, TcpState, Verdict,
     facts::{ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts},
 };
@@ -90,6 +90,14 @@ pub struct Diagnoser {
     prev_listen: HashMap<u32, ListenStats>,
     /// Latest non-zero conntrack counter deltas per netns.
     trends: HashMap<u32, CtTrend>,
+    /// Storm repeats whose first record's connection has no account yet.
+    repeats_waiting: Vec<(Event, u64)>,
+    /// Storms' first resets sent (their client end and namespace), until
+    /// their connection is accounted.
+    storm_resets: Vec<(Fold, End, u32)>,
+    /// Where each storm's first reset sent went: the verdict, and whether
+    /// it was made from that reset (an occurrence) or took it as a reset.
+    storm_accounts: HashMap<Fold, (AggKey, bool)>,
     /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
     due: Vec<Verdict>,
     /// Aggregated verdicts whose counts changed, for the live sinks.
@@ -245,7 +253,103 @@ impl Diagnoser {
             }
             out.extend(self.submit(c, Some(origin)));
         }
+        if let Some(fold) = ev.fold
+            && ev.kind == EventKind::ResetSent
+            && self.storm_resets.len() < self.cfg.max_keys
+        {
+            self.storm_resets.push((fold, ends.client, ev.netns));
+        }
+        self.note_storm_accounts();
         self.take_output(out)
+    }
+
+    /// Remembers where storms' first resets went once their connections
+    /// are accounted: the storm's repeats go there too, even when the
+    /// client's end is accounted anew later.
+    fn note_storm_accounts(&mut self) {
+        if self.storm_resets.is_empty() {
+            return;
+        }
+        let mut waiting = std::mem::take(&mut self.storm_resets);
+        waiting.retain(
+            |(fold, client, netns)| match self.ledger.accounted(*client, *netns) {
+                Some(account) => {
+                    if self.storm_accounts.len() < self.cfg.max_keys {
+                        self.storm_accounts.insert(*fold, account);
+                    }
+                    false
+                }
+                None => true,
+            },
+        );
+        self.storm_resets = waiting;
+    }
+
+    /// `n` repeats of `first`'s failure, counted by the kernel in a storm:
+    /// each adds to the verdict `first` went to, as it would have one by
+    /// one (a refused connect counts and brings its reset; the reset that
+    /// refused it goes where the first one's went). Repeats of a reset whose
+    /// connection is not accounted for yet wait for its account.
+    pub fn repeats(&mut self, first: &Event, n: u64, now: SystemTime) -> Diagnosed {
+        if !self.add_repeats(first, n, now) && self.repeats_waiting.len() < self.cfg.max_keys {
+            self.repeats_waiting.push((first.clone(), n));
+        }
+        let out = std::mem::take(&mut self.due);
+        self.take_output(out)
+    }
+
+    /// A storm whose first record had no repeats: nothing will ask where
+    /// it went.
+    pub fn storm_done(&mut self, fold: &Fold) {
+        self.storm_accounts.remove(fold);
+        self.storm_resets.retain(|(f, _, _)| f != fold);
+    }
+
+    /// Adds `first`'s repeats to its verdict; false when that is not known
+    /// yet.
+    fn add_repeats(&mut self, first: &Event, n: u64, now: SystemTime) -> bool {
+        let of = |cause| AggKey::of(first.pod.as_ref(), first.netns, cause, &first.dst);
+        let (key, count, resets) = match first.kind {
+            EventKind::ResetReceived => (of(Cause::ConnectionRefused), n, n),
+            EventKind::ConnectError => (of(Cause::PortExhaustion), n, 0),
+            EventKind::BindError if first.src.port == 0 => (of(Cause::PortExhaustion), n, 0),
+            EventKind::BindError => (of(Cause::BindConflict), n, 0),
+            EventKind::ResetSent => {
+                let Some((key, from_this_reset)) = first
+                    .fold
+                    .and_then(|f| self.storm_accounts.get(&f).cloned())
+                else {
+                    return false;
+                };
+                // A verdict made from the reset itself (its client is not
+                // traced here): each reset is one more refused connect.
+                (key, if from_this_reset { n } else { 0 }, n)
+            }
+            _ => return true,
+        };
+        let live_interval = self.cfg.live_interval;
+        let reemit = self.cfg.reemit_interval;
+        let Some(a) = self.aggs.get_mut(&key) else {
+            return false;
+        };
+        if let Some(fold) = first.fold {
+            self.storm_accounts.remove(&fold);
+        }
+        a.v.count += count;
+        a.v.resets += resets;
+        a.v.last_seen = a.v.last_seen.max(now);
+        a.v.time = now;
+        a.pending = true;
+        if elapsed(a.last_emitted, now) >= reemit {
+            a.pending = false;
+            a.last_emitted = now;
+            a.live_shown = now;
+            a.live_behind = false;
+            self.due.push(a.v.clone());
+        } else {
+            note_live(a, now, live_interval, &mut self.live);
+        }
+        true
     }
 
     /// Reads counter-based causes from the facts, accounts for resets that
@@ -267,6 +371,12 @@ impl Diagnoser {
         }
         for waited in self.ledger.due(now, self.cfg.settle) {
             out.extend(self.settle(&waited));
+        }
+        self.note_storm_accounts();
+        for (first, n) in std::mem::take(&mut self.repeats_waiting) {
+            if !self.add_repeats(&first, n, now) {
+                self.repeats_waiting.push((first, n));
+            }
         }
         let interval = self.cfg.reemit_interval;
         for a in self.aggs.values_mut() {
@@ -294,6 +404,12 @@ impl Diagnoser {
         for waited in self.ledger.drain() {
             out.extend(self.settle(&waited));
         }
+        self.note_storm_accounts();
+        // Every first record is accounted for now: so are its repeats.
+        for (first, n) in std::mem::take(&mut self.repeats_waiting) {
+            self.add_repeats(&first, n, now);
+        }
+        out.append(&mut self.due);
         for a in self.aggs.values_mut().filter(|a| a.pending) {
             a.pending = false;
             a.last_emitted = now;
@@ -515,7 +631,10 @@ impl Diagnoser {
     }
 
     fn refused(&mut self, key: &SockKey, ev: &Event, origin: Origin, via: &str) -> Vec<Candidate> {
-        let s = self.sock(key, ev.time, false);
+        // A reset in SYN_SENT ends a connect: what this socket address
+        // concluded before was another connection (the kernel reuses both
+        // socket memory and, in a small port range, the client's port).
+        let s = self.sock(key, ev.time, via == "reset");
         if s.concluded.is_some() {
             return vec![];
         }

@@ -10,8 +10,8 @@ use super::{Diagnoser, DiagnoserConfig};
 use crate::model::{
     Cause::{self, *},
     Confidence::{self, *},
-    Endpoint, Errno, Event, EventKind, IdentityLevel, PeerFin, PodRef, Role, Severity, SockPtr,
-    TcpDetail, TcpFlags, TcpState, Verdict,
+    Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PeerFin, PodRef, Role, Severity,
+    SockPtr, TcpDetail, TcpFlags, TcpState, Verdict,
     facts::{ConntrackFacts, DropRule, NetnsFacts, NodeFacts},
 };
 
@@ -1395,4 +1395,91 @@ fn without_reset_reasons_data_after_close_is_the_application_s_abort() {
         "{}",
         v[0].summary
     );
+}
+
+/// A refused connect seen from both sides: the server's reset (no
+/// socket) and the client's.
+fn refused_pair(ms: u64, port: u16, sock: u64) -> Vec<Step> {
+    let client = format!("10.244.1.5:{port}");
+    vec![
+        Ev(ev(ms, ResetSent, SERVER, B, &client)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
+        Ev(ev(ms, ResetReceived, CLIENT, &client, B)
+            .sock(sock)
+            .role(Role::Client)
+            .state(TcpState::SynSent)),
+    ]
+}
+
+#[test]
+fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
+    // Record by record.
+    let mut steps = Vec::new();
+    for i in 0..50u16 {
+        steps.extend(refused_pair(
+            1_000 + u64::from(i),
+            40_000 + i,
+            0x7000 + u64::from(i),
+        ));
+    }
+    steps.push(Tick(30_000));
+    let one_by_one = run(facts(), steps);
+
+    // The first pair as records, the 49 others as the kernel's counts.
+    let mut d = Diagnoser::new(DiagnoserConfig::default());
+    let f = facts();
+    let mut folded = Vec::new();
+    let first = refused_pair(1_000, 40_000, 0x7000);
+    let mut firsts = Vec::new();
+    for (generation, step) in (0..).zip(first) {
+        if let Ev(mut e) = step {
+            // The kernel's mark: this record starts a storm it counts.
+            e.0.fold = Some(Fold {
+                generation,
+                first_ns: 1_000_000_000,
+            });
+            folded.extend(d.observe(&e.0, &f).verdicts);
+            firsts.push(e.0);
+        }
+    }
+    for e in &firsts {
+        folded.extend(d.repeats(e, 49, at(1_500)).verdicts);
+    }
+    folded.extend(d.tick(at(30_000), &f, &mut |_| {}).verdicts);
+    folded.extend(d.finish(at(31_000)));
+
+    let last = |v: &[Verdict]| {
+        v.iter()
+            .rfind(|v| v.cause == ConnectionRefused)
+            .map(|v| (v.count, v.resets))
+    };
+    assert_eq!(last(&one_by_one), Some((50, 100)));
+    assert_eq!(last(&folded), last(&one_by_one));
+}
+
+#[test]
+fn a_refusal_storm_seen_only_by_the_server_counts_each_reset_once() {
+    // Clients elsewhere: the server's resets alone, settled as refused.
+    let mut d = Diagnoser::new(DiagnoserConfig::default());
+    let f = facts();
+    let mut out = Vec::new();
+    let mut first = ev(1_000, ResetSent, SERVER, B, "10.244.9.9:40000")
+        .reason("NO_SOCKET")
+        .flags(TcpFlags::SYN);
+    first.0.fold = Some(Fold {
+        generation: 0,
+        first_ns: 1_000_000_000,
+    });
+    out.extend(d.observe(&first.0, &f).verdicts);
+    // The counts arrive before the reset settled: they wait for it.
+    out.extend(d.repeats(&first.0, 9, at(2_000)).verdicts);
+    out.extend(d.tick(at(20_000), &f, &mut |_| {}).verdicts);
+    out.extend(d.finish(at(21_000)));
+    let v = out
+        .iter()
+        .rfind(|v| v.cause == ConnectionRefused)
+        .expect("refused");
+    assert_eq!((v.count, v.resets), (10, 10));
+    assert_eq!(v.netns, SERVER);
 }

@@ -170,6 +170,14 @@ pub struct PeerFin {
     pub idle_before_ms: u64,
 }
 
+/// Where the kernel counts a storm's repeats: the generation of its first
+/// record, and that record's boot-time stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fold {
+    pub generation: u32,
+    pub first_ns: u64,
+}
+
 /// A handshake that completed only after retransmits (of the SYN on the
 /// connecting side, of the SYN-ACK on the accepting side).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +263,14 @@ pub struct Event {
     /// failed, read by the kernel ("32768-60999").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_range: Option<PortRange>,
+    /// How many failures this record stands for, when more than one: the
+    /// repeats the kernel counted since the first record of the same kind,
+    /// pod and endpoint (their ephemeral ports are not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// The first record of a storm: its repeats arrive as a count.
+    #[serde(skip)]
+    pub fold: Option<Fold>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     #[serde(default)]
@@ -294,6 +310,8 @@ impl Event {
             peer_fin: None,
             handshake: None,
             port_range: None,
+            count: None,
+            fold: None,
             pod: None,
             identity_level: IdentityLevel::Netns,
         }
@@ -306,6 +324,12 @@ pub struct HookStats {
     pub hook: String,
     pub seen: u64,
     pub lost: u64,
+    /// Repeats the kernel counted instead of sending records.
+    #[serde(default)]
+    pub folded: u64,
+    /// Repeats sent as records because the count map was full.
+    #[serde(default)]
+    pub fold_full: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

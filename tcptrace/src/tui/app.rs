@@ -210,11 +210,13 @@ impl App {
 
     fn ingest_event(&mut self, event: Box<Event>) {
         self.advance(event.time);
-        self.events += 1;
+        // A storm's counted repeats are that many failures.
+        let n = event.count.unwrap_or(1);
+        self.events += n;
         if event.pod.is_some() {
-            self.events_with_pod += 1;
+            self.events_with_pod += n;
         }
-        self.rate.add(unix_secs(event.time), 1);
+        self.rate.add(unix_secs(event.time), n);
         let event: Arc<Event> = Arc::from(event);
         self.remember_connection(&event);
         if !self.paused {
