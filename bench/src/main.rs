@@ -3,6 +3,7 @@
 //! run, and how long loading takes. Run through `cargo xtask bench`, as
 //! root; every storm runs on loopback inside a private network namespace.
 mod report;
+mod soak;
 mod storm;
 mod sys;
 
@@ -50,6 +51,25 @@ struct Args {
     /// Only rewrite the report from an existing results file.
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
+    /// Instead of the benchmarks: tcptrace for this many minutes under
+    /// healthy churn and failure bursts, sampled; writes soak-<date>.json
+    /// and adds it to the report of the newest results file.
+    #[arg(long, value_name = "MINUTES")]
+    soak: Option<u64>,
+    /// Run one phase only and print its numbers (no files written): while
+    /// working on one cost.
+    #[arg(long, value_enum)]
+    phase: Option<Phase>,
+    /// Minutes between soak samples.
+    #[arg(long, default_value_t = 5, value_name = "MINUTES")]
+    sample_every: u64,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Phase {
+    Workload,
+    Flood,
+    BpfCost,
 }
 
 /// Set by SIGINT/SIGTERM: storms stop, guards clean up, the run fails.
@@ -152,20 +172,7 @@ struct Ctx {
 
 fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.render {
-        let text =
-            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let results: Value = serde_json::from_str(&text).context("parsing the results")?;
-        let md = args
-            .markdown
-            .clone()
-            .unwrap_or_else(|| args.out_dir.join("BENCHMARKS.md"));
-        let rel = path
-            .file_name()
-            .map(|n| format!("bench/{}", n.to_string_lossy()))
-            .unwrap_or_default();
-        let analysis = fs::read_to_string(args.out_dir.join("analysis.md")).ok();
-        return fs::write(&md, report::markdown(&results, &rel, analysis.as_deref()))
-            .with_context(|| format!("writing {}", md.display()));
+        return render(&args, path);
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("the benchmarks load BPF programs and create network namespaces: run as root");
@@ -188,6 +195,9 @@ fn run(args: Args) -> Result<()> {
         sigaction(Signal::SIGTERM, &handler).context("installing SIGTERM handler")?;
     }
     sys::remove_stale_netns();
+    if let Some(minutes) = args.soak {
+        return soak(&args, minutes);
+    }
     let plan = Plan::new(&args);
     let scratch = std::env::temp_dir().join(format!("tcptrace-bench-{}", std::process::id()));
     fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -204,10 +214,27 @@ fn run(args: Args) -> Result<()> {
         tcptrace_ready: Vec::new(),
         scratch,
     };
+    if let Some(phase) = ctx.args.phase {
+        let result = one_phase(&mut ctx, phase);
+        let _ = fs::remove_dir_all(&ctx.scratch);
+        println!("{}", serde_json::to_string_pretty(&result?)?);
+        return Ok(());
+    }
     let result = measure(&mut ctx);
     let _ = fs::remove_dir_all(&ctx.scratch);
     let results = result?;
     write_results(&ctx, &results)
+}
+
+fn one_phase(ctx: &mut Ctx, phase: Phase) -> Result<Value> {
+    Ok(match phase {
+        Phase::Workload => json!([
+            workload_overhead(ctx, Storm::Accept)?,
+            workload_overhead(ctx, Storm::Refused)?
+        ]),
+        Phase::Flood => flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?,
+        Phase::BpfCost => bpf_cost(ctx)?,
+    })
 }
 
 fn measure(ctx: &mut Ctx) -> Result<Value> {
@@ -220,9 +247,15 @@ fn measure(ctx: &mut Ctx) -> Result<Value> {
         overhead.push(workload_overhead(ctx, s)?);
     }
     eprintln!("tcptrace-bench: lossless throughput");
-    let lossless = flood(ctx, 1 << 22, ctx.plan.flood_count, "flood")?;
-    eprintln!("tcptrace-bench: forced losses (4096-byte ring buffer)");
-    let forced = flood(ctx, 4096, ctx.plan.loss_count, "forced_loss")?;
+    let lossless = flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?;
+    eprintln!("tcptrace-bench: forced losses (4096-byte ring buffer, every failure a record)");
+    let forced = flood(
+        ctx,
+        4096,
+        ctx.plan.loss_count,
+        "forced_loss",
+        &["--no-kernel-aggregation"],
+    )?;
     eprintln!("tcptrace-bench: BPF program cost");
     let bpf_cost = bpf_cost(ctx)?;
     let ready = median(
@@ -446,13 +479,16 @@ const REFUSED_EVENTS: &[(&str, &str)] = &[
 ];
 
 /// The refused storm at full speed with tcptrace writing NDJSON to a file:
-/// every event of the bench namespace is counted against what the storm
-/// must have produced, with tcptrace's CPU time and peak RSS.
-fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str) -> Result<Value> {
+/// every event of the bench namespace (a record with a `count` stands for
+/// that many) is counted against what the storm must have produced, with
+/// tcptrace's CPU time and peak RSS.
+fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str, extra: &[&str]) -> Result<Value> {
     let out_path = ctx.scratch.join(format!("{tag}.ndjson"));
     let file = fs::File::create(&out_path).context("creating the NDJSON file")?;
     let ring_s = ring.to_string();
-    let t = start_tcptrace(ctx, &["--ring-buffer-size", &ring_s], file.into())?;
+    let mut args = vec!["--ring-buffer-size", &ring_s];
+    args.extend_from_slice(extra);
+    let t = start_tcptrace(ctx, &args, file.into())?;
     let pid = t.pid;
     let cpu0 = sys::cpu_time(pid)?;
     let (out, ns) = one_storm(ctx, Storm::Refused, count, tag)?;
@@ -474,7 +510,9 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str) -> Result<Value> {
     t.stop(Signal::SIGTERM, Duration::from_secs(30))?;
     drop(ns);
 
+    // Failures per kind, and the records that carried them.
     let mut mine: BTreeMap<String, u64> = BTreeMap::new();
+    let mut mine_records: BTreeMap<String, u64> = BTreeMap::new();
     let mut foreign: BTreeMap<String, u64> = BTreeMap::new();
     let mut hooks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut lines = 0u64;
@@ -487,12 +525,13 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str) -> Result<Value> {
         match v["type"].as_str() {
             Some("event") => {
                 let kind = v["kind"].as_str().unwrap_or("?").to_string();
-                let target = if v["netns"].as_u64() == Some(u64::from(inode)) {
-                    &mut mine
+                let failures = v["count"].as_u64().unwrap_or(1);
+                if v["netns"].as_u64() == Some(u64::from(inode)) {
+                    *mine_records.entry(kind.clone()).or_default() += 1;
+                    *mine.entry(kind).or_default() += failures;
                 } else {
-                    &mut foreign
-                };
-                *target.entry(kind).or_default() += 1;
+                    *foreign.entry(kind).or_default() += failures;
+                }
             }
             Some("stats") if v["final"].as_bool() == Some(true) => {
                 for h in v["hooks"].as_array().into_iter().flatten() {
@@ -522,6 +561,7 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str) -> Result<Value> {
                 "hook": hook,
                 "expected": out.ok,
                 "delivered": delivered,
+                "records": mine_records.get(*kind).copied().unwrap_or(0),
                 "hook_seen": seen,
                 "hook_lost": lost,
                 "foreign_delivered": others,
@@ -539,9 +579,12 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str) -> Result<Value> {
         .iter()
         .filter(|(k, _)| !REFUSED_EVENTS.iter().any(|(e, _)| e == k))
         .collect();
+    let records_total: u64 = mine_records.values().sum();
     let secs = out.elapsed.as_secs_f64();
     Ok(json!({
         "ring_buffer_bytes": ring,
+        "kernel_aggregation": !extra.contains(&"--no-kernel-aggregation"),
+        "records_delivered": records_total,
         "connections": out.ok,
         "other_errors": out.errors,
         "cut_short": out.cut_short,
@@ -687,25 +730,82 @@ fn write_results(ctx: &Ctx, results: &Value) -> Result<()> {
     let json_path = ctx.args.out_dir.join(format!("results-{day}.json"));
     fs::write(&json_path, serde_json::to_string_pretty(results)? + "\n")
         .with_context(|| format!("writing {}", json_path.display()))?;
-    let md_path = ctx
-        .args
+    render(&ctx.args, &json_path)?;
+    eprintln!("tcptrace-bench: wrote {}", json_path.display());
+    Ok(())
+}
+
+/// The soak run, written as soak-<date>.json and added to the report of
+/// the newest results file.
+fn soak(args: &Args, minutes: u64) -> Result<()> {
+    let plan = soak::SoakPlan {
+        duration: Duration::from_secs(minutes * 60),
+        sample_every: Duration::from_secs(args.sample_every.max(1) * 60),
+        churn_per_s: 200,
+        burst_every: Duration::from_secs(60),
+        burst_refused: 5_000,
+    };
+    let results = soak::soak(&args.tcptrace, &plan, &STOP)?;
+    fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let date = results["date"].as_str().unwrap_or("unknown");
+    let path = args
+        .out_dir
+        .join(format!("soak-{}.json", date.get(..10).unwrap_or(date)));
+    fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("tcptrace-bench: wrote {}", path.display());
+    match newest(&args.out_dir, "results-") {
+        Some(latest) => render(args, &latest),
+        None => Ok(()),
+    }
+}
+
+/// Writes the report of the results file `path`, with the analysis and the
+/// newest soak run of the output directory when there are.
+fn render(args: &Args, path: &Path) -> Result<()> {
+    let read = |p: &Path| -> Result<Value> {
+        let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    };
+    let rel = |p: &Path| {
+        p.file_name()
+            .map(|n| format!("bench/{}", n.to_string_lossy()))
+            .unwrap_or_default()
+    };
+    let results = read(path)?;
+    let analysis = fs::read_to_string(args.out_dir.join("analysis.md")).ok();
+    let soak = match newest(&args.out_dir, "soak-") {
+        Some(p) => Some((read(&p)?, rel(&p))),
+        None => None,
+    };
+    let md = args
         .markdown
         .clone()
-        .unwrap_or_else(|| ctx.args.out_dir.join("BENCHMARKS.md"));
-    let rel = json_path
-        .file_name()
-        .map(|n| format!("bench/{}", n.to_string_lossy()))
-        .unwrap_or_default();
-    let analysis = fs::read_to_string(ctx.args.out_dir.join("analysis.md")).ok();
-    fs::write(
-        &md_path,
-        report::markdown(results, &rel, analysis.as_deref()),
-    )
-    .with_context(|| format!("writing {}", md_path.display()))?;
-    eprintln!(
-        "tcptrace-bench: wrote {} and {}",
-        json_path.display(),
-        md_path.display()
+        .unwrap_or_else(|| args.out_dir.join("BENCHMARKS.md"));
+    let text = report::markdown(
+        &results,
+        &rel(path),
+        analysis.as_deref(),
+        soak.as_ref().map(|(v, r)| (v, r.as_str())),
     );
+    fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("tcptrace-bench: wrote {}", md.display());
     Ok(())
+}
+
+/// The newest `<prefix><date>.json` in `dir` (dates sort as text).
+fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    let entries = fs::read_dir(dir).ok()?;
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".json"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }

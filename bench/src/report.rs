@@ -113,7 +113,12 @@ fn pass(ok: bool) -> &'static str {
 
 /// BENCHMARKS.md from one results file.
 /// `analysis` (bench/analysis.md, maintained by hand) follows the targets.
-pub fn markdown(r: &Value, json_rel: &str, analysis: Option<&str>) -> String {
+pub fn markdown(
+    r: &Value,
+    json_rel: &str,
+    analysis: Option<&str>,
+    soak_run: Option<(&Value, &str)>,
+) -> String {
     let mut s = String::new();
     let m = &r["machine"];
     let _ = writeln!(s, "# tcptrace benchmarks\n");
@@ -154,6 +159,9 @@ pub fn markdown(r: &Value, json_rel: &str, analysis: Option<&str>) -> String {
     programs(&mut s, r);
     pipeline(&mut s, r);
     startup(&mut s, r);
+    if let Some((run, rel)) = soak_run {
+        soak(&mut s, run, rel);
+    }
     method(&mut s, r);
     s
 }
@@ -211,10 +219,10 @@ fn summary(s: &mut String, r: &Value) {
         .max_by(|a, b| a.0.total_cmp(&b.0));
     let _ = writeln!(
         s,
-        "| <= 250 ns per BPF program run | {} ns overall; worst {} | {} |",
+        "| <= 250 ns average per BPF program run | {} ns over all runs (costliest program: {}) | {} |",
         avg.map_or("n/a".into(), |x| format!("{x:.0}")),
         worst.map_or("n/a".into(), |(ns, p)| format!("{p} {ns:.0} ns")),
-        worst.map_or("n/a", |(ns, _)| pass(ns <= 250.0))
+        avg.map_or("n/a", |ns| pass(ns <= 250.0))
     );
     let full = r["pipeline"]
         .as_array()
@@ -292,9 +300,12 @@ fn flood(s: &mut String, r: &Value) {
     for (key, title) in [
         (
             "flood",
-            "Refused storm at full speed, default 4 MiB ring buffer",
+            "Refused storm at full speed, default 4 MiB ring buffer, repeats counted in the kernel",
         ),
-        ("forced_loss", "Same storm with a 4096-byte ring buffer"),
+        (
+            "forced_loss",
+            "Same storm with a 4096-byte ring buffer and every failure a record (`--no-kernel-aggregation`)",
+        ),
     ] {
         let fl = &r[key];
         let _ = writeln!(
@@ -317,16 +328,17 @@ fn flood(s: &mut String, r: &Value) {
         );
         let _ = writeln!(
             s,
-            "| Kind | Hook | Expected | Delivered (bench netns) | Lost (hook, all netns) | Delivered + lost = expected | Other netns delivered |\n|---|---|---|---|---|---|---|"
+            "| Kind | Hook | Expected | Delivered (bench netns) | Records | Lost (hook, all netns) | Delivered + lost = expected | Other netns delivered |\n|---|---|---|---|---|---|---|---|"
         );
         for k in fl["by_kind"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 k["kind"].as_str().unwrap_or("?"),
                 k["hook"].as_str().unwrap_or("?"),
                 k["expected"],
                 k["delivered"],
+                k["records"],
                 k["hook_lost"],
                 if k["delivered_plus_lost_equals_expected"] == true {
                     "yes"
@@ -495,4 +507,73 @@ fn method(s: &mut String, r: &Value) {
          `cargo xtask test`); it never fails on a number.\n",
         c = r["plan"]["clients"]
     );
+}
+
+/// The soak run: one row per sample.
+fn soak(s: &mut String, run: &Value, json_rel: &str) {
+    let p = &run["plan"];
+    let _ = writeln!(
+        s,
+        "## Soak\n\n`cargo xtask bench --soak` on {} ({} minutes; raw numbers in `{json_rel}`): \
+         {} healthy connections a second, and every {} s a burst in a namespace made for \
+         it and deleted after ({} refused connects to a port new to the burst, a tenth as \
+         many connects finding no source port and binds finding the port in use); {} bursts. \
+         Map entries are counted by `bpftool map dump` (LRU maps evict at capacity).\n",
+        run["date"].as_str().unwrap_or("?"),
+        f(&p["minutes"], 0),
+        p["churn_per_s"],
+        p["burst_every_s"],
+        p["burst_refused"],
+        run["bursts"],
+    );
+    let samples: Vec<&Value> = run["samples"].as_array().into_iter().flatten().collect();
+    let maps: Vec<String> = samples
+        .first()
+        .and_then(|x| x["maps"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["map"].as_str().map(str::to_string))
+        .collect();
+    let _ = writeln!(
+        s,
+        "| Minute | RSS MiB | Peak RSS MiB | CPU % of a core | Connections | Failures made | Records (event / verdict / stats) | Lost | {} |",
+        maps.iter()
+            .map(|m| format!("{m} entries"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(s, "|{}", "---|".repeat(8 + maps.len()));
+    for x in samples {
+        let mib = |k: &str| format!("{:.1}", x[k].as_f64().unwrap_or(0.0) / 1048576.0);
+        let fill: Vec<String> = maps
+            .iter()
+            .map(|name| {
+                x["maps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["map"] == name.as_str())
+                    .map_or("n/a".into(), |m| {
+                        format!("{} / {}", m["entries"], m["max_entries"])
+                    })
+            })
+            .collect();
+        let r = &x["records"];
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
+            f(&x["minute"], 0),
+            mib("rss_bytes"),
+            mib("hwm_bytes"),
+            f(&x["cpu_percent_of_a_core"], 1),
+            x["connections_churned"],
+            x["failures_made"],
+            r["event"].as_u64().unwrap_or(0),
+            r["verdict"].as_u64().unwrap_or(0),
+            r["stats"].as_u64().unwrap_or(0),
+            x["lost"],
+            fill.join(" | ")
+        );
+    }
+    let _ = writeln!(s);
 }

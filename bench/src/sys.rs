@@ -6,7 +6,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _},
     os::unix::process::CommandExt as _,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -169,6 +169,11 @@ impl Traced {
             }
         }
         seen.join(" | ")
+    }
+
+    /// The tracer's stdout, when it was piped.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.as_mut()?.stdout.take()
     }
 
     /// SIGTERM (tcptrace drains and writes its final stats) or SIGINT

@@ -164,20 +164,30 @@ pub fn dst_key(ev: &Event) -> AggKey {
     )
 }
 
-/// The storm key of a refused connect on the client: its server end.
+/// The storm key of a refused connect on the client (its server end), and
+/// the socket's owner record. The owner of a socket in SYN_SENT was
+/// recorded at its connect() in this run, with its namespace; only the
+/// server end is read from the socket.
 #[inline(always)]
-pub fn refused_key(sk: u64, k: &KernelOffsets, kind: u8) -> AggKey {
-    let conn = conn_key_of_sock(sk, k);
-    // SAFETY: copied out at once.
-    let cgroup = unsafe { OWNERS.get(sk) }.map_or(0, |o| o.cgroup_id);
-    agg::key(
-        kind,
-        net_inum(sock_net(sk, k), k),
-        cgroup,
-        conn.family,
-        conn.remote,
-        conn.remote_port,
-        [0; 16],
+pub fn refused_key(sk: u64, k: &KernelOffsets, kind: u8) -> (AggKey, Option<*mut Owner>) {
+    let owner = OWNERS.get_ptr_mut(sk);
+    let (cgroup, netns) = match owner {
+        // SAFETY: a map value of the right type, read at once.
+        Some(o) => unsafe { ((*o).cgroup_id, (*o).netns) },
+        None => (0, net_inum(sock_net(sk, k), k)),
+    };
+    let family = read::<u16>(sk, k.sock_family).unwrap_or(0) as u8;
+    let port = u16::from_be(read::<u16>(sk, k.sock_dport).unwrap_or(0));
+    let mut addr = [0u8; 16];
+    if family == AF_INET6 {
+        addr = read(sk, k.sock_v6_daddr).unwrap_or([0; 16]);
+    } else {
+        let d: [u8; 4] = read(sk, k.sock_daddr).unwrap_or([0; 4]);
+        addr[..4].copy_from_slice(&d);
+    }
+    (
+        agg::key(kind, netns, cgroup, family, addr, port, [0; 16]),
+        owner,
     )
 }
 

@@ -110,12 +110,18 @@ const RESET_CONSEQUENCE_NS: u64 = 10_000_000;
 #[inline(always)]
 pub fn mark_reset(sk: u64, at_ns: u64, errno: u32) {
     if let Some(owner) = OWNERS.get_ptr_mut(sk) {
-        // SAFETY: a map value of the right type; racing writers could only
-        // leave the other reset's mark, which suppresses nothing extra.
-        unsafe {
-            (*owner).reset_ns = at_ns;
-            (*owner).reset_errno = errno;
-        }
+        mark_owner_reset(owner, at_ns, errno);
+    }
+}
+
+/// [`mark_reset`] on an owner record already looked up.
+#[inline(always)]
+pub fn mark_owner_reset(owner: *mut Owner, at_ns: u64, errno: u32) {
+    // SAFETY: a map value of the right type; racing writers could only
+    // leave the other reset's mark, which suppresses nothing extra.
+    unsafe {
+        (*owner).reset_ns = at_ns;
+        (*owner).reset_errno = errno;
     }
 }
 

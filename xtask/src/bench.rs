@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--smoke]`: criterion benches of the userspace
 //! pipeline, then `tcptrace-bench` (root: workload overhead against
 //! bpftrace, losses, BPF program cost, startup), which writes
-//! BENCHMARKS.md and bench/results-<UTC date>.json.
+//! BENCHMARKS.md and bench/results-<UTC date>.json. `--soak [MINUTES]`:
+//! the endurance run instead, and longer fuzzing.
 use std::{path::Path, process::Command};
 
 use anyhow::{Result, bail};
@@ -84,6 +85,46 @@ pub fn bench(smoke: bool) -> Result<()> {
         check_smoke_output(&root.join(SMOKE_OUT))?;
     }
     Ok(())
+}
+
+/// Seconds per fuzz target after a soak.
+const SOAK_FUZZ_SECONDS: u32 = 300;
+
+/// `tcptrace-bench --soak`: a release tcptrace for `minutes` under churn
+/// and bursts, added to BENCHMARKS.md; then each fuzz target for longer
+/// than CI runs it.
+pub fn soak(minutes: u64) -> Result<()> {
+    crate::setup::ensure()?;
+    if !is_root() {
+        bail!("the soak loads BPF programs and creates network namespaces: rerun as root");
+    }
+    crate::private_mounts()?;
+    step(
+        "cargo build --release (soak)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "tcptrace-cli",
+            "-p",
+            "tcptrace-bench",
+        ]),
+    )?;
+    let root = workspace_root();
+    let target = crate::target_dir().join("release");
+    step(
+        &format!("tcptrace-bench --soak {minutes}"),
+        Command::new(target.join("tcptrace-bench"))
+            .current_dir(&root)
+            .arg("--tcptrace")
+            .arg(target.join("tcptrace"))
+            .args(["--soak", &minutes.to_string()])
+            .arg("--out-dir")
+            .arg(root.join("bench"))
+            .arg("--markdown")
+            .arg(root.join("BENCHMARKS.md")),
+    )?;
+    crate::fuzz::fuzz(SOAK_FUZZ_SECONDS, &[])
 }
 
 /// bpftrace is the comparison of a full run (Debian package `bpftrace`).

@@ -62,8 +62,13 @@ enum Task {
     Bench {
         /// Seconds-long check that every phase runs (numbers mean nothing);
         /// writes to target/bench-smoke.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "soak")]
         smoke: bool,
+        /// Instead: tcptrace for this many minutes under healthy churn and
+        /// failure bursts (RSS, CPU and map fill every 5 minutes, into
+        /// BENCHMARKS.md), then 5 minutes of each fuzz target.
+        #[arg(long, value_name = "MINUTES", num_args = 0..=1, default_missing_value = "30")]
+        soak: Option<u64>,
     },
     /// The cargo fuzz targets (tcptrace/fuzz: the ring-buffer decoder, the
     /// NDJSON replay reader, the cgroup, kube-proxy and IPVS parsers), each
@@ -186,7 +191,11 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Test { no_root, no_vm } => test(no_root, no_vm),
-        Task::Bench { smoke } => bench::bench(smoke),
+        Task::Bench { smoke, soak: None } => bench::bench(smoke),
+        Task::Bench {
+            soak: Some(minutes),
+            ..
+        } => bench::soak(minutes),
         Task::Kselftest => kselftest_suite(),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::Docker { action } => match action {

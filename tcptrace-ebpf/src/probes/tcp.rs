@@ -7,7 +7,7 @@ use tcptrace_common::{Event, flag, hook, kind};
 use crate::{
     agg,
     kernel::{self, read},
-    maps::{self, config, mark_reset},
+    maps::{self, config, mark_owner_reset, mark_reset},
 };
 
 /// Netns, owner and TCP detail of an event about socket `sk`; false when
@@ -164,15 +164,20 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     // A refused connect: a storm of them is counted, not sent.
     let refused =
         read::<u8>(sk, k.sock_state).is_some_and(|s| s as u32 == config().states.syn_sent);
-    let key = refused.then(|| kernel::refused_key(sk, k, kind::RESET_RECEIVED));
-    if let Some(key) = &key
-        && agg::count_repeat(hook::RECEIVE_RESET, key)
-    {
-        // SAFETY: a helper without preconditions.
-        let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
-        mark_reset(sk, now, ECONNREFUSED);
-        return 0;
-    }
+    let key = if refused {
+        let (key, owner) = kernel::refused_key(sk, k, kind::RESET_RECEIVED);
+        if agg::count_repeat(hook::RECEIVE_RESET, &key) {
+            if let Some(owner) = owner {
+                // SAFETY: a helper without preconditions.
+                let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
+                mark_owner_reset(owner, now, ECONNREFUSED);
+            }
+            return 0;
+        }
+        Some(key)
+    } else {
+        None
+    };
     let Some(mut entry) = kernel::reserve(hook::RECEIVE_RESET, kind::RESET_RECEIVED) else {
         return 0;
     };

@@ -248,7 +248,18 @@ impl Tracer {
         require_privileges()?;
         let btf = KernelBtf::load(&opts.btf_path)?;
         let names = KernelNames::from_btf(&btf);
-        let cfg = kernel_config(&btf, &names, opts)?;
+        let mut cfg = kernel_config(&btf, &names, opts)?;
+        // Parsed BTF is large, and the loader parses its own: one at a time.
+        drop(btf);
+        // Counting needs a way to wait for running programs (not offered
+        // on nohz_full kernels): without it, every failure is a record.
+        let aggregate = opts.aggregate && global_membarrier_available();
+        if opts.aggregate && !aggregate {
+            eprintln!(
+                "tcptrace: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable on this kernel: storms are sent as one record per failure, not counted in the kernel"
+            );
+        }
+        cfg.aggregate = u32::from(aggregate);
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
         // to the cgroup. A refusal only matters if loading then fails.
         let memlock = nix::sys::resource::setrlimit(
@@ -334,6 +345,8 @@ impl Tracer {
             });
         }
         mark_direct_tier(&mut ebpf, &probes)?;
+        drop(aya_btf);
+        release_freed_memory();
         if !probes.iter().any(|p| p.state == ProbeState::Attached) {
             let why: Vec<String> = probes
                 .iter()
@@ -354,7 +367,7 @@ impl Tracer {
             decoder: Decoder::new(names, boot_wall_time()?),
             ring: Ring::Polled(ring),
             backlog: false,
-            aggregate: opts.aggregate,
+            aggregate,
         })
     }
 
@@ -415,14 +428,13 @@ impl Tracer {
         n
     }
 
-    /// Cumulative per-hook counters summed over CPUs.
     /// Ends the current counting generation and returns its counts: the
     /// repeats of each storm whose first record (see `Event::fold`) went
-    /// out in it. The programs count in the next generation from now on;
-    /// this waits until none can still be counting in the old one (an RCU
-    /// grace period), so every repeat is in what it returns, once. Read
-    /// the ring buffer after this call, before using the counts: the first
-    /// records are there.
+    /// out in it (and any older one a walk missed). The programs count in
+    /// the next generation from now on; this waits until none can still be
+    /// counting in the old one (an RCU grace period), so every repeat is in
+    /// what it returns, once. Read the ring buffer after this call, before
+    /// using the counts: the first records are there.
     pub fn fold(&mut self) -> Result<Vec<Folded>> {
         if !self.aggregate {
             return Ok(Vec::new());
@@ -433,9 +445,12 @@ impl Tracer {
                 .ok_or_else(|| anyhow!("BPF object has no {AGG_GEN_MAP} map"))?,
         )
         .context("opening the generation")?;
-        let old = generation.get(&0, 0).context("reading the generation")?;
+        let current = generation
+            .get(&0, 0)
+            .context("reading the generation")?
+            .wrapping_add(1);
         generation
-            .set(0, old.wrapping_add(1), 0)
+            .set(0, current, 0)
             .context("moving the generation on")?;
         wait_for_running_programs()?;
         let mut counts = PerCpuHashMap::<_, AggKey, AggCount>::try_from(
@@ -444,10 +459,12 @@ impl Tracer {
                 .ok_or_else(|| anyhow!("BPF object has no {AGG_MAP} map"))?,
         )
         .context("opening the storm counts")?;
+        // Every older generation: a key a walk of the changing map missed
+        // is found by the next one.
         let keys: Vec<AggKey> = counts
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.generation == old)
+            .filter(|k| k.generation != current)
             .collect();
         let mut folded = Vec::with_capacity(keys.len());
         for key in keys {
@@ -455,7 +472,7 @@ impl Tracer {
             counts.remove(&key).context("removing a storm count")?;
             // The CPU that opened the key holds the first record's stamp.
             folded.push(Folded {
-                generation: old,
+                generation: key.generation,
                 first_ns: per_cpu.iter().map(|c| c.first_ns).max().unwrap_or(0),
                 count: per_cpu.iter().map(|c| c.count).sum(),
                 key,
@@ -464,6 +481,7 @@ impl Tracer {
         Ok(folded)
     }
 
+    /// Cumulative per-hook counters summed over CPUs.
     pub fn hook_stats(&self) -> Result<Vec<HookStats>> {
         let map = self
             .ebpf
@@ -509,10 +527,7 @@ pub struct Folded {
 /// tracepoint programs run under RCU, and a global membarrier waits for an
 /// RCU grace period.
 fn wait_for_running_programs() -> Result<()> {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
+    let r = membarrier(MEMBARRIER_CMD_GLOBAL);
     if r != 0 {
         bail!(
             "membarrier(MEMBARRIER_CMD_GLOBAL): {}",
@@ -520,6 +535,35 @@ fn wait_for_running_programs() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Hands the pages of the parsed BTF, freed by now, back to the system
+/// (glibc keeps freed memory for reuse otherwise).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::syscall(libc::SYS_membarrier, cmd, 0)
+    }
+}
+
+/// Whether this kernel offers the global membarrier (the query answers
+/// with a mask of the commands it does).
+fn global_membarrier_available() -> bool {
+    let commands = membarrier(MEMBARRIER_CMD_QUERY);
+    commands > 0 && commands & libc::c_long::from(MEMBARRIER_CMD_GLOBAL) != 0
 }
 
 /// Tells the programs which direct-tier hooks are live, so the tracepoint

@@ -1,0 +1,295 @@
+//! `tcptrace-bench --soak MINUTES`: tcptrace for a long while under healthy
+//! connection churn with a burst of failures every minute, each burst in a
+//! namespace made for it and deleted after (pods come and go); its RSS, CPU
+//! and the fill of its BPF hash maps sampled every few minutes, to show
+//! that they stay flat.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Read as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+use crate::{
+    report,
+    sys::{self, Spawn, Traced, bench_netns},
+};
+
+/// What a soak run does.
+pub struct SoakPlan {
+    pub duration: Duration,
+    pub sample_every: Duration,
+    /// Healthy connections per second (connect, accept, close).
+    pub churn_per_s: u32,
+    pub burst_every: Duration,
+    /// Refused connects per burst; connect and bind errors are a tenth each.
+    pub burst_refused: u32,
+}
+
+/// Port of the churn's listener, and the first of the ports bursts are
+/// refused on (one more each burst, so their keys are new).
+const CHURN_PORT: u16 = 5000;
+const REFUSED_BASE: u16 = 6000;
+
+/// bpf_map_type values of the hash maps (plain, per-CPU, LRU, LRU per-CPU):
+/// the maps that fill.
+const HASH_MAP_TYPES: [u64; 4] = [1, 5, 9, 10];
+
+/// Counts of what tcptrace wrote, by record type, and its last stats.
+#[derive(Default)]
+struct Written {
+    records: BTreeMap<String, u64>,
+    lost: u64,
+}
+
+pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Result<Value> {
+    let churn_ns = bench_netns("soak")?;
+    let (mut t, _) = Traced::start(
+        Spawn {
+            program: tcptrace,
+            args: ["--format", "json", "--stats-interval", "60"]
+                .map(String::from)
+                .to_vec(),
+            stdout: Stdio::piped(),
+            ready_line: Some("tcptrace: tracing,"),
+            perf_events: 0,
+        },
+        Duration::from_secs(30),
+    )?;
+    let written = Arc::new(Mutex::new(Written::default()));
+    let reader = {
+        let stdout = t.take_stdout().context("tcptrace's stdout")?;
+        let written = Arc::clone(&written);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                let mut w = written
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let kind = v["type"].as_str().unwrap_or("?").to_string();
+                *w.records.entry(kind).or_default() += 1;
+                if v["type"] == "stats" {
+                    w.lost = v["lost"].as_u64().unwrap_or(w.lost);
+                }
+            }
+        })
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let churned = Arc::new(AtomicU64::new(0));
+    let churn = start_churn(&churn_ns, plan.churn_per_s, &done, &churned)?;
+
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut failures = 0u64;
+    let mut bursts = 0u32;
+    let mut next_burst = started;
+    let mut next_sample = started;
+    let mut last_cpu = (sys::cpu_time(t.pid)?, started);
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Err(anyhow::anyhow!("interrupted"));
+        }
+        let now = Instant::now();
+        if now >= next_sample {
+            let cpu = sys::cpu_time(t.pid)?;
+            let busy = cpu.saturating_sub(last_cpu.0).as_secs_f64()
+                / now.duration_since(last_cpu.1).as_secs_f64().max(1e-9);
+            last_cpu = (cpu, now);
+            let w = written
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let sample = json!({
+                "minute": started.elapsed().as_secs_f64() / 60.0,
+                "rss_bytes": sys::status_bytes(t.pid, "VmRSS")?,
+                "hwm_bytes": sys::status_bytes(t.pid, "VmHWM")?,
+                "cpu_percent_of_a_core": busy * 100.0,
+                "maps": map_fill(t.pid)?,
+                "connections_churned": churned.load(Ordering::Relaxed),
+                "failures_made": failures,
+                "records": w.records,
+                "lost": w.lost,
+            });
+            drop(w);
+            eprintln!("tcptrace-bench: soak {}", summary(&sample));
+            samples.push(sample);
+            next_sample += plan.sample_every;
+        }
+        if now.duration_since(started) >= plan.duration {
+            break Ok(());
+        }
+        if now >= next_burst {
+            failures += burst(bursts, plan.burst_refused)?;
+            bursts += 1;
+            next_burst += plan.burst_every;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    done.store(true, Ordering::Relaxed);
+    let _ = churn.join();
+    let stopped = t.stop(Signal::SIGTERM, Duration::from_secs(30));
+    let _ = reader.join();
+    drop(churn_ns);
+    result?;
+    stopped?;
+    Ok(json!({
+        "schema": 1,
+        "date": report::utc_now(),
+        "machine": report::machine(None),
+        "plan": {
+            "minutes": plan.duration.as_secs_f64() / 60.0,
+            "sample_every_s": plan.sample_every.as_secs(),
+            "churn_per_s": plan.churn_per_s,
+            "burst_every_s": plan.burst_every.as_secs(),
+            "burst_refused": plan.burst_refused,
+        },
+        "bursts": bursts,
+        "samples": samples,
+    }))
+}
+
+fn summary(sample: &Value) -> String {
+    let mib = |k: &str| sample[k].as_f64().unwrap_or(0.0) / 1048576.0;
+    format!(
+        "min {:.1}: RSS {:.1} MiB (peak {:.1}), CPU {:.1}%, {} connections, {} failures, records {}, maps {}",
+        sample["minute"].as_f64().unwrap_or(0.0),
+        mib("rss_bytes"),
+        mib("hwm_bytes"),
+        sample["cpu_percent_of_a_core"].as_f64().unwrap_or(0.0),
+        sample["connections_churned"],
+        sample["failures_made"],
+        sample["records"],
+        sample["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!(
+                "{}={}/{}",
+                m["map"].as_str().unwrap_or("?"),
+                m["entries"],
+                m["max_entries"]
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+/// Healthy connections at `per_s` until `done`: connect, accept, the
+/// server closes first.
+fn start_churn(
+    ns: &tcptrace_lab::netns::Netns,
+    per_s: u32,
+    done: &Arc<AtomicBool>,
+    churned: &Arc<AtomicU64>,
+) -> Result<thread::JoinHandle<()>> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, CHURN_PORT));
+    let listener = ns
+        .run("soak-listen", move || TcpListener::bind(addr))?
+        .context("listening in the soak namespace")?;
+    let (done_server, done_client) = (Arc::clone(done), Arc::clone(done));
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            if done_server.load(Ordering::Relaxed) {
+                break;
+            }
+            drop(s);
+        }
+    });
+    let churned = Arc::clone(churned);
+    let name = ns.name.clone();
+    let gap = Duration::from_secs(1) / per_s.max(1);
+    Ok(thread::spawn(move || {
+        let _ = tcptrace_lab::netns::in_netns(&name, "soak-churn", move || {
+            let mut next = Instant::now();
+            while !done_client.load(Ordering::Relaxed) {
+                if TcpStream::connect(addr)
+                    .and_then(|mut s| s.read(&mut [0u8; 1]))
+                    .is_ok()
+                {
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+                next += gap;
+                thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            // Wake the acceptor for its last check.
+            let _ = TcpStream::connect(addr);
+        });
+    }))
+}
+
+/// One burst in a namespace of its own, deleted after: refused connects to
+/// a port new to this burst, connects with no source port left (a two-port
+/// range, both held) and binds to a port in use. Returns the failures made.
+fn burst(n: u32, refused: u32) -> Result<u64> {
+    let ns = bench_netns(&format!("burst{n}"))?;
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001")?;
+    let port = REFUSED_BASE + (n % 1000) as u16;
+    let failed = ns.run("soak-burst", move || {
+        let local = |p| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+        let mut failed = 0u64;
+        for _ in 0..refused {
+            failed += u64::from(TcpStream::connect(local(port)).is_err());
+        }
+        let Ok(l) = TcpListener::bind(local(CHURN_PORT)) else {
+            return failed;
+        };
+        let held: Vec<TcpStream> = (0..2)
+            .filter_map(|_| TcpStream::connect(local(CHURN_PORT)).ok())
+            .collect();
+        for _ in 0..refused / 10 {
+            failed += u64::from(TcpStream::connect(local(CHURN_PORT)).is_err());
+            failed += u64::from(TcpListener::bind(local(CHURN_PORT)).is_err());
+        }
+        drop((held, l));
+        failed
+    })?;
+    Ok(failed)
+}
+
+/// Entries and capacity of each hash map tcptrace holds (`bpftool map
+/// dump`), by name.
+fn map_fill(pid: u32) -> Result<Vec<Value>> {
+    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
+        .flatten()
+        .map(|m| (m.id(), m.name_as_str().unwrap_or("?").to_string()))
+        .collect();
+    let mut rows = Vec::new();
+    for (id, fields) in sys::bpf_fds(pid)?.maps {
+        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+        if !num("map_type").is_some_and(|t| HASH_MAP_TYPES.contains(&t)) {
+            continue;
+        }
+        let out = Command::new("bpftool")
+            .args(["--json", "map", "dump", "id", &id.to_string()])
+            .output()
+            .context("running bpftool (apt install bpftool)")?;
+        if !out.status.success() {
+            bail!(
+                "bpftool map dump id {id}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let entries = serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .context("bpftool printed no JSON array")?;
+        rows.push(json!({
+            "map": names.get(&id).cloned().unwrap_or_else(|| format!("id {id}")),
+            "entries": entries,
+            "max_entries": num("max_entries"),
+        }));
+    }
+    Ok(rows)
+}
