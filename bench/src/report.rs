@@ -536,13 +536,13 @@ fn soak(s: &mut String, run: &Value, json_rel: &str) {
         .collect();
     let _ = writeln!(
         s,
-        "| Minute | RSS MiB | Peak RSS MiB | CPU % of a core | Connections | Failures made | Records (event / verdict / stats) | Lost | {} |",
+        "| Minute | RSS MiB | Peak RSS MiB | CPU % of a core | Connections | Failures made | Failures recorded, by kind | Records (event / verdict / stats) | Lost | {} |",
         maps.iter()
             .map(|m| format!("{m} entries"))
             .collect::<Vec<_>>()
             .join(" | ")
     );
-    let _ = writeln!(s, "|{}", "---|".repeat(8 + maps.len()));
+    let _ = writeln!(s, "|{}", "---|".repeat(9 + maps.len()));
     for x in samples {
         let mib = |k: &str| format!("{:.1}", x[k].as_f64().unwrap_or(0.0) / 1048576.0);
         let fill: Vec<String> = maps
@@ -559,15 +559,22 @@ fn soak(s: &mut String, run: &Value, json_rel: &str) {
             })
             .collect();
         let r = &x["records"];
+        let recorded: Vec<String> = x["failures_recorded"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
             f(&x["minute"], 0),
             mib("rss_bytes"),
             mib("hwm_bytes"),
             f(&x["cpu_percent_of_a_core"], 1),
             x["connections_churned"],
             x["failures_made"],
+            recorded.join(", "),
             r["event"].as_u64().unwrap_or(0),
             r["verdict"].as_u64().unwrap_or(0),
             r["stats"].as_u64().unwrap_or(0),

@@ -50,6 +50,8 @@ const HASH_MAP_TYPES: [u64; 4] = [1, 5, 9, 10];
 #[derive(Default)]
 struct Written {
     records: BTreeMap<String, u64>,
+    /// Failures per event kind: a record with a `count` stands for that many.
+    failures: BTreeMap<String, u64>,
     lost: u64,
 }
 
@@ -81,6 +83,10 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let kind = v["type"].as_str().unwrap_or("?").to_string();
                 *w.records.entry(kind).or_default() += 1;
+                if let Some(event) = v["kind"].as_str() {
+                    *w.failures.entry(event.to_string()).or_default() +=
+                        v["count"].as_u64().unwrap_or(1);
+                }
                 if v["type"] == "stats" {
                     w.lost = v["lost"].as_u64().unwrap_or(w.lost);
                 }
@@ -120,6 +126,7 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
                 "connections_churned": churned.load(Ordering::Relaxed),
                 "failures_made": failures,
                 "records": w.records,
+                "failures_recorded": w.failures,
                 "lost": w.lost,
             });
             drop(w);
@@ -163,13 +170,14 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
 fn summary(sample: &Value) -> String {
     let mib = |k: &str| sample[k].as_f64().unwrap_or(0.0) / 1048576.0;
     format!(
-        "min {:.1}: RSS {:.1} MiB (peak {:.1}), CPU {:.1}%, {} connections, {} failures, records {}, maps {}",
+        "min {:.1}: RSS {:.1} MiB (peak {:.1}), CPU {:.1}%, {} connections, {} failures made, recorded {}, records {}, maps {}",
         sample["minute"].as_f64().unwrap_or(0.0),
         mib("rss_bytes"),
         mib("hwm_bytes"),
         sample["cpu_percent_of_a_core"].as_f64().unwrap_or(0.0),
         sample["connections_churned"],
         sample["failures_made"],
+        sample["failures_recorded"],
         sample["records"],
         sample["maps"]
             .as_array()
