@@ -100,7 +100,8 @@ pub const COUNTER_SEEN: u32 = 0;
 pub const COUNTER_LOST: u32 = 1;
 /// Repeats counted in [`AGG_MAP`] instead of sent as records.
 pub const COUNTER_FOLDED: u32 = 2;
-/// Repeats sent as records because [`AGG_MAP`] was full.
+/// Failures (first ones included) sent as records because [`AGG_MAP`] was
+/// full.
 pub const COUNTER_AGG_FULL: u32 = 3;
 pub const COUNTERS_PER_HOOK: u32 = 4;
 pub const COUNTERS_LEN: u32 = hook::COUNT * COUNTERS_PER_HOOK;
@@ -212,7 +213,8 @@ pub mod flag {
     /// `port_lo`..=`port_hi` is the namespace's ephemeral port range.
     pub const PORT_RANGE: u32 = 1 << 11;
     /// The first record of a storm: its repeats in this generation are
-    /// counted in [`crate::AGG_MAP`] under this record's `ts_ns`.
+    /// counted in [`crate::AGG_MAP`] under its key, with this record's
+    /// `ts_ns` as the count's `first_ns`.
     pub const AGG_FIRST: u32 = 1 << 12;
 }
 
@@ -354,10 +356,6 @@ pub struct ConnKey {
 
 const _: () = assert!(size_of::<ConnKey>() == 40);
 
-/// A connection's client end (address and port), which NAT on the way to
-/// the server does not change: flows whose handshake needed retransmits are
-/// watched by it, so that drops of their packets are reported whatever the
-/// reason.
 /// Hash of [`AggKey`] -> [`AggCount`]: repeats of one failure counted in the
 /// kernel instead of sent as records.
 pub const AGG_MAP: &str = "AGG";
@@ -367,9 +365,10 @@ pub const AGG_MAP: &str = "AGG";
 pub const AGG_GEN_MAP: &str = "AGG_GEN";
 pub const AGG_ENTRIES: u32 = 16_384;
 
-/// One failure repeated: the same kind, in the same namespace and cgroup,
-/// with the same stable end (the server's for a client; a closed port's
-/// and the client's address for a reset that refused), in one generation.
+/// One failure repeated: the same kind and errno, in the same namespace
+/// and cgroup, with the same stable end (the server's for a client; a
+/// closed port's and the client's address for a reset that refused), in
+/// one generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AggKey {
@@ -381,7 +380,8 @@ pub struct AggKey {
     pub port: u16,
     pub kind: u8,
     pub family: u8,
-    pub _pad: u32,
+    /// A connect's or bind's error (0 for resets).
+    pub errno: i32,
 }
 
 const _: () = assert!(size_of::<AggKey>() == 56);
@@ -404,6 +404,10 @@ pub struct ConnSock {
     pub _pad: u32,
 }
 
+/// A connection's client end (address and port), which NAT on the way to
+/// the server does not change: flows whose handshake needed retransmits are
+/// watched by it, so that drops of their packets are reported whatever the
+/// reason.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EndKey {
@@ -553,8 +557,9 @@ pub struct KernelOffsets {
     /// Which argument of nf_ct_l4proto_log_invalid is the format: 3 since
     /// 5.16 (skb, ct, state, fmt, ...), 2 before (skb, ct, fmt, ...).
     pub ct_invalid_fmt_arg: u32,
-    /// Keeps the struct a multiple of 8 bytes without implicit padding.
-    pub _pad: u32,
+    /// 1: skc_daddr, skc_dport, skc_family and skc_state lie at 0, 12, 16
+    /// and 18 of struct sock (every kernel so far), read as one block.
+    pub sock_head_packed: u32,
     /// task_struct.nsproxy
     pub task_nsproxy: u32,
     /// nsproxy.net_ns
@@ -609,7 +614,7 @@ impl KernelOffsets {
         sock_protocol: KERNEL_ABSENT,
         ct_net: KERNEL_ABSENT,
         ct_invalid_fmt_arg: 3,
-        _pad: 0,
+        sock_head_packed: 0,
         task_nsproxy: KERNEL_ABSENT,
         nsproxy_net: KERNEL_ABSENT,
         ct_src_addr: KERNEL_ABSENT,

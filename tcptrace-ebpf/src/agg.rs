@@ -31,7 +31,7 @@ pub fn key(
         port,
         kind,
         family,
-        _pad: 0,
+        errno: 0,
     }
 }
 

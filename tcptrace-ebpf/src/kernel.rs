@@ -145,7 +145,8 @@ pub fn submit_or_fold(hook: u32, mut entry: RingBufEntry<Event>, key: &AggKey) {
     }
 }
 
-/// The storm key of a filled record: its destination (a bind's address).
+/// The storm key of a filled record: its destination (a bind's address)
+/// and its error.
 #[inline(always)]
 pub fn dst_key(ev: &Event) -> AggKey {
     let (addr, port) = if ev.kind == tcptrace_common::kind::BIND_ERROR {
@@ -153,15 +154,48 @@ pub fn dst_key(ev: &Event) -> AggKey {
     } else {
         (ev.daddr, ev.dport)
     };
-    agg::key(
-        ev.kind,
-        ev.netns,
-        ev.cgroup_id,
-        ev.family,
-        addr,
-        port,
-        [0; 16],
-    )
+    AggKey {
+        errno: ev.errno,
+        ..agg::key(
+            ev.kind,
+            ev.netns,
+            ev.cgroup_id,
+            ev.family,
+            addr,
+            port,
+            [0; 16],
+        )
+    }
+}
+
+/// What `struct sock_common` says of a socket's far end and state.
+pub struct SockHead {
+    pub daddr: [u8; 4],
+    /// Host order.
+    pub dport: u16,
+    pub family: u16,
+    pub state: u8,
+}
+
+/// Reads [`SockHead`]: one read where the layout allows.
+#[inline(always)]
+pub fn sock_head(sk: u64, k: &KernelOffsets) -> SockHead {
+    if k.sock_head_packed != 0
+        && let Some(b) = read::<[u8; 20]>(sk, 0)
+    {
+        return SockHead {
+            daddr: [b[0], b[1], b[2], b[3]],
+            dport: u16::from_be_bytes([b[12], b[13]]),
+            family: u16::from_ne_bytes([b[16], b[17]]),
+            state: b[18],
+        };
+    }
+    SockHead {
+        daddr: read(sk, k.sock_daddr).unwrap_or([0; 4]),
+        dport: u16::from_be(read::<u16>(sk, k.sock_dport).unwrap_or(0)),
+        family: read::<u16>(sk, k.sock_family).unwrap_or(0),
+        state: read::<u8>(sk, k.sock_state).unwrap_or(0),
+    }
 }
 
 /// The storm key of a refused connect on the client (its server end), and
@@ -169,24 +203,27 @@ pub fn dst_key(ev: &Event) -> AggKey {
 /// recorded at its connect() in this run, with its namespace; only the
 /// server end is read from the socket.
 #[inline(always)]
-pub fn refused_key(sk: u64, k: &KernelOffsets, kind: u8) -> (AggKey, Option<*mut Owner>) {
+pub fn refused_key(
+    sk: u64,
+    head: &SockHead,
+    k: &KernelOffsets,
+    kind: u8,
+) -> (AggKey, Option<*mut Owner>) {
     let owner = OWNERS.get_ptr_mut(sk);
     let (cgroup, netns) = match owner {
         // SAFETY: a map value of the right type, read at once.
         Some(o) => unsafe { ((*o).cgroup_id, (*o).netns) },
         None => (0, net_inum(sock_net(sk, k), k)),
     };
-    let family = read::<u16>(sk, k.sock_family).unwrap_or(0) as u8;
-    let port = u16::from_be(read::<u16>(sk, k.sock_dport).unwrap_or(0));
+    let family = head.family as u8;
     let mut addr = [0u8; 16];
     if family == AF_INET6 {
         addr = read(sk, k.sock_v6_daddr).unwrap_or([0; 16]);
     } else {
-        let d: [u8; 4] = read(sk, k.sock_daddr).unwrap_or([0; 4]);
-        addr[..4].copy_from_slice(&d);
+        addr[..4].copy_from_slice(&head.daddr);
     }
     (
-        agg::key(kind, netns, cgroup, family, addr, port, [0; 16]),
+        agg::key(kind, netns, cgroup, family, addr, head.dport, [0; 16]),
         owner,
     )
 }
@@ -427,13 +464,21 @@ pub fn skb_segment(skb: u64, k: &KernelOffsets) -> Option<Segment> {
         dport: 0,
         flags: 0,
     };
-    let v4 = read::<[u8; 20]>(ip, 0)?;
+    // An IPv4 header without options and the TCP ports and flags after
+    // it, in one read (the common case).
+    let v4 = read::<[u8; 34]>(ip, 0)?;
     let tcp = if v4[0] >> 4 == 4 {
         if v4[9] != IPPROTO_TCP {
             return None;
         }
         seg.saddr[..4].copy_from_slice(&v4[12..16]);
         seg.daddr[..4].copy_from_slice(&v4[16..20]);
+        if v4[0] & 0x0f == 5 {
+            seg.sport = u16::from_be_bytes([v4[20], v4[21]]);
+            seg.dport = u16::from_be_bytes([v4[22], v4[23]]);
+            seg.flags = v4[33];
+            return Some(seg);
+        }
         ip + ((v4[0] & 0x0f) as u64) * 4
     } else {
         let v6 = read::<[u8; 40]>(ip, 0)?;

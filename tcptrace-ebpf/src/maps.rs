@@ -26,7 +26,9 @@ pub static CONN_SOCKS: LruHashMap<ConnKey, ConnSock> =
     LruHashMap::with_max_entries(tcptrace_common::CONN_SOCKS_ENTRIES, 0);
 
 /// Repeats of storm-prone failures, counted instead of sent (`AggKey`),
-/// per CPU: no program nests with itself on a CPU, so no increment races.
+/// per CPU: a key's kind is counted by one program, which does not nest
+/// with itself on a CPU, so no increment races. Sized by userspace to the
+/// number of CPUs.
 #[map(name = "AGG")]
 pub static AGG: PerCpuHashMap<AggKey, AggCount> =
     PerCpuHashMap::with_max_entries(tcptrace_common::AGG_ENTRIES, 0);

@@ -105,13 +105,18 @@ impl Pipeline {
                 self.diagnoser.storm_done(&key);
                 continue;
             }
-            // Its first record may have been lost on a full ring buffer
-            // (counted there): the repeats are still named by their key.
+            // Its first record was not kept (too many storms at once, or
+            // it did not decode): the repeats are still named by their key.
             let first = match self.storms.remove(&key) {
                 Some(first) => first,
                 None => {
                     let mut ev = storm_event(&f.key, now);
+                    ev.fold = Some(key);
                     self.attributor.attribute(&mut ev);
+                    if !self.attributor.in_scope(&ev) {
+                        self.diagnoser.storm_done(&key);
+                        continue;
+                    }
                     ev
                 }
             };
@@ -345,7 +350,7 @@ impl Pipeline {
     }
 }
 
-/// A storm's event from its kernel key alone (its first record was lost).
+/// A storm's event from its kernel key alone (its first record was not kept).
 fn storm_event(key: &AggKey, now: SystemTime) -> Event {
     let ip = if key.family == tcptrace_common::AF_INET6 {
         IpAddr::V6(Ipv6Addr::from(key.addr))

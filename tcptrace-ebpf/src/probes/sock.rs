@@ -104,7 +104,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
         handshake && kernel::read::<u32>(sk, k.tcp_total_retrans).is_some_and(|n| n > 0);
     // Without a source port the direct hook, when live, reported it already.
     let reported_already = failed_connect
-        && ((sport() == 0 && direct_live(direct::HASH_CONNECT)) || reset_consequence(sk).is_some());
+        && (reset_consequence(sk).is_some() || (direct_live(direct::HASH_CONNECT) && sport() == 0));
     if (failed_connect && !reported_already) || slow_handshake || cfg.all_states != 0 {
         emit_state_change(sk, old, new, failed_connect, slow_handshake);
     }

@@ -162,11 +162,13 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     // TP_PROTO(struct sock *sk)
     let sk: u64 = ctx.arg(0);
     // A refused connect: a storm of them is counted, not sent.
-    let refused =
-        read::<u8>(sk, k.sock_state).is_some_and(|s| s as u32 == config().states.syn_sent);
-    let key = if refused {
-        let (key, owner) = kernel::refused_key(sk, k, kind::RESET_RECEIVED);
-        if agg::count_repeat(hook::RECEIVE_RESET, &key) {
+    let head = kernel::sock_head(sk, k);
+    let key = if head.state as u32 == config().states.syn_sent {
+        let (key, owner) = kernel::refused_key(sk, &head, k, kind::RESET_RECEIVED);
+        // SAFETY: a map value of the right type, read at once.
+        let own = owner.is_some_and(|o| kernel::is_self(unsafe { (*o).tgid }));
+        // tcptrace's own sockets are not counted (describe_sock drops them).
+        if !own && agg::count_repeat(hook::RECEIVE_RESET, &key) {
             if let Some(owner) = owner {
                 // SAFETY: a helper without preconditions.
                 let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };

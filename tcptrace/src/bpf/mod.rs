@@ -16,9 +16,9 @@ use aya::{
     programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use tcptrace_common::{
-    AGG_GEN_MAP, AGG_MAP, AggCount, AggKey, CONFIG_GLOBAL, CONN_SOCKS_ENTRIES, CONN_SOCKS_MAP,
-    COUNTER_AGG_FULL, COUNTER_FOLDED, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP, Config, DIRECT_MAP,
-    EVENTS_MAP, NO_ARG, counter_index, direct, hook,
+    AGG_ENTRIES, AGG_GEN_MAP, AGG_MAP, AggCount, AggKey, CONFIG_GLOBAL, CONN_SOCKS_ENTRIES,
+    CONN_SOCKS_MAP, COUNTER_AGG_FULL, COUNTER_FOLDED, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP,
+    Config, DIRECT_MAP, EVENTS_MAP, NO_ARG, counter_index, direct, hook,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -280,6 +280,7 @@ impl Tracer {
                     1
                 },
             )
+            .map_max_entries(AGG_MAP, agg_entries(aggregate))
             .load(BPF_OBJECT)
             .map_err(|e| {
                 let text = e.to_string();
@@ -535,6 +536,23 @@ fn wait_for_running_programs() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Kernel memory the per-CPU storm counts may take, preallocated.
+const AGG_MEMORY_BYTES: usize = 8 << 20;
+
+/// Keys of the per-CPU storm map: a value per possible CPU each, so fewer
+/// on large machines (16,384 up to 32 CPUs, 2,048 on 256); one when
+/// counting is off.
+fn agg_entries(aggregate: bool) -> u32 {
+    if !aggregate {
+        return 1;
+    }
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
+    let per_key = size_of::<AggCount>() * cpus;
+    u32::try_from(AGG_MEMORY_BYTES / per_key)
+        .unwrap_or(AGG_ENTRIES)
+        .clamp(1, AGG_ENTRIES)
 }
 
 /// Hands the pages of the parsed BTF, freed by now, back to the system

@@ -312,7 +312,14 @@ pub fn kernel_offsets(btf: &KernelBtf) -> KernelOffsets {
         sock_protocol: sock(&["sk_protocol"]),
         ct_net: opt(btf.offset("nf_conn", &["ct_net"])),
         ct_invalid_fmt_arg: ct_invalid_fmt_arg(KernelVersion::current().ok()),
-        _pad: 0,
+        sock_head_packed: u32::from(
+            [
+                sock(&["__sk_common", "skc_daddr"]),
+                sock(&["__sk_common", "skc_dport"]),
+                sock(&["__sk_common", "skc_family"]),
+                sock(&["__sk_common", "skc_state"]),
+            ] == [0, 12, 16, 18],
+        ),
         task_nsproxy: opt(btf.offset("task_struct", &["nsproxy"])),
         nsproxy_net: opt(btf.offset("nsproxy", &["net_ns"])),
         ct_src_addr: opt(btf.offset("nf_conntrack_tuple", &["src", "u3"])),

@@ -91,7 +91,8 @@ pub struct Diagnoser {
     /// Latest non-zero conntrack counter deltas per netns.
     trends: HashMap<u32, CtTrend>,
     /// Storm repeats whose first record's connection has no account yet.
-    repeats_waiting: Vec<(Event, u64)>,
+    /// Repeats whose first record's verdict is not known yet, since when.
+    repeats_waiting: Vec<(Event, u64, SystemTime)>,
     /// Storms' first resets sent (their client end and namespace), until
     /// their connection is accounted.
     storm_resets: Vec<(Fold, End, u32)>,
@@ -291,8 +292,12 @@ impl Diagnoser {
     /// refused it goes where the first one's went). Repeats of a reset whose
     /// connection is not accounted for yet wait for its account.
     pub fn repeats(&mut self, first: &Event, n: u64, now: SystemTime) -> Diagnosed {
-        if !self.add_repeats(first, n, now) && self.repeats_waiting.len() < self.cfg.max_keys {
-            self.repeats_waiting.push((first.clone(), n));
+        if !self.add_repeats(first, n, now) {
+            if self.repeats_waiting.len() >= self.cfg.max_keys {
+                // The oldest waited longest: the least likely to find a verdict.
+                self.repeats_waiting.remove(0);
+            }
+            self.repeats_waiting.push((first.clone(), n, now));
         }
         let out = std::mem::take(&mut self.due);
         self.take_output(out)
@@ -373,9 +378,13 @@ impl Diagnoser {
             out.extend(self.settle(&waited));
         }
         self.note_storm_accounts();
-        for (first, n) in std::mem::take(&mut self.repeats_waiting) {
-            if !self.add_repeats(&first, n, now) {
-                self.repeats_waiting.push((first, n));
+        // A first record that made no verdict by the time its connection
+        // settled and its verdict was due never will: nor will its repeats
+        // (they are in the stream as its count record).
+        let give_up = self.cfg.settle + self.cfg.reemit_interval;
+        for (first, n, since) in std::mem::take(&mut self.repeats_waiting) {
+            if !self.add_repeats(&first, n, now) && elapsed(since, now) < give_up {
+                self.repeats_waiting.push((first, n, since));
             }
         }
         let interval = self.cfg.reemit_interval;
@@ -406,7 +415,7 @@ impl Diagnoser {
         }
         self.note_storm_accounts();
         // Every first record is accounted for now: so are its repeats.
-        for (first, n) in std::mem::take(&mut self.repeats_waiting) {
+        for (first, n, _) in std::mem::take(&mut self.repeats_waiting) {
             self.add_repeats(&first, n, now);
         }
         out.append(&mut self.due);
