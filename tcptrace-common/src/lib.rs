@@ -265,7 +265,10 @@ pub struct Event {
     pub srtt_us: u32,
     pub total_retrans: u32,
     pub tcp_flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// With `flag::AGG_FIRST`: the CPU whose slot of the count holds this
+    /// record's `ts_ns` (two storms may start in the same nanosecond).
+    pub agg_cpu: u16,
     pub comm: [u8; 16],
     /// When the peer's FIN arrived (boot ns, with `flag::PEER_FIN`).
     pub fin_ns: u64,

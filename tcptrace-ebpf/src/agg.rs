@@ -69,6 +69,8 @@ pub fn open(hook: u32, key: &AggKey, ev: &mut Event) -> bool {
         Ok(()) => {
             ev.flags |= flag::AGG_FIRST;
             ev.agg_generation = key.generation;
+            // SAFETY: a helper without preconditions.
+            ev.agg_cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() } as u16;
             true
         }
         Err(e) if e == EEXIST => !count_repeat(hook, key),

@@ -99,6 +99,7 @@ impl Pipeline {
             let key = Fold {
                 generation: f.generation,
                 first_ns: f.first_ns,
+                cpu: f.cpu,
             };
             if self.out_of_scope_storms.remove(&key) || f.count == 0 {
                 self.storms.remove(&key);

@@ -246,6 +246,7 @@ impl Decoder {
             ev.fold = Some(Fold {
                 generation: raw.agg_generation,
                 first_ns: raw.ts_ns,
+                cpu: raw.agg_cpu,
             });
         }
         if raw.flags & flag::PORT_RANGE != 0 {
@@ -350,7 +351,8 @@ mod tests {
             srtt_us: 120,
             total_retrans: 3,
             tcp_flags: 0x02,
-            _pad: [0; 3],
+            _pad: 0,
+            agg_cpu: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,

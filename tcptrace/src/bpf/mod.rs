@@ -251,12 +251,21 @@ impl Tracer {
         let mut cfg = kernel_config(&btf, &names, opts)?;
         // Parsed BTF is large, and the loader parses its own: one at a time.
         drop(btf);
-        // Counting needs a way to wait for running programs (not offered
-        // on nohz_full kernels): without it, every failure is a record.
-        let aggregate = opts.aggregate && global_membarrier_available();
-        if opts.aggregate && !aggregate {
+        // Counting needs a way to wait for running programs: the global
+        // membarrier (not offered on nohz_full kernels; it does not wait on
+        // a single CPU, where a program may be preempted). Without it,
+        // every failure is a record.
+        let why_not = if !global_membarrier_available() {
+            Some("membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable on this kernel")
+        } else if aya::util::nr_cpus().unwrap_or(1) < 2 {
+            Some("this machine has a single CPU")
+        } else {
+            None
+        };
+        let aggregate = opts.aggregate && why_not.is_none();
+        if let (true, Some(why)) = (opts.aggregate, why_not) {
             eprintln!(
-                "tcptrace: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable on this kernel: storms are sent as one record per failure, not counted in the kernel"
+                "tcptrace: {why}: storms are sent as one record per failure, not counted in the kernel"
             );
         }
         cfg.aggregate = u32::from(aggregate);
@@ -469,12 +478,24 @@ impl Tracer {
             .collect();
         let mut folded = Vec::with_capacity(keys.len());
         for key in keys {
-            let per_cpu = counts.get(&key, 0).context("reading a storm count")?;
-            counts.remove(&key).context("removing a storm count")?;
+            // A key that cannot be read and deleted now stays for the next
+            // fold, which reads it whole.
+            let Ok(per_cpu) = counts.get(&key, 0) else {
+                continue;
+            };
+            if counts.remove(&key).is_err() {
+                continue;
+            }
             // The CPU that opened the key holds the first record's stamp.
+            let (cpu, first_ns) = per_cpu
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, c)| c.first_ns)
+                .map_or((0, 0), |(cpu, c)| (cpu, c.first_ns));
             folded.push(Folded {
                 generation: key.generation,
-                first_ns: per_cpu.iter().map(|c| c.first_ns).max().unwrap_or(0),
+                first_ns,
+                cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
                 count: per_cpu.iter().map(|c| c.count).sum(),
                 key,
             });
@@ -517,8 +538,10 @@ impl Tracer {
 #[derive(Clone, Copy, Debug)]
 pub struct Folded {
     pub generation: u32,
-    /// The `ts_ns` of the storm's first record in that generation.
+    /// The `ts_ns` of the storm's first record in that generation, and the
+    /// CPU that took it.
     pub first_ns: u64,
+    pub cpu: u16,
     /// Repeats after the first record.
     pub count: u64,
     pub key: AggKey,

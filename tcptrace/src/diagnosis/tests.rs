@@ -1438,6 +1438,7 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
             e.0.fold = Some(Fold {
                 generation,
                 first_ns: 1_000_000_000,
+                cpu: 0,
             });
             folded.extend(d.observe(&e.0, &f).verdicts);
             firsts.push(e.0);
@@ -1470,6 +1471,7 @@ fn a_refusal_storm_seen_only_by_the_server_counts_each_reset_once() {
     first.0.fold = Some(Fold {
         generation: 0,
         first_ns: 1_000_000_000,
+        cpu: 0,
     });
     out.extend(d.observe(&first.0, &f).verdicts);
     // The counts arrive before the reset settled: they wait for it.

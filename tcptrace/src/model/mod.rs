@@ -171,11 +171,12 @@ pub struct PeerFin {
 }
 
 /// Where the kernel counts a storm's repeats: the generation of its first
-/// record, and that record's boot-time stamp.
+/// record, that record's boot-time stamp and the CPU that took it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fold {
     pub generation: u32,
     pub first_ns: u64,
+    pub cpu: u16,
 }
 
 /// A handshake that completed only after retransmits (of the SYN on the
