@@ -62,8 +62,6 @@ pub fn capture() -> MutexGuard<'static, Capture> {
             ring_buffer_bytes: 1 << 22,
             // The tests' sockets belong to this process.
             ignore_self: false,
-            // Exact records, one per failure (the tests assert them).
-            aggregate: false,
             ..TracerOptions::default()
         };
         let tracer =

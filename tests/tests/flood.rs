@@ -33,7 +33,6 @@ fn losses_are_counted_exactly_and_nothing_blocks() {
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: 4096,
         ignore_self: false,
-        aggregate: false,
         ..TracerOptions::default()
     })
     .unwrap();

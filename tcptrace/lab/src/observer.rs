@@ -37,8 +37,6 @@ impl Observer {
             ignore_self: false,
             // Room for the whole machine's failures between two pumps.
             ring_buffer_bytes: 1 << 24,
-            // One record per failure: the scenarios read them as they come.
-            aggregate: false,
             ..TracerOptions::default()
         };
         Ok(Self {

@@ -81,8 +81,9 @@ pub struct TracerOptions {
     pub ignore_self: bool,
     /// Kernel BTF to read types from.
     pub btf_path: PathBuf,
-    /// Count repeats of storm-prone failures in the kernel (see
-    /// [`Tracer::fold`]) instead of sending each as a record.
+    /// Count repeats of storm-prone failures in the kernel instead of
+    /// sending each as a record; the caller must then call
+    /// [`Tracer::fold`] every second or so. Off by default.
     pub aggregate: bool,
 }
 
@@ -94,7 +95,7 @@ impl Default for TracerOptions {
             syscall_hooks: true,
             ignore_self: true,
             btf_path: PathBuf::from(BTF_PATH),
-            aggregate: true,
+            aggregate: false,
         }
     }
 }
