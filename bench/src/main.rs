@@ -538,7 +538,8 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str, extra: &[&str]) -> Res
                     hooks.insert(
                         h["hook"].as_str().unwrap_or("?").to_string(),
                         (
-                            h["seen"].as_u64().unwrap_or(0),
+                            // Failures the hook saw: records and repeats counted.
+                            h["seen"].as_u64().unwrap_or(0) + h["folded"].as_u64().unwrap_or(0),
                             h["lost"].as_u64().unwrap_or(0),
                         ),
                     );

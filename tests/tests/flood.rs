@@ -258,36 +258,52 @@ fn storms_counted_in_the_kernel_say_what_every_record_says() {
     );
 }
 
-/// The ids of the BPF programs, maps and links loaded now with an id above
-/// `after` (ids only grow), or the newest id when `after` is `None`.
-fn bpf_objects(after: Option<[u32; 3]>) -> ([u32; 3], Vec<String>) {
-    let programs: Vec<u32> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| p.id())
-        .collect();
-    let maps: Vec<u32> = aya::maps::loaded_maps()
-        .filter_map(Result::ok)
-        .map(|m| m.id())
-        .collect();
-    let links: Vec<u32> = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .map(|l| l.id())
-        .collect();
-    let newest = |ids: &[u32]| ids.iter().copied().max().unwrap_or(0);
-    let now = [newest(&programs), newest(&maps), newest(&links)];
-    let after = after.unwrap_or(now);
-    let mut newer = Vec::new();
-    for ((what, ids), after) in [("program", programs), ("map", maps), ("link", links)]
-        .into_iter()
-        .zip(after)
-    {
-        newer.extend(
-            ids.into_iter()
-                .filter(|&id| id > after)
-                .map(|id| format!("{what} {id}")),
-        );
+/// The BPF programs, maps and links process `pid` holds descriptors of
+/// (their fdinfo names them), as "program 12", "map 7", "link 3".
+fn bpf_objects_of(pid: u32) -> Vec<String> {
+    let mut held = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(text) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            for (field, what) in [
+                ("prog_id:", "program"),
+                ("map_id:", "map"),
+                ("link_id:", "link"),
+            ] {
+                if let Some(id) = line.strip_prefix(field) {
+                    held.push(format!("{what} {}", id.trim()));
+                }
+            }
+        }
     }
-    (now, newer)
+    held.sort();
+    held.dedup();
+    held
+}
+
+/// Which of `objects` the kernel still has loaded.
+fn still_loaded(objects: &[String]) -> Vec<String> {
+    let mut loaded: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| format!("program {}", p.id()))
+        .collect();
+    loaded.extend(
+        aya::maps::loaded_maps()
+            .filter_map(Result::ok)
+            .map(|m| format!("map {}", m.id())),
+    );
+    loaded.extend(
+        aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| format!("link {}", l.id())),
+    );
+    objects
+        .iter()
+        .filter(|o| loaded.contains(o))
+        .cloned()
+        .collect()
 }
 
 /// `kill -9` in the middle of a storm: everything tcptrace loaded and
@@ -295,13 +311,17 @@ fn bpf_objects(after: Option<[u32; 3]>) -> ([u32; 3], Vec<String>) {
 /// frees it all, and the next start traces as before.
 #[test]
 fn kill_9_during_a_storm_leaves_nothing_attached_and_the_next_start_works() {
-    let (before, _) = bpf_objects(None);
     let victim = start_tcptrace(&["--format", "json"]);
-    let (_, loaded) = bpf_objects(Some(before));
+    let loaded = bpf_objects_of(victim.child.id());
     assert!(
-        loaded.iter().any(|o| o.starts_with("program"))
-            && loaded.iter().any(|o| o.starts_with("link")),
-        "tcptrace attached nothing: {loaded:?}"
+        ["program", "map", "link"]
+            .iter()
+            .all(|what| loaded.iter().any(|o| o.starts_with(what))),
+        "tcptrace holds no programs, maps and links: {loaded:?}"
+    );
+    assert!(
+        still_loaded(&loaded).len() == loaded.len(),
+        "the kernel lists what tcptrace holds: {loaded:?}"
     );
     let ns = Netns::new("kill9").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -335,7 +355,7 @@ fn kill_9_during_a_storm_leaves_nothing_attached_and_the_next_start_works() {
     // (deferred work): bounded wait.
     let deadline = Instant::now() + Duration::from_secs(10);
     let left = loop {
-        let (_, left) = bpf_objects(Some(before));
+        let left = still_loaded(&loaded);
         if left.is_empty() || Instant::now() > deadline {
             break left;
         }
