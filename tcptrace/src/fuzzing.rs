@@ -31,7 +31,8 @@ pub fn decode(bytes: &[u8]) {
         Ok(ev) => {
             serde_json::to_string(&ev).expect("a decoded event serializes");
         }
-        Err(DecodeError::Size(got, want)) => assert_ne!(got, want),
+        // Only input of another size is refused for its size.
+        Err(DecodeError::Size(got, want)) => assert!(got == bytes.len() && got != want),
         Err(_) => {}
     }
 }
