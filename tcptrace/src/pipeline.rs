@@ -135,12 +135,7 @@ impl Pipeline {
             }
             let diagnosed = self.diagnoser.repeats(&first, f.count, now);
             records.push(Record::Event(Box::new(ev)));
-            records.extend(
-                diagnosed
-                    .verdicts
-                    .into_iter()
-                    .map(|v| Record::Verdict(Box::new(v))),
-            );
+            records.extend(verdict_records(diagnosed.verdicts));
             live.extend(diagnosed.live);
         }
         // First records of the folded generations are done with.
@@ -305,12 +300,7 @@ impl Pipeline {
         let diagnosed = self.diagnoser.observe(&ev, &self.facts);
         let mut records = Vec::with_capacity(1 + diagnosed.verdicts.len());
         records.push(Record::Event(Box::new(ev)));
-        records.extend(
-            diagnosed
-                .verdicts
-                .into_iter()
-                .map(|v| Record::Verdict(Box::new(v))),
-        );
+        records.extend(verdict_records(diagnosed.verdicts));
         Processed {
             records,
             live: diagnosed.live,
@@ -326,11 +316,7 @@ impl Pipeline {
 
     /// Verdicts still holding unreported occurrences, at shutdown.
     pub fn finish(&mut self, now: SystemTime) -> Vec<Record> {
-        self.diagnoser
-            .finish(now)
-            .into_iter()
-            .map(|v| Record::Verdict(Box::new(v)))
-            .collect()
+        verdict_records(self.diagnoser.finish(now)).collect()
     }
 
     /// Time-based diagnosis: verdicts for the stream, and counts that
@@ -342,13 +328,15 @@ impl Pipeline {
         let diagnosed = self
             .diagnoser
             .tick(now, &self.facts, &mut |ev| attributor.attribute(ev));
-        let records = diagnosed
-            .verdicts
-            .into_iter()
-            .map(|v| Record::Verdict(Box::new(v)))
-            .collect();
-        (records, diagnosed.live)
+        (
+            verdict_records(diagnosed.verdicts).collect(),
+            diagnosed.live,
+        )
     }
+}
+
+fn verdict_records(verdicts: Vec<Verdict>) -> impl Iterator<Item = Record> {
+    verdicts.into_iter().map(|v| Record::Verdict(Box::new(v)))
 }
 
 /// A storm's event from its kernel key alone (its first record was not kept).

@@ -149,6 +149,19 @@ pub fn tcptrace_bin() -> PathBuf {
         })
 }
 
+/// The xtask binary: $TCPTRACE_XTASK (set by `cargo xtask test`), else
+/// the workspace's debug build.
+pub fn xtask_bin() -> PathBuf {
+    std::env::var_os("TCPTRACE_XTASK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/xtask"
+            ))
+        })
+}
+
 /// tcptrace's NDJSON lines as records, each checked against the schema;
 /// no drop record may lack its namespace (no pod could be named for it).
 pub fn records(lines: &[String]) -> Vec<serde_json::Value> {

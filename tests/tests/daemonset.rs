@@ -6,7 +6,6 @@
 //! the host's network namespaces.
 use std::{
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -14,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
-use tcptrace_tests::{Netns, records};
+use tcptrace_tests::{Netns, records, xtask_bin};
 
 const MANIFEST: &str = include_str!("../../deploy/daemonset.yaml");
 const CONTAINER: &str = "tcptrace-daemonset-test";
@@ -25,18 +24,6 @@ const CONTAINER: &str = "tcptrace-daemonset-test";
 /// runtimes know them). CAP_SYS_ADMIN, also in the manifest, grants what
 /// those two do.
 const UNAVAILABLE_HERE: [&str; 3] = ["SYS_RESOURCE", "BPF", "PERFMON"];
-
-fn xtask() -> PathBuf {
-    std::env::var_os("TCPTRACE_XTASK").map_or_else(
-        || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/debug/xtask"
-            ))
-        },
-        PathBuf::from,
-    )
-}
 
 fn docker(args: &[&str]) -> std::process::Output {
     Command::new("docker")
@@ -52,7 +39,7 @@ struct Cleanup;
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = docker(&["rm", "--force", CONTAINER]);
-        let _ = Command::new(xtask()).args(["docker", "down"]).status();
+        let _ = Command::new(xtask_bin()).args(["docker", "down"]).status();
     }
 }
 
@@ -143,7 +130,7 @@ fn run_args(manifest: &Yaml) -> (Vec<String>, String, Vec<String>) {
 fn the_daemonset_s_container_traces_and_names_a_host_namespace_s_failure() {
     let manifest: Yaml = serde_yaml::from_str(MANIFEST).expect("the manifest is YAML");
     let _cleanup = Cleanup;
-    let built = Command::new(xtask())
+    let built = Command::new(xtask_bin())
         .args(["docker", "agent-image"])
         .status()
         .expect("running cargo xtask docker agent-image");

@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
@@ -18,26 +17,13 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::Value;
-use tcptrace_tests::{records, start_tcptrace};
+use tcptrace_tests::{records, start_tcptrace, xtask_bin};
 
 const CLUSTER: &str = "tt-e2e";
 const CP: &str = "tt-e2e-control-plane";
 const WORKER: &str = "tt-e2e-worker";
 /// How long the agents and the failures may take, each.
 const WAIT: Duration = Duration::from_secs(180);
-
-/// The xtask binary (set by `cargo xtask test`), else the workspace's.
-fn xtask() -> PathBuf {
-    std::env::var_os("TCPTRACE_XTASK").map_or_else(
-        || {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/debug/xtask"
-            ))
-        },
-        PathBuf::from,
-    )
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -71,17 +57,24 @@ struct Cluster;
 
 impl Cluster {
     fn up() -> Self {
-        let _ = Command::new(xtask())
+        let _ = Command::new(xtask_bin())
             .args(["kind-cluster", "down", "--name", CLUSTER])
             .status();
-        run(Command::new(xtask()).args(["kind-cluster", "up", "--name", CLUSTER, "--nodes", "2"]));
+        run(Command::new(xtask_bin()).args([
+            "kind-cluster",
+            "up",
+            "--name",
+            CLUSTER,
+            "--nodes",
+            "2",
+        ]));
         Self
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(xtask())
+        let _ = Command::new(xtask_bin())
             .args(["kind-cluster", "down", "--name", CLUSTER])
             .status();
     }
@@ -95,7 +88,7 @@ struct Agents {
 
 impl Agents {
     fn start() -> Self {
-        let mut child = Command::new(xtask())
+        let mut child = Command::new(xtask_bin())
             .args(["kind", "--name", CLUSTER, "--", "--facts-interval", "1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

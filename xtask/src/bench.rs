@@ -40,17 +40,7 @@ pub fn bench(smoke: bool) -> Result<()> {
         "debug"
     } else {
         ensure_bpftrace()?;
-        step(
-            "cargo build --release (bench)",
-            cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "tcptrace-cli",
-                "-p",
-                "tcptrace-bench",
-            ]),
-        )?;
+        build_release()?;
         step(
             "criterion benches",
             cargo()
@@ -99,17 +89,7 @@ pub fn soak(minutes: u64) -> Result<()> {
         bail!("the soak loads BPF programs and creates network namespaces: rerun as root");
     }
     crate::private_mounts()?;
-    step(
-        "cargo build --release (soak)",
-        cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "tcptrace-cli",
-            "-p",
-            "tcptrace-bench",
-        ]),
-    )?;
+    build_release()?;
     let root = workspace_root();
     let target = crate::target_dir().join("release");
     step(
@@ -153,4 +133,19 @@ fn check_smoke_output(dir: &Path) -> Result<()> {
     }
     eprintln!("xtask: bench smoke results in {}", dir.display());
     Ok(())
+}
+
+/// The release binaries the measurements run.
+fn build_release() -> Result<()> {
+    step(
+        "cargo build --release (tcptrace, tcptrace-bench)",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "tcptrace-cli",
+            "-p",
+            "tcptrace-bench",
+        ]),
+    )
 }
