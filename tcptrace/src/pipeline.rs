@@ -15,7 +15,7 @@ use crate::{
     attribution::{Attributor, ServiceMap},
     bpf::Folded,
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Endpoint, Event, EventKind, Fold, Record, Verdict, facts::NodeFacts},
+    model::{Endpoint, Errno, Event, EventKind, Fold, Record, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
@@ -341,31 +341,31 @@ fn verdict_records(verdicts: Vec<Verdict>) -> impl Iterator<Item = Record> {
 
 /// A storm's event from its kernel key alone (its first record was not kept).
 fn storm_event(key: &AggKey, now: SystemTime) -> Event {
-    let ip = if key.family == tcptrace_common::AF_INET6 {
-        IpAddr::V6(Ipv6Addr::from(key.addr))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
-        ))
+    // IPv4 peers of dual-stack sockets as IPv4, as in every record.
+    let ip = |addr: [u8; 16]| {
+        if key.family == tcptrace_common::AF_INET6 {
+            IpAddr::V6(Ipv6Addr::from(addr)).to_canonical()
+        } else {
+            IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+        }
     };
-    let end = Endpoint::new(ip, key.port);
+    let end = Endpoint::new(ip(key.addr), key.port);
     let kind = match key.kind {
         k if k == kind::RESET_SENT => EventKind::ResetSent,
         k if k == kind::CONNECT_ERROR => EventKind::ConnectError,
         k if k == kind::BIND_ERROR => EventKind::BindError,
         _ => EventKind::ResetReceived,
     };
-    // The key holds the stable end: a reset's closed port, a bind's
-    // address, else the destination.
+    // The key holds the stable end: a reset's closed port (and the
+    // refused client's address), a bind's address, else the destination.
     let (src, dst) = match kind {
-        EventKind::ResetSent | EventKind::BindError => (end, Endpoint::unspecified()),
+        EventKind::ResetSent => (end, Endpoint::new(ip(key.peer), 0)),
+        EventKind::BindError => (end, Endpoint::unspecified()),
         _ => (Endpoint::unspecified(), end),
     };
     let mut ev = Event::new(now, kind, src, dst, key.netns);
     ev.cgroup_id = (key.cgroup_id != 0).then_some(key.cgroup_id);
+    ev.errno = (key.errno != 0).then(|| Errno::from_raw(key.errno));
     ev
 }
 
@@ -434,5 +434,46 @@ mod tests {
         facts.netns.insert(inode, NetnsFacts::default());
         p.set_facts(facts);
         assert!(!p.event(connect_error(inode)).needs_facts);
+    }
+
+    #[test]
+    fn a_storm_without_its_first_record_is_named_by_its_key() {
+        let mapped = |v4: [u8; 4]| {
+            let mut a = [0u8; 16];
+            a[10..12].copy_from_slice(&[0xff, 0xff]);
+            a[12..].copy_from_slice(&v4);
+            a
+        };
+        let reset = AggKey {
+            addr: mapped([10, 244, 1, 2]),
+            peer: mapped([10, 244, 3, 4]),
+            cgroup_id: 0,
+            netns: 7,
+            generation: 1,
+            port: 8080,
+            kind: kind::RESET_SENT,
+            family: tcptrace_common::AF_INET6,
+            errno: 0,
+        };
+        let ev = storm_event(&reset, UNIX_EPOCH);
+        assert_eq!(ev.kind, EventKind::ResetSent);
+        assert_eq!(ev.src.to_string(), "10.244.1.2:8080");
+        assert_eq!(ev.dst.ip, IpAddr::V4(Ipv4Addr::new(10, 244, 3, 4)));
+        assert_eq!(ev.netns, 7);
+        let connect = AggKey {
+            kind: kind::CONNECT_ERROR,
+            family: tcptrace_common::AF_INET,
+            addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            errno: -99,
+            cgroup_id: 42,
+            ..reset
+        };
+        let ev = storm_event(&connect, UNIX_EPOCH);
+        assert_eq!(ev.dst.to_string(), "10.96.0.1:8080");
+        assert_eq!(
+            ev.errno.map(|e| e.to_string()).as_deref(),
+            Some("EADDRNOTAVAIL")
+        );
+        assert_eq!(ev.cgroup_id, Some(42));
     }
 }
