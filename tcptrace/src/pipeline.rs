@@ -22,8 +22,9 @@ use crate::{
 const MAX_PENDING_NETNS: usize = 4096;
 /// Namespaces whose drop rules are asked for, at most.
 const MAX_FIREWALL_NETNS: usize = 64;
-/// Storm first records kept for their counts: two generations of the
-/// kernel's map.
+/// Storm first records kept for their counts: the kernel's map holds at
+/// most AGG_ENTRIES keys, some of a generation being read while the next
+/// fills.
 const MAX_STORMS: usize = 2 * tcptrace_common::AGG_ENTRIES as usize;
 /// Facts older than this when a namespace fails are read again then.
 const FACTS_FRESH: Duration = Duration::from_secs(1);
