@@ -3,7 +3,7 @@
 //! the tests of one binary whose events are filtered by namespace.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock, mpsc},
     thread,
@@ -139,27 +139,24 @@ pub fn show(events: &[Event]) -> String {
 /// The tcptrace binary under test: $TCPTRACE_BIN (set by `cargo xtask
 /// test`), else the workspace's debug build.
 pub fn tcptrace_bin() -> PathBuf {
-    std::env::var_os("TCPTRACE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/debug/tcptrace"
-            ))
-        })
+    built_binary("TCPTRACE_BIN", "tcptrace")
 }
 
 /// The xtask binary: $TCPTRACE_XTASK (set by `cargo xtask test`), else
 /// the workspace's debug build.
 pub fn xtask_bin() -> PathBuf {
-    std::env::var_os("TCPTRACE_XTASK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/debug/xtask"
-            ))
-        })
+    built_binary("TCPTRACE_XTASK", "xtask")
+}
+
+fn built_binary(var: &str, name: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/debug")
+                .join(name)
+        },
+        PathBuf::from,
+    )
 }
 
 /// tcptrace's NDJSON lines as records, each checked against the schema;
