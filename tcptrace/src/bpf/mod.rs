@@ -233,7 +233,8 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         states: names.states.numbers()?,
         drop_reasons: reason_bits(DROP_REASONS),
         quiet_reasons: reason_bits(QUIET_REASONS),
-        aggregate: u32::from(opts.aggregate),
+        // Set by Tracer::load, which knows whether counting can work here.
+        aggregate: 0,
         _pad2: 0,
         kernel: offsets::kernel_offsets(btf),
         args,
@@ -256,9 +257,10 @@ impl Tracer {
         // membarrier (not offered on nohz_full kernels; it does not wait on
         // a single CPU, where a program may be preempted). Without it,
         // every failure is a record.
+        let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
         let why_not = if !global_membarrier_available() {
             Some("membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable on this kernel")
-        } else if aya::util::nr_cpus().unwrap_or(1) < 2 {
+        } else if cpus < 2 {
             Some("this machine has a single CPU")
         } else {
             None
@@ -290,7 +292,7 @@ impl Tracer {
                     1
                 },
             )
-            .map_max_entries(AGG_MAP, agg_entries(aggregate))
+            .map_max_entries(AGG_MAP, agg_entries(aggregate, cpus))
             .load(BPF_OBJECT)
             .map_err(|e| {
                 let text = e.to_string();
@@ -568,11 +570,10 @@ const AGG_MEMORY_BYTES: usize = 8 << 20;
 /// Keys of the per-CPU storm map: a value per possible CPU each, so fewer
 /// on large machines (16,384 up to 32 CPUs, 2,048 on 256); one when
 /// counting is off.
-fn agg_entries(aggregate: bool) -> u32 {
+fn agg_entries(aggregate: bool, cpus: usize) -> u32 {
     if !aggregate {
         return 1;
     }
-    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
     let per_key = size_of::<AggCount>() * cpus;
     u32::try_from(AGG_MEMORY_BYTES / per_key)
         .unwrap_or(AGG_ENTRIES)

@@ -92,7 +92,7 @@ pub struct Diagnoser {
     trends: HashMap<u32, CtTrend>,
     /// Storm repeats whose first record's connection has no account yet.
     /// Repeats whose first record's verdict is not known yet, since when.
-    repeats_waiting: Vec<(Event, u64, SystemTime)>,
+    repeats_waiting: VecDeque<(Event, u64, SystemTime)>,
     /// Storms' first resets sent (their client end and namespace), until
     /// their connection is accounted.
     storm_resets: Vec<(Fold, End, u32)>,
@@ -295,9 +295,9 @@ impl Diagnoser {
         if !self.add_repeats(first, n, now) {
             if self.repeats_waiting.len() >= self.cfg.max_keys {
                 // The oldest waited longest: the least likely to find a verdict.
-                self.repeats_waiting.remove(0);
+                self.repeats_waiting.pop_front();
             }
-            self.repeats_waiting.push((first.clone(), n, now));
+            self.repeats_waiting.push_back((first.clone(), n, now));
         }
         let out = std::mem::take(&mut self.due);
         self.take_output(out)
@@ -384,7 +384,7 @@ impl Diagnoser {
         let give_up = self.cfg.settle + self.cfg.reemit_interval;
         for (first, n, since) in std::mem::take(&mut self.repeats_waiting) {
             if !self.add_repeats(&first, n, now) && elapsed(since, now) < give_up {
-                self.repeats_waiting.push((first, n, since));
+                self.repeats_waiting.push_back((first, n, since));
             }
         }
         let interval = self.cfg.reemit_interval;
