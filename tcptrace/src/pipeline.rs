@@ -317,7 +317,7 @@ impl Pipeline {
 
     /// Verdicts still holding unreported occurrences, at shutdown.
     pub fn finish(&mut self, now: SystemTime) -> Vec<Record> {
-        verdict_records(self.diagnoser.finish(now)).collect()
+        verdict_records(self.diagnoser.finish(now, &self.facts)).collect()
     }
 
     /// Time-based diagnosis: verdicts for the stream, and counts that

@@ -31,11 +31,13 @@ use crate::model::{Event, HookStats, ProbeState, ProbeStatus, Tier};
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
 
-/// Drop reasons reported by default: netfilter and TCP-level drops.
+/// Drop reasons reported by default: netfilter, too-big and TCP-level drops.
 /// NO_SOCKET is left out: the kernel answers those with a reset, which
 /// `reset_sent` reports already.
 const DROP_REASONS: &[&str] = &[
     "NETFILTER_DROP",
+    // ip_forward: too big for the next link and not to be fragmented.
+    "PKT_TOO_BIG",
     "TCP_INVALID_SEQUENCE",
     "TCP_INVALID_END_SEQUENCE",
     "TCP_INVALID_ACK_SEQUENCE",

@@ -4,12 +4,13 @@ use std::time::SystemTime;
 
 use serde_json::{Map, Value, json};
 
+use super::judge::Checks;
 use crate::model::facts::{
-    ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, format_port_list, wider_range,
+    ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, RuleTarget, format_port_list, wider_range,
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Event, EventKind, Handshake, PeerFin, PortRange, Role, TcpDetail,
-    Verdict,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role,
+    TcpDetail, Verdict,
     facts::{DropRule, QueuedListener},
 };
 
@@ -207,11 +208,10 @@ pub(super) fn conntrack_invalid(
         .node_for(rr.netns)
         .and_then(|ns| facts.netns.get(&ns))
         .and_then(|f| f.ct.as_ref());
-    let confidence = if sent.is_some() && invalid.known() {
-        Confidence::Certain
-    } else {
-        Confidence::Likely
-    };
+    let checks = Checks::new()
+        .require("invalid_counted_or_marked", invalid.known())
+        .corroborate("reset_pair_on_this_node", sent.is_some())
+        .or(&[Cause::PeerLostConnection]);
     let mut evidence = obj(json!({
         "invalid_delta": invalid.delta,
         "be_liberal": node_ct.map(|c| c.be_liberal),
@@ -229,6 +229,7 @@ pub(super) fn conntrack_invalid(
         evidence.insert("invalid_class".into(), json!(class));
         evidence.insert("invalid_netns".into(), json!(netns));
     }
+    checks.record(&mut evidence);
     let counted = match (&invalid.marked, invalid.delta) {
         (Some((class, _)), _) => format!("conntrack marked its segment INVALID ({class})"),
         (None, Some(n)) => format!("node conntrack counted {n} invalid packets"),
@@ -249,7 +250,7 @@ pub(super) fn conntrack_invalid(
         v: verdict(
             rr,
             Cause::ConntrackInvalid,
-            confidence,
+            checks.confidence(),
             format!("{}: established connection with {} reset: {why}", who(rr), rr.dst),
             evidence,
             "sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=1 on the node, or iptables -t filter -I INPUT -m conntrack --ctstate INVALID -j DROP".into(),
@@ -273,15 +274,14 @@ pub(super) fn table_full(
         early_drop: 0,
         insert_failed: 0,
     });
-    let rose = t.drop + t.early_drop + t.insert_failed > 0;
-    if !full && !rose {
+    // early_drop happens only when the table is full; drop and
+    // insert_failed also rise when a NAT finds no free tuple.
+    if !full && t.early_drop == 0 {
         return None;
     }
-    let confidence = if full || t.drop > 0 {
-        Confidence::Certain
-    } else {
-        Confidence::Likely
-    };
+    let checks = Checks::new()
+        .require("count_near_max_or_early_drop", true)
+        .corroborate("drop_counter_rising_or_count_at_max", full || t.drop > 0);
     let target = ct.max.max(ct.count).saturating_mul(2);
     let place = if facts.is_node(ns) {
         "on the node".to_string()
@@ -302,19 +302,21 @@ pub(super) fn table_full(
             ct.max
         )
     };
+    let mut evidence = obj(json!({
+        "count": ct.count,
+        "max": ct.max,
+        "drop_delta": t.drop,
+        "early_drop_delta": t.early_drop,
+        "insert_failed_delta": t.insert_failed,
+        "ct_netns": ns,
+    }));
+    checks.record(&mut evidence);
     Some(verdict(
         ev,
         Cause::ConntrackTableFull,
-        confidence,
+        checks.confidence(),
         summary,
-        obj(json!({
-            "count": ct.count,
-            "max": ct.max,
-            "drop_delta": t.drop,
-            "early_drop_delta": t.early_drop,
-            "insert_failed_delta": t.insert_failed,
-            "ct_netns": ns,
-        })),
+        evidence,
         format!(
             "sysctl -w net.netfilter.nf_conntrack_max={target} {place}; shorten net.netfilter.nf_conntrack_tcp_timeout_established (now {} s); find the top talkers with conntrack -L",
             ct.established_timeout_s
@@ -524,8 +526,10 @@ pub(super) fn bind_conflict(ev: &Event, facts: &NodeFacts) -> Candidate {
     }
 }
 
-/// A reset answered the SYN (`via`: the reset itself, or the errno).
-pub(super) fn connection_refused(ev: &Event, via: &str) -> Candidate {
+/// A reset answered the SYN. Certain only when this node saw the socket
+/// lookup that found no listener answer it (`listener_reset`); a reset
+/// from beyond this node may also be a firewall's.
+pub(super) fn connection_refused(ev: &Event, listener_reset: bool) -> Candidate {
     let svc = ev
         .dst
         .service
@@ -537,17 +541,32 @@ pub(super) fn connection_refused(ev: &Event, via: &str) -> Candidate {
             )
         })
         .unwrap_or_default();
+    let checks = Checks::new()
+        .require("reset_answering_the_syn", true)
+        .require("listener_reset_for_this_syn", listener_reset)
+        .rule_out("syn_dropped_by_netfilter", false)
+        .or(&[Cause::FirewallReject]);
+    let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "via": "reset" }));
+    checks.record(&mut evidence);
+    let fix = if listener_reset {
+        format!(
+            "nothing accepts connections on {}: check that the server listens on port {}{svc}",
+            ev.dst, ev.dst.port
+        )
+    } else {
+        format!(
+            "{} answered the SYN with a reset: nothing listens on port {}{svc}, or a firewall beyond this node rejects the connection",
+            ev.dst, ev.dst.port
+        )
+    };
     Candidate {
         v: verdict(
             ev,
             Cause::ConnectionRefused,
-            Confidence::Certain,
+            checks.confidence(),
             format!("{}: connection to {} refused", who(ev), ev.dst),
-            obj(json!({ "dst": ev.dst.to_string(), "via": via })),
-            format!(
-                "nothing accepts connections on {}: check that the server listens on port {}{svc}",
-                ev.dst, ev.dst.port
-            ),
+            evidence,
+            fix,
         ),
         occurrence: true,
     }
@@ -763,31 +782,37 @@ pub(super) fn netfilter_drop(ev: &Event, drop: &PathDrop, retransmits: u32) -> C
             ev.src.ip, drop.dst
         ),
         None => format!(
-            "a firewall rule in {place} drops packets from {} to {}: allow that traffic (a NetworkPolicy of that pod, or `iptables-save -c` / `nft list ruleset` there)",
+            "netfilter in {place} drops packets from {} to {} and no dropping rule of it was read: look at `iptables-save -c` / `nft list ruleset` there, and at `conntrack -S` (a full table or a NAT out of ports drops too)",
             ev.src.ip, drop.dst
         ),
     };
+    let checks = Checks::new()
+        .require("dropped_by_netfilter", true)
+        .require("drop_rule_in_that_namespace", rule.is_some())
+        .or(&[Cause::SnatPortExhaustion, Cause::ConntrackTableFull]);
+    let mut evidence = obj(json!({
+        "dst": ev.dst.to_string(),
+        "dropped_dst": drop.dst.to_string(),
+        "dropped_in_netns": drop.netns,
+        "dropped_in": drop.place,
+        "location": drop.location,
+        "drops": drop.drops,
+        "retransmits": retransmits,
+        "rule": rule,
+        "rule_packets": drop.rule.as_ref().and_then(|r| r.packets),
+    }));
+    checks.record(&mut evidence);
     Candidate {
         v: verdict(
             ev,
             Cause::NetfilterDrop,
-            Confidence::Certain,
+            checks.confidence(),
             format!(
                 "{}: packets to {} are dropped by a netfilter rule in {place}",
                 who(ev),
                 ev.dst
             ),
-            obj(json!({
-                "dst": ev.dst.to_string(),
-                "dropped_dst": drop.dst.to_string(),
-                "dropped_in_netns": drop.netns,
-                "dropped_in": drop.place,
-                "location": drop.location,
-                "drops": drop.drops,
-                "retransmits": retransmits,
-                "rule": rule,
-                "rule_packets": drop.rule.as_ref().and_then(|r| r.packets),
-            })),
+            evidence,
             fix,
         ),
         occurrence: true,
@@ -795,6 +820,19 @@ pub(super) fn netfilter_drop(ev: &Event, drop: &PathDrop, retransmits: u32) -> C
 }
 
 impl PathDrop {
+    /// A netfilter drop known only from its consequence.
+    pub(super) fn unknown(ev: &Event) -> Self {
+        Self {
+            reason: "NETFILTER_DROP".into(),
+            netns: 0,
+            place: None,
+            location: None,
+            drops: 0,
+            dst: ev.dst.clone(),
+            rule: None,
+        }
+    }
+
     /// Where, why and how often, for a verdict's evidence.
     fn evidence(&self) -> Value {
         json!({
@@ -807,11 +845,15 @@ impl PathDrop {
         })
     }
 
-    fn describe(&self) -> String {
-        let place = self
-            .place
+    /// The pod or namespace the packets were dropped in.
+    pub(super) fn place_or_netns(&self) -> String {
+        self.place
             .clone()
-            .unwrap_or_else(|| format!("network namespace {}", self.netns));
+            .unwrap_or_else(|| format!("network namespace {}", self.netns))
+    }
+
+    fn describe(&self) -> String {
+        let place = self.place_or_netns();
         let at = self
             .location
             .as_deref()
@@ -874,7 +916,7 @@ pub(super) fn slow_connect(ev: &Event, h: &Handshake, drop: Option<&PathDrop>) -
                     d.describe()
                 ),
                 None => format!(
-                    "the first SYNs to {} went unanswered and no drop was seen: a stale conntrack entry for this source port, a full listen queue at the server, or a lossy path",
+                    "the first SYNs to {} went unanswered and tcptrace saw none of them dropped before it connected: a lossy path, a full listen queue at the server, or a stale conntrack entry for this source port",
                     ev.dst
                 ),
             },
@@ -982,8 +1024,16 @@ pub(super) fn refused_server_side(ev: &Event) -> Candidate {
     }
 }
 
-/// A reset or error no rule explains, with what was checked.
-pub(super) fn unexplained(ev: &Event, server: &Endpoint, resets: u32) -> Candidate {
+/// A reset or error no rule explains, with what this occurrence's
+/// evidence ruled out (`ruled_out`: cause -> why) and what could not be
+/// checked (`not_checked`).
+pub(super) fn unexplained(
+    ev: &Event,
+    server: &Endpoint,
+    resets: u32,
+    ruled_out: &Map<String, Value>,
+    not_checked: &[&'static str],
+) -> Candidate {
     let tcp = ev.tcp.as_ref();
     let mut v = verdict(
         ev,
@@ -1010,7 +1060,8 @@ pub(super) fn unexplained(ev: &Event, server: &Endpoint, resets: u32) -> Candida
             "since_send_ms": tcp.map(|t| t.since_send_ms),
             "srtt_us": tcp.map(|t| t.srtt_us),
             "total_retrans": tcp.map(|t| t.total_retrans),
-            "ruled_out": ["idle_timeout", "keepalive_race", "conntrack_invalid", "application_abort", "netfilter_drop"],
+            "ruled_out": ruled_out,
+            "not_checked": not_checked,
         })),
         format!(
             "no known cause: look at {server}'s logs at this time, and run `tcptrace --all-states` to see the connection's states"
@@ -1131,6 +1182,332 @@ pub(super) fn listen_overflow(
     }
     Candidate {
         v,
+        occurrence: true,
+    }
+}
+
+/// How a connect was turned away: a reset in SYN_SENT, or an ICMP error's
+/// errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    Reset,
+    Icmp(Errno),
+    /// The answer did not end the connect (an ICMP error in SYN_SENT is
+    /// soft): the client retransmitted its SYN.
+    Retransmitted,
+}
+
+impl Refusal {
+    /// " with a reset", or nothing when the client did not see the answer.
+    fn describe(self) -> String {
+        match self {
+            Refusal::Reset => " with a reset".into(),
+            Refusal::Icmp(e) => format!(" with an ICMP error ({e})"),
+            Refusal::Retransmitted => String::new(),
+        }
+    }
+}
+
+/// A connect turned away by a netfilter rule that dropped its SYN in
+/// `drop.netns` and answered for the server: kube-proxy's rule for a
+/// Service without endpoints, or a firewall's or policy's REJECT.
+/// `listener_reset`: a socket lookup on this node found no listener for
+/// this SYN (that is a refusal, not a rejection).
+pub(super) fn rejected(
+    ev: &Event,
+    drop: &PathDrop,
+    how: Refusal,
+    listener_reset: bool,
+) -> Candidate {
+    let place = drop.place_or_netns();
+    let no_endpoints = drop
+        .rule
+        .as_ref()
+        .and_then(DropRule::no_endpoints)
+        .filter(|n| {
+            (n.ip, n.port) == (drop.dst.ip, drop.dst.port)
+                || (n.ip, n.port) == (ev.dst.ip, ev.dst.port)
+        });
+    let mut evidence = obj(json!({
+        "dst": ev.dst.to_string(),
+        "dropped_dst": drop.dst.to_string(),
+        "rejected_in": drop.place,
+        "rejected_in_netns": drop.netns,
+        "location": drop.location,
+        "answer": match how {
+            Refusal::Reset => "reset".to_string(),
+            Refusal::Icmp(e) => e.to_string(),
+            Refusal::Retransmitted => "none seen by the client".to_string(),
+        },
+        "rule": drop.rule.as_ref().map(|r| r.text.clone()),
+        "rule_packets": drop.rule.as_ref().and_then(|r| r.packets),
+    }));
+    let reject_rule = drop
+        .rule
+        .as_ref()
+        .is_some_and(|r| r.target() == Some(RuleTarget::Reject));
+    if let Some(n) = no_endpoints {
+        let checks = Checks::new()
+            .require("syn_dropped_by_netfilter", true)
+            .require("kube_proxy_no_endpoints_rule_for_dst", true)
+            .rule_out("listener_reset_for_this_syn", listener_reset)
+            .or(&[Cause::ConnectionRefused]);
+        checks.record(&mut evidence);
+        evidence.insert("service".into(), json!(n.service));
+        let (ns, name) = n
+            .service
+            .split_once('/')
+            .map(|(ns, rest)| (ns, rest.split(':').next().unwrap_or(rest)))
+            .unwrap_or(("default", n.service.as_str()));
+        return Candidate {
+            v: verdict(
+                ev,
+                Cause::ServiceNoEndpoints,
+                checks.confidence(),
+                format!(
+                    "{}: connect to {} rejected{}: Service {} has no endpoints (kube-proxy's rule in {place})",
+                    who(ev),
+                    ev.dst,
+                    how.describe(),
+                    n.service
+                ),
+                evidence,
+                format!(
+                    "Service {} ({}:{}) has no ready endpoints, so kube-proxy rejects its connections: check its pods' readiness and its selector (kubectl get endpointslices -n {ns} -l kubernetes.io/service-name={name})",
+                    n.service, n.ip, n.port
+                ),
+            ),
+            occurrence: true,
+        };
+    }
+    let checks = Checks::new()
+        .require("syn_dropped_by_netfilter", true)
+        .require("answered_without_a_listener", !listener_reset)
+        .corroborate("reject_rule_in_that_namespace", reject_rule)
+        .rule_out("listener_reset_for_this_syn", listener_reset)
+        .or(&[Cause::ConnectionRefused]);
+    checks.record(&mut evidence);
+    let fix = match drop.rule.as_ref().filter(|_| reject_rule) {
+        Some(r) => format!(
+            "the rule `{}` in {place} rejects connections from {} to {}: allow that traffic (a NetworkPolicy of that pod, or that namespace's firewall); the server was never reached",
+            r.text, ev.src.ip, drop.dst
+        ),
+        None => format!(
+            "a netfilter rule in {place} rejects connections from {} to {}: find it with `iptables-save -c` or `nft list ruleset` there and allow that traffic; the server was never reached",
+            ev.src.ip, drop.dst
+        ),
+    };
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::FirewallReject,
+            checks.confidence(),
+            format!(
+                "{}: connect to {} rejected{} by a netfilter rule in {place}",
+                who(ev),
+                ev.dst,
+                how.describe()
+            ),
+            evidence,
+            fix,
+        ),
+        occurrence: true,
+    }
+}
+
+/// A connect that failed with an ICMP or routing error (host or network
+/// unreachable, prohibited) that no rejecting rule on this node explains;
+/// `drop` is where its SYN was seen dropped, if it was.
+pub(super) fn unreachable(ev: &Event, errno: Errno, drop: Option<&PathDrop>) -> Candidate {
+    let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "errno": errno, "state": ev.state }));
+    if let Some(d) = drop {
+        evidence.insert("dropped".into(), d.evidence());
+    }
+    let checks = Checks::new()
+        .require("icmp_or_route_error", true)
+        .corroborate("where_its_syn_died", drop.is_some())
+        .or(&[Cause::FirewallReject]);
+    checks.record(&mut evidence);
+    let no_route = drop.filter(|d| d.reason.contains("NOROUTES") || d.reason.contains("NO_ROUTE"));
+    let fix = match (no_route, drop) {
+        (Some(d), _) => format!(
+            "{} has no route to {}: add the route (the node's routes to the pod and Service ranges, or the CNI's)",
+            d.place_or_netns(),
+            ev.dst.ip
+        ),
+        (None, Some(d)) => format!(
+            "the SYNs to {} die on the way ({}) and an ICMP error ({errno}) came back: fix that hop",
+            ev.dst,
+            d.describe()
+        ),
+        (None, None) => format!(
+            "an ICMP error ({errno}) came back for {}: the host or its network is unreachable from here, or a router prohibits it; check the routes to {} and whether the pod or host behind it still exists",
+            ev.dst, ev.dst.ip
+        ),
+    };
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::Unreachable,
+            checks.confidence(),
+            format!(
+                "{}: connection to {} failed: {errno}{}",
+                who(ev),
+                ev.dst,
+                drop.map_or_else(String::new, |d| format!(" ({})", d.describe()))
+            ),
+            evidence,
+            fix,
+        ),
+        occurrence: true,
+    }
+}
+
+/// SYNs dropped by netfilter in `drop.netns` outside any rule, where a
+/// MASQUERADE/SNAT rule maps connections to a source port range that is
+/// used up (the NAT finds no free tuple: conntrack's insert fails) while
+/// the table itself is far from full.
+pub(super) fn snat_port_exhaustion(
+    ev: &Event,
+    drop: &PathDrop,
+    rule: Option<&DropRule>,
+    ct: Option<&ConntrackFacts>,
+    trend: Option<CtTrend>,
+    retransmits: u32,
+) -> Candidate {
+    let place = drop.place_or_netns();
+    let near_full = ct.is_some_and(|c| c.max > 0 && c.count * 100 >= c.max * 95);
+    let rising = trend.is_some_and(|t| t.insert_failed + t.drop > 0);
+    let checks = Checks::new()
+        .require("syn_dropped_by_netfilter_outside_a_rule", true)
+        .require("snat_rule_in_that_namespace", rule.is_some())
+        .corroborate("insert_failed_or_drop_rising", rising)
+        .rule_out("conntrack_table_near_full", near_full)
+        .or(&[Cause::ConntrackTableFull, Cause::NetfilterDrop]);
+    let ports = rule.and_then(|r| r.snat_ports());
+    let mut evidence = obj(json!({
+        "dst": ev.dst.to_string(),
+        "dropped_dst": drop.dst.to_string(),
+        "dropped_in": drop.place,
+        "dropped_in_netns": drop.netns,
+        "location": drop.location,
+        "drops": drop.drops,
+        "syn_retransmits": retransmits,
+        "snat_rule": rule.map(|r| r.text.clone()),
+        "snat_ports": ports,
+        "random_fully": rule.map(DropRule::random_fully),
+        "ct_count": ct.map(|c| c.count),
+        "ct_max": ct.map(|c| c.max),
+        "insert_failed_delta": trend.map(|t| t.insert_failed),
+        "drop_delta": trend.map(|t| t.drop),
+    }));
+    checks.record(&mut evidence);
+    let range = ports.map_or_else(String::new, |p| format!(" maps to source ports {p}, and"));
+    let mut fixes = vec![format!(
+        "widen the rule's port range (--to-ports) or SNAT to more source addresses"
+    )];
+    if rule.is_some_and(|r| !r.random_fully()) {
+        fixes.push("add --random-fully to the MASQUERADE/SNAT rule".into());
+    }
+    fixes.push(format!(
+        "reuse connections to {} (pooling, keep-alive)",
+        drop.dst
+    ));
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::SnatPortExhaustion,
+            checks.confidence(),
+            format!(
+                "{}: connect to {} timed out: the SNAT in {place}{range} found no free source port towards {} (conntrack {} of {})",
+                who(ev),
+                ev.dst,
+                drop.dst,
+                ct.map_or(0, |c| c.count),
+                ct.map_or(0, |c| c.max)
+            ),
+            evidence,
+            format!(
+                "the source NAT in {place} is out of ports: {}",
+                fixes.join("; ")
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// Segments of an established connection dropped on the way as too big
+/// for a link (PKT_TOO_BIG) and retransmitted at the same size: the ICMP
+/// "fragmentation needed" that would shrink them does not get back.
+pub(super) fn pmtu_black_hole(ev: &Event, drop: &PathDrop, retransmits: u32) -> Candidate {
+    let place = drop.place_or_netns();
+    let checks = Checks::new()
+        .require("segments_dropped_as_too_big", true)
+        .require("retransmitted_at_the_same_size", retransmits >= 1);
+    let mut evidence = obj(json!({
+        "dst": ev.dst.to_string(),
+        "dropped": drop.evidence(),
+        "retransmits": retransmits,
+    }));
+    checks.record(&mut evidence);
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::PmtuBlackHole,
+            checks.confidence(),
+            format!(
+                "{}: segments to {} are too big for a link in {place} ({}); they are retransmitted at the same size, so the ICMP 'fragmentation needed' does not get back",
+                who(ev),
+                ev.dst,
+                counted(drop.drops, "drop")
+            ),
+            evidence,
+            format!(
+                "lower the MTU of the pod network (the CNI's MTU: every veth and tunnel) to the smallest MTU on the path through {place}, or let ICMP 'fragmentation needed' (type 3 code 4) reach {}; clamping the MSS to the path MTU (TCPMSS --clamp-mss-to-pmtu) works around it",
+                ev.src.ip
+            ),
+        ),
+        occurrence: true,
+    }
+}
+
+/// An established connection reset by its peer's kernel, which had no
+/// socket for it (NO_SOCKET): the peer restarted, or its address now
+/// belongs to another pod. `sent` is that reset, seen on this node.
+pub(super) fn peer_lost_connection(
+    rr: &Event,
+    sent: &Event,
+    invalid: &InvalidEvidence,
+) -> Candidate {
+    let checks = Checks::new()
+        .require("reset_without_socket_from_the_peer_address", true)
+        .require("received_by_the_connection_s_client", true)
+        .rule_out("conntrack_marked_invalid", invalid.known())
+        .or(&[Cause::ConntrackInvalid]);
+    let mut evidence = obj(json!({
+        "peer": rr.dst.to_string(),
+        "reset_sent_in_netns": sent.netns,
+        "reset_sent_by": sent.pod.as_ref().map(|p| format!("pod {}/{}", p.namespace, p.name)).or_else(|| sent.netns_name.clone()),
+        "state": rr.state,
+        "idle_ms": rr.tcp.as_ref().map(|t| t.idle_ms),
+    }));
+    checks.record(&mut evidence);
+    Candidate {
+        v: verdict(
+            rr,
+            Cause::PeerLostConnection,
+            checks.confidence(),
+            format!(
+                "{}: established connection with {} reset by the peer's kernel, which has no socket for it any more",
+                who(rr),
+                rr.dst
+            ),
+            evidence,
+            format!(
+                "{} lost this connection (the server restarted, or its pod was replaced and the address reused): reconnect and retry idempotent requests on a reset, and drain connections before pods stop (preStop hook, terminationGracePeriodSeconds)",
+                rr.dst
+            ),
+        ),
         occurrence: true,
     }
 }

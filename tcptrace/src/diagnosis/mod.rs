@@ -2,6 +2,7 @@
 //! (read by `node`, passed in as data) to verdicts. No I/O.
 pub mod audit;
 mod causes;
+mod judge;
 mod ledger;
 pub mod rules;
 #[cfg(test)]

@@ -10,18 +10,21 @@ use foldhash::HashMap;
 
 use super::{
     causes::{
-        Candidate, CtTrend, InvalidEvidence, PathDrop, application_abort, bind_conflict,
+        Candidate, CtTrend, InvalidEvidence, PathDrop, Refusal, application_abort, bind_conflict,
         connection_refused, conntrack_invalid, idle_cause, idle_timeout, keepalive_race,
         keepalive_race_server_side, listen_overflow, netfilter_drop, nodeport_collision,
-        peer_abort, port_exhaustion, refused_server_side, retransmit_storm, slow_connect,
-        syn_timeout, table_full, table_full_syn, tcp_stack_drop, unexplained,
+        peer_abort, peer_lost_connection, pmtu_black_hole, port_exhaustion, refused_server_side,
+        rejected, retransmit_storm, slow_connect, snat_port_exhaustion, syn_timeout, table_full,
+        table_full_syn, tcp_stack_drop, unexplained, unreachable,
     },
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PodRef, TcpDetail,
     TcpFlags, TcpState, Verdict,
-    facts::{ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts},
+    facts::{
+        ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -108,6 +111,9 @@ pub struct Diagnoser {
     /// Packets of a connection (by its client's end) a netfilter rule
     /// dropped, and where.
     path_drops: HashMap<End, (SystemTime, PathDrop)>,
+    /// Connects a netfilter rule rejected, waiting for the rules of the
+    /// namespace that dropped their SYN to be read.
+    rejections: VecDeque<(Event, Refusal, SystemTime)>,
 }
 
 /// What feeding the diagnoser produced.
@@ -315,7 +321,13 @@ impl Diagnoser {
     fn add_repeats(&mut self, first: &Event, n: u64, now: SystemTime) -> bool {
         let of = |cause| AggKey::of(first.pod.as_ref(), first.netns, cause, &first.dst);
         let (key, count, resets) = match first.kind {
-            EventKind::ResetReceived => (of(Cause::ConnectionRefused), n, n),
+            EventKind::ResetReceived => {
+                let went = first
+                    .fold
+                    .and_then(|f| self.storm_accounts.get(&f))
+                    .map(|(key, _)| key.clone());
+                (went.unwrap_or_else(|| of(Cause::ConnectionRefused)), n, n)
+            }
             EventKind::ConnectError => (of(Cause::PortExhaustion), n, 0),
             EventKind::BindError if first.src.port == 0 => (of(Cause::PortExhaustion), n, 0),
             EventKind::BindError => (of(Cause::BindConflict), n, 0),
@@ -374,8 +386,27 @@ impl Diagnoser {
             let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
             out.extend(self.submit(c, Some(origin)));
         }
+        for (ev, how, since) in std::mem::take(&mut self.rejections) {
+            let key = SockKey::of(&ev);
+            let read = self
+                .rejecting_drop(Ends::of(&ev, Some(facts)), ev.time)
+                .is_none_or(|d| {
+                    facts
+                        .netns
+                        .get(&d.netns)
+                        .is_some_and(|f| f.drop_rules.is_some())
+                });
+            if !read && elapsed(since, now) < REJECT_RULES_WAIT {
+                self.rejections.push_back((ev, how, since));
+                continue;
+            }
+            let c = self.rejection(&ev, how, facts);
+            self.conclude(&key, &c);
+            let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
+            out.extend(self.submit(c, Some(origin)));
+        }
         for waited in self.ledger.due(now, self.cfg.settle) {
-            out.extend(self.settle(&waited));
+            out.extend(self.settle(&waited, facts));
         }
         self.note_storm_accounts();
         // A first record that made no verdict by the time its connection
@@ -408,10 +439,15 @@ impl Diagnoser {
     /// Accounts for everything still waiting and emits every aggregated
     /// verdict with occurrences not yet reported, so that stopping loses
     /// no counts. Call once, at the end.
-    pub fn finish(&mut self, now: SystemTime) -> Vec<Verdict> {
+    pub fn finish(&mut self, now: SystemTime, facts: &NodeFacts) -> Vec<Verdict> {
         let mut out = std::mem::take(&mut self.due);
+        for (ev, how, _) in std::mem::take(&mut self.rejections) {
+            let c = self.rejection(&ev, how, facts);
+            let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
+            out.extend(self.submit(c, Some(origin)));
+        }
         for waited in self.ledger.drain() {
-            out.extend(self.settle(&waited));
+            out.extend(self.settle(&waited, facts));
         }
         self.note_storm_accounts();
         // Every first record is accounted for now: so are its repeats.
@@ -440,7 +476,7 @@ impl Diagnoser {
     /// One connection's resets and errors that no rule explained in time:
     /// a client's late segment on a closed connection or a connect to a
     /// closed port seen from the server's side, else unexplained.
-    fn settle(&mut self, waited: &[Open]) -> Option<Verdict> {
+    fn settle(&mut self, waited: &[Open], facts: &NodeFacts) -> Option<Verdict> {
         let first = waited.first()?;
         let resets = waited.iter().filter(|o| is_reset(&o.ev)).count() as u32;
         let sent = |pred: &dyn Fn(&Event) -> bool| {
@@ -460,12 +496,72 @@ impl Diagnoser {
             refused_server_side(no_socket)
         } else {
             let server = Endpoint::new(first.ends.server.0, first.ends.server.1);
-            let mut c = unexplained(&first.ev, &server, 0);
+            let (ruled_out, not_checked) = self.ruled_out(&first.ev, first.ends, facts);
+            let mut c = unexplained(&first.ev, &server, 0, &ruled_out, &not_checked);
             c.v.src = Endpoint::new(first.ends.client.0, first.ends.client.1);
             c
         };
         c.v.resets = u64::from(resets);
         self.submit(c, Some(Origin::of(&first.ev, first.ends)))
+    }
+
+    /// What the evidence of an unexplained event rules out, and why; and
+    /// the causes it could not check.
+    fn ruled_out(
+        &self,
+        ev: &Event,
+        ends: Ends,
+        facts: &NodeFacts,
+    ) -> (
+        serde_json::Map<String, serde_json::Value>,
+        Vec<&'static str>,
+    ) {
+        let mut out = serde_json::Map::new();
+        let mut not_checked = Vec::new();
+        let mut why = |cause: Cause, text: String| {
+            out.insert(cause.as_str().into(), serde_json::Value::String(text));
+        };
+        match (ev.tcp.as_ref(), facts.path_timeout(ev.netns)) {
+            (Some(t), Some(timeout)) if t.idle_ms <= timeout.secs.saturating_mul(1000) => why(
+                Cause::IdleTimeout,
+                format!("idle {} ms, within the {}", t.idle_ms, timeout.describe()),
+            ),
+            (Some(t), Some(_)) if t.keepalive => why(
+                Cause::IdleTimeout,
+                "kept alive below the path's timeout".into(),
+            ),
+            _ => not_checked.push(Cause::IdleTimeout.as_str()),
+        }
+        if ev.peer_fin.is_none()
+            && !matches!(ev.state, Some(TcpState::CloseWait | TcpState::LastAck))
+        {
+            why(
+                Cause::KeepaliveRace,
+                "the peer sent no FIN before it".into(),
+            );
+        }
+        if !self.invalid_evidence(facts, ev).known() {
+            why(
+                Cause::ConntrackInvalid,
+                "conntrack counted or marked nothing INVALID near it".into(),
+            );
+        }
+        if self.path_drop(ends, ev.time).is_none() {
+            why(
+                Cause::NetfilterDrop,
+                "no packet of this connection was seen dropped".into(),
+            );
+        }
+        if is_reset(ev) {
+            why(
+                Cause::ApplicationAbort,
+                format!(
+                    "the reset's reason ({}) is not an abortive close",
+                    ev.reason.as_deref().unwrap_or("none")
+                ),
+            );
+        }
+        (out, not_checked)
     }
 
     /// Adds resets that belong to an accounted connection to its verdict.
@@ -545,7 +641,9 @@ impl Diagnoser {
                     .is_some();
                 if !concluded
                     && !idle_path
-                    && let Some(c) = self.dropped_by_firewall(ev, ends, streak, facts)
+                    && let Some(c) = self
+                        .too_big(ends, ev, streak)
+                        .or_else(|| self.dropped_by_firewall(ev, ends, streak, facts))
                 {
                     self.conclude(&key, &c);
                     return vec![c];
@@ -553,7 +651,7 @@ impl Diagnoser {
                 self.data_retransmit(&key, ev, facts)
             }
             EventKind::ResetReceived if state == Some(TcpState::SynSent) => {
-                self.refused(&key, ev, Origin::of(ev, ends), "reset")
+                self.refused(&key, ev, facts, Refusal::Reset)
             }
             EventKind::ResetReceived if state == Some(TcpState::Established) => {
                 self.reset_established(&key, ev, facts)
@@ -586,8 +684,23 @@ impl Diagnoser {
             EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
                 self.reset_sent(ev, facts)
             }
-            EventKind::SocketError if errno == Some(Errno::ECONNREFUSED) => {
-                self.refused(&key, ev, Origin::of(ev, ends), "errno")
+            // A received reset's error is implied by its record: an error
+            // like these on a connect came from an ICMP message or a route.
+            EventKind::SocketError
+                if errno.is_some_and(is_icmp_error) && self.connecting(&key, ev) =>
+            {
+                let errno = errno.unwrap_or(Errno::ECONNREFUSED);
+                self.refused(&key, ev, facts, Refusal::Icmp(errno))
+            }
+            EventKind::SocketError
+                if matches!(errno, Some(Errno::EHOSTUNREACH | Errno::ENETUNREACH)) =>
+            {
+                if self.sock(&key, ev.time, false).concluded.is_some() {
+                    return vec![];
+                }
+                let c = unreachable(ev, errno.unwrap_or(Errno::EHOSTUNREACH), None);
+                self.conclude(&key, &c);
+                vec![c]
             }
             EventKind::SocketError if errno == Some(Errno::ETIMEDOUT) => {
                 self.timed_out(&key, ev, facts)
@@ -606,6 +719,11 @@ impl Diagnoser {
             EventKind::ConntrackInvalid => self.invalid_marked(ev, facts),
             EventKind::ConnectError if errno == Some(Errno::EADDRNOTAVAIL) => {
                 vec![port_exhaustion(ev, facts, Confidence::Certain)]
+            }
+            EventKind::ConnectError
+                if matches!(errno, Some(Errno::ENETUNREACH | Errno::EHOSTUNREACH)) =>
+            {
+                vec![unreachable(ev, errno.unwrap_or(Errno::ENETUNREACH), None)]
             }
             EventKind::BindError if errno == Some(Errno::EADDRINUSE) => {
                 // bind() to port 0 fails with EADDRINUSE when no ephemeral
@@ -639,24 +757,136 @@ impl Diagnoser {
         }
     }
 
-    fn refused(&mut self, key: &SockKey, ev: &Event, origin: Origin, via: &str) -> Vec<Candidate> {
+    /// Whether the socket of `ev` is still connecting.
+    fn connecting(&self, key: &SockKey, ev: &Event) -> bool {
+        state_is(ev, TcpState::SynSent)
+            || self
+                .socks
+                .get(key)
+                .is_some_and(|s| s.syn_sent && !s.established)
+    }
+
+    /// A connect turned away (a reset, or an ICMP error): rejected by a
+    /// netfilter rule that dropped its SYN, refused by the server, or
+    /// unreachable.
+    fn refused(
+        &mut self,
+        key: &SockKey,
+        ev: &Event,
+        facts: &NodeFacts,
+        how: Refusal,
+    ) -> Vec<Candidate> {
         // A reset in SYN_SENT ends a connect: what this socket address
         // concluded before was another connection (the kernel reuses both
         // socket memory and, in a small port range, the client's port).
-        let s = self.sock(key, ev.time, via == "reset");
+        let s = self.sock(key, ev.time, how == Refusal::Reset);
         if s.concluded.is_some() {
             return vec![];
         }
-        // A refused storm repeats one verdict: count it without rebuilding.
-        if self.repeat(ev, origin, Cause::ConnectionRefused, Confidence::Certain) {
-            if let Some(s) = self.socks.get_mut(key) {
-                s.concluded = Some((Cause::ConnectionRefused, Confidence::Certain));
+        let ends = Ends::of(ev, Some(facts));
+        if let Some(drop) = self.rejecting_drop(ends, ev.time) {
+            // The rule that rejected it is read right after its namespace's
+            // first drop: wait for it (at most REJECT_RULES_WAIT).
+            if facts
+                .netns
+                .get(&drop.netns)
+                .is_none_or(|f| f.drop_rules.is_none())
+                && self.rejections.len() < MAX_RECENT
+            {
+                self.placeholder(key);
+                self.rejections.push_back((ev.clone(), how, ev.time));
+                return vec![];
             }
-            return vec![];
+            let c = self.rejection(ev, how, facts);
+            self.conclude(key, &c);
+            return vec![c];
         }
-        let c = connection_refused(ev, via);
+        let c = match how {
+            Refusal::Reset => {
+                let listener = self.listener_reset(ends, ev.time);
+                let confidence = if listener {
+                    Confidence::Certain
+                } else {
+                    Confidence::Possible
+                };
+                // A refused storm repeats one verdict: count it without rebuilding.
+                let origin = Origin::of(ev, ends);
+                if self.repeat(ev, origin, Cause::ConnectionRefused, confidence) {
+                    if let Some(s) = self.socks.get_mut(key) {
+                        s.concluded = Some((Cause::ConnectionRefused, confidence));
+                    }
+                    return vec![];
+                }
+                connection_refused(ev, listener)
+            }
+            Refusal::Icmp(errno) => unreachable(ev, errno, self.path_drop(ends, ev.time)),
+            Refusal::Retransmitted => return vec![],
+        };
+        self.note_storm_first(ev, &c);
         self.conclude(key, &c);
         vec![c]
+    }
+
+    /// The rejection verdict of a connect whose SYN a netfilter rule
+    /// dropped, with that namespace's rule when it was read.
+    fn rejection(&mut self, ev: &Event, how: Refusal, facts: &NodeFacts) -> Candidate {
+        let ends = Ends::of(ev, Some(facts));
+        let listener = self.listener_reset(ends, ev.time);
+        let mut drop = self
+            .rejecting_drop(ends, ev.time)
+            .cloned()
+            .unwrap_or_else(|| PathDrop::unknown(ev));
+        drop.rule = facts
+            .netns
+            .get(&drop.netns)
+            .and_then(|f| f.drop_rules.as_deref())
+            .and_then(|rules| matching_reject_rule(rules, &drop.dst, &ev.dst));
+        let c = rejected(ev, &drop, how, listener);
+        self.note_storm_first(ev, &c);
+        c
+    }
+
+    /// A netfilter drop of this connection's packets near `time`.
+    fn rejecting_drop(&self, ends: Ends, time: SystemTime) -> Option<&PathDrop> {
+        self.path_drop(ends, time)
+            .filter(|d| d.reason == "NETFILTER_DROP")
+    }
+
+    /// Blocks other verdicts for a connection whose verdict waits.
+    fn placeholder(&mut self, key: &SockKey) {
+        if let Some(s) = self.socks.get_mut(key) {
+            s.concluded = Some((Cause::FirewallReject, Confidence::Possible));
+        }
+    }
+
+    /// Whether a socket lookup on this node found no listener for this
+    /// connection's SYN (its reset, NO_SOCKET, answering a bare SYN).
+    fn listener_reset(&self, ends: Ends, time: SystemTime) -> bool {
+        let window = self.cfg.correlation_window;
+        self.resets_sent.iter().rev().any(|r| {
+            is_bare_syn(r.tcp_flags)
+                && within(r.time, time, window)
+                && Ends::of(r, None).client == ends.client
+        })
+    }
+
+    /// Where a storm's first record went, for its repeats.
+    fn note_storm_first(&mut self, ev: &Event, c: &Candidate) {
+        if let Some(fold) = ev.fold
+            && self.storm_accounts.len() < self.cfg.max_keys
+        {
+            self.storm_accounts
+                .insert(fold, (AggKey::of_verdict(&c.v), true));
+        }
+    }
+
+    /// Segments of this connection dropped on the path as too big for a
+    /// link, near this retransmit.
+    fn too_big(&self, ends: Ends, ev: &Event, retransmits: u32) -> Option<Candidate> {
+        let drop = self
+            .path_drop(ends, ev.time)
+            .filter(|d| d.reason == "PKT_TOO_BIG")?;
+        Some(pmtu_black_hole(ev, drop, retransmits))
     }
 
     /// A connect that got no answer: a NodePort collision, a full conntrack
@@ -810,6 +1040,10 @@ impl Diagnoser {
         let invalid = self.invalid_evidence(facts, ev);
         let c = match pair {
             Some(sent) => {
+                if let Some(c) = lost_by_peer(ev, &sent, &invalid, facts) {
+                    self.conclude(key, &c);
+                    return vec![c];
+                }
                 if !invalid.known() {
                     push_bounded(&mut self.pairs_awaiting_counter, (ev.clone(), sent.clone()));
                 }
@@ -843,13 +1077,17 @@ impl Diagnoser {
             return vec![];
         };
         let invalid = self.invalid_evidence(facts, &received);
+        let key = SockKey::of(&received);
+        if let Some(c) = lost_by_peer(&received, ev, &invalid, facts) {
+            self.conclude(&key, &c);
+            return vec![c];
+        }
         if !invalid.known() {
             push_bounded(
                 &mut self.pairs_awaiting_counter,
                 (received.clone(), ev.clone()),
             );
         }
-        let key = SockKey::of(&received);
         // Already reported on the counter alone: this confirms it.
         let known = self.socks.get(&key).is_some_and(|s| s.concluded.is_some());
         let mut c = conntrack_invalid(&received, Some(ev), &invalid, facts);
@@ -969,10 +1207,12 @@ impl Diagnoser {
         entry.1.drops += 1;
     }
 
-    /// A retransmit of a connection whose segments a netfilter rule
-    /// dropped, with the rule when the facts have that namespace's rules.
+    /// A retransmit of a connection whose segments netfilter dropped: by
+    /// a dropping rule, by a rejecting one whose answer did not end the
+    /// connect, or (no rule) by a source NAT out of ports. Waits for the
+    /// namespace's rules for a few retransmits.
     fn dropped_by_firewall(
-        &self,
+        &mut self,
         ev: &Event,
         ends: Ends,
         retransmits: u32,
@@ -983,11 +1223,39 @@ impl Diagnoser {
             return None;
         }
         let mut drop = drop.clone();
-        drop.rule = facts
-            .netns
-            .get(&drop.netns)
-            .and_then(|f| f.drop_rules.as_deref())
-            .and_then(|rules| matching_rule(rules, drop.dst.port));
+        let ns = facts.netns.get(&drop.netns);
+        let rules = ns.and_then(|f| f.drop_rules.as_deref());
+        if rules.is_none() && retransmits < RULES_WAIT_RETRANSMITS {
+            return None;
+        }
+        let rules = rules.unwrap_or_default();
+        if let Some(reject) = matching_reject_rule(rules, &drop.dst, &ev.dst)
+            .filter(|r| r.target() == Some(RuleTarget::Reject))
+        {
+            drop.rule = Some(reject);
+            let listener = self.listener_reset(ends, ev.time);
+            return Some(rejected(ev, &drop, Refusal::Retransmitted, listener));
+        }
+        drop.rule = matching_rule(rules, &drop.dst);
+        let snat = rules.iter().find(|r| r.target() == Some(RuleTarget::Snat));
+        if drop.rule.is_none()
+            && let Some(snat) = snat
+        {
+            let trend = self
+                .trends
+                .get(&drop.netns)
+                .filter(|t| within(t.at, ev.time, self.cfg.correlation_window))
+                .copied();
+            let ct = ns.and_then(|f| f.ct.as_ref());
+            return Some(snat_port_exhaustion(
+                ev,
+                &drop,
+                Some(snat),
+                ct,
+                trend,
+                retransmits,
+            ));
+        }
         Some(netfilter_drop(ev, &drop, retransmits))
     }
 
@@ -1291,6 +1559,21 @@ fn state_is(ev: &Event, state: TcpState) -> bool {
     ev.state == Some(state) || ev.old_state == Some(state)
 }
 
+/// A reset the connection's client received from a kernel that had no
+/// socket for it, sent from a namespace other than the node's (where a
+/// middlebox or conntrack would answer): the peer itself lost it.
+fn lost_by_peer(
+    rr: &Event,
+    sent: &Event,
+    invalid: &InvalidEvidence,
+    facts: &NodeFacts,
+) -> Option<Candidate> {
+    let receiver_is_client = Ends::of(rr, Some(facts)).client == (rr.src.ip, rr.src.port);
+    let from_node = facts.is_node(sent.netns) || facts.node_for(rr.netns) == Some(sent.netns);
+    (receiver_is_client && !from_node && sent.netns != rr.netns)
+        .then(|| peer_lost_connection(rr, sent, invalid))
+}
+
 /// Both events concern the same pair of endpoints, in either direction.
 fn same_conn(a: &Event, b: &Event) -> bool {
     let ep = |e: &Endpoint| (e.ip, e.port);
@@ -1349,22 +1632,82 @@ const APPLICATION_ABORTS: [&str; 4] = [
     "TCP_DISCONNECT_WITH_DATA",
 ];
 
-/// The drop rule most likely to have dropped a segment to `port`: one
-/// whose counter moved that names the port, else one whose counter moved,
-/// else one that names the port.
-fn matching_rule(rules: &[DropRule], port: u16) -> Option<DropRule> {
-    let names_port = |r: &&DropRule| {
-        let p = port.to_string();
-        r.text.split(|c: char| !c.is_ascii_digit()).any(|w| w == p)
+/// The drop rule most likely to have dropped a segment to `dst`: the
+/// first that names its address and port, its port, or (counters may be
+/// from before the drop) whose counter moved; ties go to a moved counter.
+fn matching_rule(rules: &[DropRule], dst: &Endpoint) -> Option<DropRule> {
+    let words = |r: &DropRule| -> Vec<String> {
+        r.text
+            .split(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+            .map(|w| w.trim_matches(['.', ':']).to_string())
+            .collect()
     };
-    let counted = |r: &&DropRule| r.packets.is_some_and(|n| n > 0);
+    let (ip, port) = (dst.ip.to_string(), dst.port.to_string());
+    let score = |r: &DropRule| {
+        let w = words(r);
+        let names_ip = w.iter().any(|w| *w == ip);
+        let names_port = r
+            .text
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|w| w == port);
+        let counted = r.packets.is_some_and(|n| n > 0);
+        (u8::from(names_ip && names_port) * 4) + u8::from(names_port) * 2 + u8::from(counted)
+    };
     rules
         .iter()
-        .find(|r| counted(r) && names_port(r))
-        .or_else(|| rules.iter().find(counted))
-        .or_else(|| rules.iter().find(names_port))
-        .cloned()
+        .filter(|r| matches!(r.target(), Some(RuleTarget::Drop | RuleTarget::Reject)))
+        .map(|r| (score(r), r))
+        .filter(|(score, _)| *score > 0)
+        .rev()
+        .max_by_key(|(score, _)| *score)
+        .map(|(_, r)| r.clone())
 }
+
+/// The rule that rejected a connect to `dst` (`dropped_dst` after NAT):
+/// kube-proxy's rule for that Service port without endpoints, else a
+/// rejecting rule as [`matching_rule`] finds one.
+fn matching_reject_rule(
+    rules: &[DropRule],
+    dropped_dst: &Endpoint,
+    dst: &Endpoint,
+) -> Option<DropRule> {
+    let same = |e: &Endpoint, ip, port| e.ip == ip && e.port == port;
+    rules
+        .iter()
+        .find(|r| {
+            r.no_endpoints()
+                .is_some_and(|n| same(dropped_dst, n.ip, n.port) || same(dst, n.ip, n.port))
+        })
+        .cloned()
+        .or_else(|| {
+            let rejects: Vec<DropRule> = rules
+                .iter()
+                .filter(|r| r.target() == Some(RuleTarget::Reject) && r.no_endpoints().is_none())
+                .cloned()
+                .collect();
+            matching_rule(&rejects, dropped_dst)
+        })
+}
+
+/// Errors an ICMP message (or a missing route) raises on a connecting
+/// socket; a received reset's ECONNREFUSED is not reported as an error.
+fn is_icmp_error(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::ECONNREFUSED
+            | Errno::EHOSTUNREACH
+            | Errno::ENETUNREACH
+            | Errno::EACCES
+            | Errno::EPERM
+    )
+}
+
+/// SYN retransmits a netfilter drop's verdict waits for the rules of the
+/// namespace that dropped (read right after its first drop).
+const RULES_WAIT_RETRANSMITS: u32 = 3;
+
+/// How long a rejected connect's verdict waits for those rules.
+const REJECT_RULES_WAIT: Duration = Duration::from_secs(3);
 
 fn is_bare_syn(flags: Option<TcpFlags>) -> bool {
     flags.is_some_and(|f| f.contains(TcpFlags::SYN) && !f.contains(TcpFlags::ACK))
@@ -1433,7 +1776,8 @@ mod tests {
                 7,
             );
             ev.sock = Some(SockPtr(u64::from(i)));
-            ev.errno = Some(Errno::ECONNREFUSED);
+            ev.state = Some(TcpState::SynSent);
+            ev.errno = Some(Errno::EHOSTUNREACH);
             emitted += d.observe(&ev, &facts).verdicts.len();
             assert!(d.socks.len() <= 64 && d.aggs.len() <= 16, "at {i}");
         }

@@ -370,7 +370,7 @@ fn conntrack_invalid_reset_pair_confirmed_by_the_counter() {
     assert_eq!(
         causes(&v),
         vec![
-            (ConntrackInvalid, Likely, 1),
+            (ConntrackInvalid, Possible, 1),
             (ConntrackInvalid, Certain, 1)
         ]
     );
@@ -413,9 +413,10 @@ fn conntrack_invalid_reset_reported_before_its_cause() {
         ]
     );
     assert_eq!(v[1].evidence["reset_pair"], json!(true));
-    // Without the counter, the pair alone is likely.
+    // Without the counter, the pair alone is only possible: a peer that
+    // lost the connection resets it the same way.
     let v = run(facts(), invalid_pair(true));
-    assert_eq!(causes(&v), vec![(ConntrackInvalid, Likely, 1)]);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Possible, 1)]);
     assert_eq!(
         v[0].evidence["reset_sent_by"],
         json!("10.244.1.5:40000 (netns 10)")
@@ -457,7 +458,7 @@ fn conntrack_invalid_certain_at_once_when_the_segment_was_marked() {
     assert_eq!(
         causes(&v),
         vec![
-            (ConntrackInvalid, Likely, 1),
+            (ConntrackInvalid, Possible, 1),
             (ConntrackInvalid, Certain, 1)
         ]
     );
@@ -476,7 +477,7 @@ fn conntrack_invalid_certain_at_once_when_the_segment_was_marked() {
     ];
     steps.extend(invalid_pair(false));
     let v = run(facts(), steps);
-    assert_eq!(causes(&v), vec![(ConntrackInvalid, Likely, 1)]);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Possible, 1)]);
 }
 
 #[test]
@@ -795,6 +796,10 @@ fn refused_connect_is_only_connection_refused() {
             .sock(0x1005)
             .state(TcpState::SynSent)
             .flags(TcpFlags::SYN)),
+        // The server's kernel found no listener for the SYN.
+        Ev(ev(1_001, ResetSent, SERVER, B, s)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
         Ev(ev(1_001, ResetReceived, CLIENT, s, SVC)
             .sock(0x1005)
             .state(TcpState::SynSent)
@@ -816,15 +821,29 @@ fn refused_connect_is_only_connection_refused() {
         v[0].fix,
         "nothing accepts connections on 10.96.0.10:80: check that the server listens on port 80"
     );
-    // Refused without a reset event (errno only) is the same cause.
+    // Without the listener's reset (the server is not on this node) a
+    // firewall beyond it may have reset the connect: only possible.
+    let v = run(
+        facts(),
+        vec![Ev(ev(0, ResetReceived, CLIENT, s, SVC)
+            .sock(0x1006)
+            .state(TcpState::SynSent))],
+    );
+    assert_eq!(causes(&v), vec![(ConnectionRefused, Possible, 1)]);
+    assert_eq!(
+        v[0].evidence["checks"]["alternatives"],
+        json!(["firewall_reject"])
+    );
+    // ECONNREFUSED without a reset came from an ICMP error: not a refusal
+    // by a listener.
     let v = run(
         facts(),
         vec![Ev(ev(0, SocketError, CLIENT, s, SVC)
-            .sock(0x1006)
-            .state(TcpState::Close)
+            .sock(0x1007)
+            .state(TcpState::SynSent)
             .errno(Errno::ECONNREFUSED))],
     );
-    assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
+    assert_eq!(causes(&v), vec![(Unreachable, Likely, 1)]);
 }
 
 #[test]
@@ -844,8 +863,8 @@ fn refused_connects_never_flood() {
     assert_eq!(
         causes(&v),
         vec![
-            (ConnectionRefused, Certain, 1),
-            (ConnectionRefused, Certain, 100)
+            (ConnectionRefused, Possible, 1),
+            (ConnectionRefused, Possible, 100)
         ]
     );
 }
@@ -864,14 +883,14 @@ fn finish_reports_counts_not_yet_emitted() {
             .state(TcpState::SynSent);
         emitted.extend(d.observe(&e.0, &f).verdicts);
     }
-    assert_eq!(causes(&emitted), vec![(ConnectionRefused, Certain, 1)]);
-    let last = d.finish(at(100));
-    assert_eq!(causes(&last), vec![(ConnectionRefused, Certain, 5)]);
+    assert_eq!(causes(&emitted), vec![(ConnectionRefused, Possible, 1)]);
+    let last = d.finish(at(100), &facts());
+    assert_eq!(causes(&last), vec![(ConnectionRefused, Possible, 5)]);
     assert_eq!((last[0].first_seen, last[0].last_seen), (at(0), at(40)));
     // The first occurrence stays the example: summary and source agree.
     assert_eq!(last[0].src, ep("10.244.1.5:40000"));
     assert_eq!(last[0].summary, emitted[0].summary);
-    assert!(d.finish(at(200)).is_empty(), "reported once");
+    assert!(d.finish(at(200), &facts()).is_empty(), "reported once");
 }
 
 /// The kernel reuses a freed sock address for the next socket: a second
@@ -887,6 +906,9 @@ fn reused_sock_address_starts_a_new_connection() {
     .enumerate()
     {
         let t = i as u64 * 100;
+        steps.push(Ev(ev(t, ResetSent, SERVER, dst, src)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)));
         steps.push(Ev(ev(t, ResetReceived, CLIENT, src, dst)
             .sock(0xffff0001)
             .state(TcpState::SynSent)));
@@ -942,7 +964,7 @@ fn verdicts_serialize_with_stable_names() {
     assert_eq!(j["confidence"], json!("certain"));
     assert_eq!(j["identity_level"], json!("pod"));
     assert_eq!(j["time"], json!("2023-11-14T22:13:20.000000Z"));
-    for c in Cause::ALL {
+    for c in Cause::all() {
         assert_eq!(
             serde_json::to_value(c).expect("serialize"),
             json!(c.as_str())
@@ -1152,7 +1174,7 @@ fn counts_reach_the_live_sinks_at_once() {
         live_counts.extend(out.live.iter().map(|v| v.count));
     }
     // One record (the re-emission waits 10 s), the counts live at once.
-    assert_eq!(causes(&records), vec![(ConnectionRefused, Certain, 1)]);
+    assert_eq!(causes(&records), vec![(ConnectionRefused, Possible, 1)]);
     assert_eq!(live_counts, vec![2, 3]);
 }
 
@@ -1448,7 +1470,7 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
         folded.extend(d.repeats(e, 49, at(1_500)).verdicts);
     }
     folded.extend(d.tick(at(30_000), &f, &mut |_| {}).verdicts);
-    folded.extend(d.finish(at(31_000)));
+    folded.extend(d.finish(at(31_000), &facts()));
 
     let last = |v: &[Verdict]| {
         v.iter()
@@ -1477,11 +1499,340 @@ fn a_refusal_storm_seen_only_by_the_server_counts_each_reset_once() {
     // The counts arrive before the reset settled: they wait for it.
     out.extend(d.repeats(&first.0, 9, at(2_000)).verdicts);
     out.extend(d.tick(at(20_000), &f, &mut |_| {}).verdicts);
-    out.extend(d.finish(at(21_000)));
+    out.extend(d.finish(at(21_000), &facts()));
     let v = out
         .iter()
         .rfind(|v| v.cause == ConnectionRefused)
         .expect("refused");
     assert_eq!((v.count, v.resets), (10, 10));
     assert_eq!(v.netns, SERVER);
+}
+
+/// kube-proxy's iptables-mode rule for `default/web:http` (ClusterIP
+/// 10.96.0.10:80) while the Service has no endpoints, as it writes it.
+const NO_ENDPOINTS_RULE: &str = "-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable";
+
+fn node_rules(f: &mut NodeFacts, rules: &[(&str, u64)]) {
+    f.netns.get_mut(&NODE).expect("node facts").drop_rules = Some(
+        rules
+            .iter()
+            .map(|(text, packets)| DropRule {
+                text: (*text).into(),
+                packets: Some(*packets),
+            })
+            .collect(),
+    );
+}
+
+/// The client's SYN to `dst`, dropped by netfilter in the node.
+fn syn_dropped(ms: u64, src: &str, dst: &str, location: &str) -> Step {
+    Ev(ev(ms, Drop, NODE, src, dst)
+        .reason("NETFILTER_DROP")
+        .location(location)
+        .flags(TcpFlags::SYN))
+}
+
+fn connecting(ms: u64, sock: u64, src: &str, dst: &str) -> Step {
+    Ev(ev(ms, StateChange, CLIENT, src, dst)
+        .sock(sock)
+        .from(TcpState::Close)
+        .state(TcpState::SynSent))
+}
+
+fn syn_retransmit(ms: u64, sock: u64, src: &str, dst: &str) -> Step {
+    Ev(ev(ms, Retransmit, CLIENT, src, dst)
+        .sock(sock)
+        .state(TcpState::SynSent)
+        .flags(TcpFlags::SYN))
+}
+
+/// No verdict of `cause` at likely or certain.
+fn never_sure_of(v: &[Verdict], cause: Cause) {
+    assert!(
+        !v.iter().any(|v| v.cause == cause && v.confidence >= Likely),
+        "{cause:?} taken: {:#?}",
+        causes(v)
+    );
+}
+
+#[test]
+fn a_service_without_endpoints_is_named_from_kube_proxy_s_rule() {
+    let mut f = facts();
+    node_rules(&mut f, &[(NO_ENDPOINTS_RULE, 3)]);
+    // The ICMP port unreachable is soft in SYN_SENT: the client retries.
+    let steps = vec![
+        connecting(0, 0x5000, P, SVC),
+        syn_dropped(1, P, SVC, "nft_do_chain+0x46f"),
+        syn_retransmit(1_000, 0x5000, P, SVC),
+        syn_dropped(1_001, P, SVC, "nft_do_chain+0x46f"),
+        Tick(20_000),
+    ];
+    let v = run(f.clone(), steps);
+    assert_eq!(causes(&v), vec![(ServiceNoEndpoints, Certain, 1)]);
+    assert_eq!(v[0].evidence["service"], json!("default/web:http"));
+    assert_eq!(v[0].evidence["rule"], json!(NO_ENDPOINTS_RULE));
+    assert_eq!(
+        v[0].fix,
+        "Service default/web:http (10.96.0.10:80) has no ready endpoints, so kube-proxy rejects its connections: check its pods' readiness and its selector (kubectl get endpointslices -n default -l kubernetes.io/service-name=web)"
+    );
+    // The hard error (ECONNREFUSED, no reset anywhere) is the same cause.
+    let steps = vec![
+        connecting(0, 0x5001, P, SVC),
+        syn_dropped(1, P, SVC, "nft_do_chain+0x46f"),
+        Ev(ev(2, SocketError, CLIENT, P, SVC)
+            .sock(0x5001)
+            .state(TcpState::SynSent)
+            .errno(Errno::ECONNREFUSED)),
+        Tick(20_000),
+    ];
+    assert_eq!(
+        causes(&run(f.clone(), steps)),
+        vec![(ServiceNoEndpoints, Certain, 1)]
+    );
+    // nftables mode: an element of kube-proxy's no-endpoint-services map.
+    node_rules(
+        &mut f,
+        &[(
+            "ip kube-proxy no-endpoint-services: 10.96.0.10 . tcp . 80 comment \"default/web:http\" : goto reject-chain",
+            0,
+        )],
+    );
+    let steps = vec![
+        connecting(0, 0x5002, P, SVC),
+        syn_dropped(1, P, SVC, "nft_do_chain+0x46f"),
+        syn_retransmit(1_000, 0x5002, P, SVC),
+    ];
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(ServiceNoEndpoints, Certain, 1)]);
+    assert_eq!(v[0].evidence["service"], json!("default/web:http"));
+}
+
+#[test]
+fn a_firewall_s_reset_is_a_rejection_not_a_refusal() {
+    let mut f = facts();
+    let rule =
+        "-A FORWARD -d 10.244.2.9/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with tcp-reset";
+    // The rules of the node are read only after its first drop.
+    let steps = vec![
+        connecting(0, 0x5100, P, B),
+        syn_dropped(1, P, B, "nft_do_chain+0x46f"),
+        Ev(ev(2, ResetReceived, CLIENT, P, B)
+            .sock(0x5100)
+            .state(TcpState::SynSent)),
+        Facts(|f| {
+            node_rules(
+                f,
+                &[(
+                    "-A FORWARD -d 10.244.2.9/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with tcp-reset",
+                    1,
+                )],
+            );
+        }),
+        Tick(1_000),
+        Tick(20_000),
+    ];
+    let v = run(f.clone(), steps);
+    assert_eq!(causes(&v), vec![(FirewallReject, Certain, 1)]);
+    assert_eq!(v[0].evidence["rule"], json!(rule));
+    assert_eq!(v[0].evidence["rejected_in_netns"], json!(NODE));
+    assert_eq!(v[0].resets, 1, "its reset is accounted for");
+    never_sure_of(&v, ConnectionRefused);
+    // Look-alike: a listener's refusal (the server's kernel found no
+    // socket for the SYN; no netfilter drop) is not a rejection.
+    node_rules(&mut f, &[(rule, 1)]);
+    let steps = vec![
+        connecting(0, 0x5101, P, B),
+        Ev(ev(1, ResetSent, SERVER, B, P)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
+        Ev(ev(2, ResetReceived, CLIENT, P, B)
+            .sock(0x5101)
+            .state(TcpState::SynSent)),
+        Tick(20_000),
+    ];
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(ConnectionRefused, Certain, 1)]);
+    never_sure_of(&v, FirewallReject);
+}
+
+#[test]
+fn a_peer_that_lost_the_connection_is_not_conntrack_invalid() {
+    // No NAT: the client talks to the pod's address, whose new kernel
+    // (the pod was replaced, its IP reused) has no socket for it.
+    let steps = vec![
+        connecting(0, 0x5200, P, B),
+        Ev(ev(1, StateChange, CLIENT, P, B)
+            .sock(0x5200)
+            .from(TcpState::SynSent)
+            .state(TcpState::Established)),
+        Ev(ev(60_000, ResetSent, SERVER, B, P)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::ACK | TcpFlags::PSH)),
+        Ev(ev(60_001, ResetReceived, CLIENT, P, B)
+            .sock(0x5200)
+            .state(TcpState::Established)
+            .role(Role::Client)
+            .tcp(59_000, false, 7_200_000)),
+        Tick(80_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(PeerLostConnection, Certain, 1)]);
+    assert_eq!(v[0].evidence["reset_sent_by"], json!("pod default/server"));
+    never_sure_of(&v, ConntrackInvalid);
+    // Look-alike: seed 001's pair (the client's kernel resets a segment
+    // that escaped reverse NAT; the server receives it) stays
+    // conntrack_invalid, and not a lost peer.
+    let mut steps = vec![Tick(0), Facts(|f| node_ct(f).stats.invalid += 1), Tick(900)];
+    steps.extend(invalid_pair(false));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(ConntrackInvalid, Certain, 1)]);
+}
+
+const MASQUERADE: &str =
+    "-A POSTROUTING -s 10.244.0.0/16 -d 10.89.0.9/32 -p tcp -j MASQUERADE --to-ports 1000-1001";
+
+/// SYNs from the client to 10.89.0.9:80 dropped at the node's NAT, with
+/// the node's conntrack `count` entries.
+fn snat_steps(count: u64) -> Vec<Step> {
+    let dst = "10.89.0.9:80";
+    let mut steps = vec![
+        Tick(0),
+        connecting(0, 0x5300, P, dst),
+        syn_dropped(1, P, dst, "nf_hook_slow+0x9a"),
+    ];
+    steps.push(match count {
+        995 => Facts(|f| {
+            let ct = node_ct(f);
+            ct.count = 995;
+            ct.stats.drop += 1;
+        }),
+        _ => Facts(|f| {
+            let ct = node_ct(f);
+            ct.count = 4;
+            ct.stats.insert_failed += 1;
+            ct.stats.drop += 1;
+        }),
+    });
+    steps.extend([
+        Facts(|f| node_rules(f, &[(MASQUERADE, 40)])),
+        Tick(900),
+        syn_retransmit(1_000, 0x5300, P, dst),
+        syn_dropped(1_001, P, dst, "nf_hook_slow+0x9a"),
+        syn_retransmit(3_000, 0x5300, P, dst),
+        syn_dropped(3_001, P, dst, "nf_hook_slow+0x9a"),
+        Tick(20_000),
+    ]);
+    steps
+}
+
+#[test]
+fn a_source_nat_out_of_ports_is_not_a_full_table() {
+    let v = run(facts(), snat_steps(4));
+    assert_eq!(causes(&v), vec![(SnatPortExhaustion, Certain, 1)]);
+    let e = &v[0].evidence;
+    assert_eq!(e["snat_rule"], json!(MASQUERADE));
+    assert_eq!(e["snat_ports"], json!("1000-1001"));
+    assert_eq!(e["insert_failed_delta"], json!(1));
+    assert_eq!(
+        (e["ct_count"].clone(), e["ct_max"].clone()),
+        (json!(4), json!(1000))
+    );
+    assert!(v[0].fix.contains("--random-fully"), "{}", v[0].fix);
+    never_sure_of(&v, ConntrackTableFull);
+    never_sure_of(&v, NetfilterDrop);
+    // Look-alike: a table at its max drops SYNs through the same hook.
+    let v = run(facts(), snat_steps(995));
+    assert!(
+        v.iter()
+            .any(|v| v.cause == ConntrackTableFull && v.confidence == Certain),
+        "{:?}",
+        causes(&v)
+    );
+    never_sure_of(&v, SnatPortExhaustion);
+}
+
+#[test]
+fn a_path_mtu_black_hole_is_named_from_too_big_drops() {
+    let mut steps = connected(0x5400);
+    for (i, ms) in [1_000u64, 1_400, 2_200].into_iter().enumerate() {
+        steps.push(Ev(ev(ms - 1, Drop, NODE, P, SVC)
+            .reason("PKT_TOO_BIG")
+            .location("ip_forward+0x1f2")
+            .flags(TcpFlags::ACK | TcpFlags::PSH)));
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock(0x5400)
+            .state(TcpState::Established)
+            .tcp(200 * (i as u64 + 1), false, 7_200_000)));
+    }
+    steps.push(Tick(20_000));
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(PmtuBlackHole, Certain, 1)]);
+    assert_eq!(v[0].evidence["dropped"]["reason"], json!("PKT_TOO_BIG"));
+    assert!(v[0].fix.contains("MTU"), "{}", v[0].fix);
+    never_sure_of(&v, RetransmitStorm);
+    // Look-alike: the same retransmits without too-big drops are no
+    // path-MTU verdict.
+    let mut steps = connected(0x5401);
+    for ms in [1_000u64, 1_400, 2_200, 3_800, 7_000] {
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock(0x5401)
+            .state(TcpState::Established)
+            .tcp(100, false, 7_200_000)));
+    }
+    let v = run(facts(), steps);
+    never_sure_of(&v, PmtuBlackHole);
+}
+
+#[test]
+fn an_icmp_error_on_a_connect_is_unreachable_not_a_timeout() {
+    let steps = vec![
+        connecting(0, 0x5500, P, SVC),
+        Ev(ev(1, Drop, NODE, P, SVC)
+            .reason("IP_INNOROUTES")
+            .location("ip_error+0x94")
+            .flags(TcpFlags::SYN)),
+        syn_retransmit(1_000, 0x5500, P, SVC),
+        Ev(ev(1_001, SocketError, CLIENT, P, SVC)
+            .sock(0x5500)
+            .state(TcpState::SynSent)
+            .errno(Errno::ENETUNREACH)),
+        Ev(ev(1_001, StateChange, CLIENT, P, SVC)
+            .sock(0x5500)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
+        Tick(20_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(Unreachable, Certain, 1)]);
+    assert_eq!(v[0].evidence["errno"], json!("ENETUNREACH"));
+    assert!(v[0].fix.contains("no route to 10.96.0.10"), "{}", v[0].fix);
+    never_sure_of(&v, SynTimeout);
+}
+
+#[test]
+fn unexplained_lists_what_its_own_evidence_ruled_out() {
+    let mut steps = connected(0x5600);
+    steps.extend([
+        Ev(ev(5_000, ResetReceived, CLIENT, P, SVC)
+            .sock(0x5600)
+            .state(TcpState::Established)
+            .tcp(3_000, false, 7_200_000)),
+        Tick(30_000),
+    ]);
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(Unexplained, Possible, 1)]);
+    let ruled = &v[0].evidence["ruled_out"];
+    assert_eq!(
+        ruled["idle_timeout"],
+        json!("idle 3000 ms, within the 900 s IPVS timeout")
+    );
+    assert_eq!(
+        ruled["keepalive_race"],
+        json!("the peer sent no FIN before it")
+    );
+    assert_eq!(
+        ruled["netfilter_drop"],
+        json!("no packet of this connection was seen dropped")
+    );
+    assert_eq!(v[0].evidence["not_checked"], json!([]));
 }

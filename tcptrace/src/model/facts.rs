@@ -197,12 +197,107 @@ pub struct QueuedListener {
     pub comm: Option<String>,
 }
 
-/// A netfilter rule that drops or rejects packets, as `iptables-save -c`
-/// or `nft list ruleset` prints it, with its packet counter when it has one.
+/// A netfilter rule that drops, rejects or source-NATs packets, as
+/// `iptables-save -c` or `nft list ruleset` prints it, with its packet
+/// counter when it has one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DropRule {
     pub text: String,
     pub packets: Option<u64>,
+}
+
+/// What a rule does to the packets it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleTarget {
+    Drop,
+    /// Drops and answers (an ICMP error or a TCP reset).
+    Reject,
+    /// Rewrites the source address (MASQUERADE, SNAT).
+    Snat,
+}
+
+/// A Service port kube-proxy rejects because it has no endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoEndpoints {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `namespace/name:port`, as kube-proxy names it.
+    pub service: String,
+}
+
+impl DropRule {
+    pub fn target(&self) -> Option<RuleTarget> {
+        let t = &self.text;
+        let words: Vec<&str> = t.split_whitespace().collect();
+        let has = |w: &str| words.contains(&w);
+        if t.contains("-j MASQUERADE") || t.contains("-j SNAT") || has("masquerade") || has("snat")
+        {
+            Some(RuleTarget::Snat)
+        } else if t.contains("-j REJECT") || has("reject") || t.contains(": goto reject-chain") {
+            Some(RuleTarget::Reject)
+        } else if t.contains("-j DROP") || has("drop") {
+            Some(RuleTarget::Drop)
+        } else {
+            None
+        }
+    }
+
+    /// kube-proxy's rule for a Service port without endpoints: iptables
+    /// mode's `-d IP/32 ... --comment "ns/svc:port has no endpoints" ...
+    /// --dport PORT -j REJECT`, or an element of nftables mode's
+    /// `no-endpoint-services` map, `IP . tcp . PORT comment "ns/svc:port" :
+    /// goto reject-chain`.
+    pub fn no_endpoints(&self) -> Option<NoEndpoints> {
+        let t = &self.text;
+        if let Some(element) = t.split_once("no-endpoint-services: ").map(|(_, e)| e) {
+            let mut parts = element.split(" . ");
+            let ip = parts.next()?.trim().parse().ok()?;
+            if parts.next()?.trim() != "tcp" {
+                return None;
+            }
+            let rest = parts.next()?;
+            let port = rest.split_whitespace().next()?.parse().ok()?;
+            let service = quoted_after(rest, "comment ")?.to_string();
+            return Some(NoEndpoints { ip, port, service });
+        }
+        let comment = quoted_after(t, "--comment ")?;
+        let service = comment.strip_suffix(" has no endpoints")?.to_string();
+        if !t.contains("-j REJECT") || !t.contains("-p tcp") {
+            return None;
+        }
+        let ip = word_after(t, "-d ")?.trim_end_matches("/32").parse().ok()?;
+        let port = word_after(t, "--dport ")?.parse().ok()?;
+        Some(NoEndpoints { ip, port, service })
+    }
+
+    /// The source ports a MASQUERADE or SNAT rule maps to, when it names
+    /// them ("1000-1001").
+    pub fn snat_ports(&self) -> Option<&str> {
+        let t = &self.text;
+        if let Some(p) = word_after(t, "--to-ports ") {
+            return Some(p);
+        }
+        let to = word_after(t, "--to-source ").or_else(|| word_after(t, " to "))?;
+        to.rsplit_once(':')
+            .map(|(_, ports)| ports)
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Whether the NAT picks ports at random (`--random-fully`, `fully-random`).
+    pub fn random_fully(&self) -> bool {
+        self.text.contains("--random-fully") || self.text.contains("fully-random")
+    }
+}
+
+/// The word after `key` in `text`.
+fn word_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split_once(key)?.1.split_whitespace().next()
+}
+
+/// The double-quoted text after `key` in `text`.
+fn quoted_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let rest = text.split_once(key)?.1.strip_prefix('"')?;
+    rest.split_once('"').map(|(q, _)| q)
 }
 
 impl Default for NetnsFacts {

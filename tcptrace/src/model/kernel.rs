@@ -87,6 +87,10 @@ impl Errno {
     pub const EADDRINUSE: Errno = Errno(libc::EADDRINUSE);
     pub const EADDRNOTAVAIL: Errno = Errno(libc::EADDRNOTAVAIL);
     pub const ENOMEM: Errno = Errno(libc::ENOMEM);
+    pub const EHOSTUNREACH: Errno = Errno(libc::EHOSTUNREACH);
+    pub const ENETUNREACH: Errno = Errno(libc::ENETUNREACH);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EPERM: Errno = Errno(libc::EPERM);
 
     /// From a kernel return value or error field, whatever its sign.
     pub fn from_raw(value: i32) -> Self {

@@ -5,9 +5,25 @@ use serde::{Deserialize, Serialize};
 
 use super::{Endpoint, IdentityLevel, PodRef};
 
-/// Stable cause codes (documented in the schema and the README).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Stable cause codes (documented in the schema and the README), in the
+/// order of the README's table.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Cause {
     IdleTimeout,
     ConntrackInvalid,
@@ -16,6 +32,12 @@ pub enum Cause {
     BindConflict,
     NodeportCollision,
     ConnectionRefused,
+    ServiceNoEndpoints,
+    FirewallReject,
+    Unreachable,
+    SnatPortExhaustion,
+    PmtuBlackHole,
+    PeerLostConnection,
     SynTimeout,
     RetransmitStorm,
     KeepaliveRace,
@@ -29,45 +51,13 @@ pub enum Cause {
 
 impl Cause {
     /// Every cause, in the order of the README's table.
-    pub const ALL: [Cause; 16] = [
-        Cause::IdleTimeout,
-        Cause::ConntrackInvalid,
-        Cause::ConntrackTableFull,
-        Cause::PortExhaustion,
-        Cause::BindConflict,
-        Cause::NodeportCollision,
-        Cause::ConnectionRefused,
-        Cause::SynTimeout,
-        Cause::RetransmitStorm,
-        Cause::KeepaliveRace,
-        Cause::NetfilterDrop,
-        Cause::ApplicationAbort,
-        Cause::TcpStackDrop,
-        Cause::ListenOverflow,
-        Cause::SlowConnect,
-        Cause::Unexplained,
-    ];
+    pub fn all() -> impl Iterator<Item = Cause> {
+        <Cause as strum::IntoEnumIterator>::iter()
+    }
 
     /// The serialized cause code.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Cause::IdleTimeout => "idle_timeout",
-            Cause::ConntrackInvalid => "conntrack_invalid",
-            Cause::ConntrackTableFull => "conntrack_table_full",
-            Cause::PortExhaustion => "port_exhaustion",
-            Cause::BindConflict => "bind_conflict",
-            Cause::NodeportCollision => "nodeport_collision",
-            Cause::ConnectionRefused => "connection_refused",
-            Cause::SynTimeout => "syn_timeout",
-            Cause::RetransmitStorm => "retransmit_storm",
-            Cause::KeepaliveRace => "keepalive_race",
-            Cause::NetfilterDrop => "netfilter_drop",
-            Cause::ApplicationAbort => "application_abort",
-            Cause::TcpStackDrop => "tcp_stack_drop",
-            Cause::ListenOverflow => "listen_overflow",
-            Cause::SlowConnect => "slow_connect",
-            Cause::Unexplained => "unexplained",
-        }
+        self.into()
     }
 
     /// How bad an occurrence is: an application's own abort is not a
@@ -82,8 +72,22 @@ impl Cause {
 }
 
 /// What a verdict means for the connections it counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Severity {
     /// Connections failed (reset, refused, timed out).
     Failure,
@@ -95,16 +99,26 @@ pub enum Severity {
 
 impl Severity {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Failure => "failure",
-            Severity::Degraded => "degraded",
-            Severity::Benign => "benign",
-        }
+        self.into()
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Confidence {
     Possible,
     Likely,
@@ -160,10 +174,6 @@ pub struct Verdict {
 impl Confidence {
     /// The serialized confidence name.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Confidence::Possible => "possible",
-            Confidence::Likely => "likely",
-            Confidence::Certain => "certain",
-        }
+        self.into()
     }
 }

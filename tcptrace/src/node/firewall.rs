@@ -1,7 +1,8 @@
-//! The rules that drop or reject packets in a namespace, with their packet
-//! counters: `iptables-save -c`, `ip6tables-save -c` and `nft list
-//! ruleset`. Read for the namespaces where netfilter dropped a traced
-//! connection's packets, so a verdict can name the rule.
+//! The rules that drop, reject or source-NAT packets in a namespace, with
+//! their packet counters: `iptables-save -c`, `ip6tables-save -c` and `nft
+//! list ruleset` (kube-proxy's nftables-mode `no-endpoint-services` map
+//! elements included). Read for the namespaces where netfilter dropped a
+//! traced connection's packets, so a verdict can name the rule.
 use std::path::Path;
 
 use super::netns::run_in;
@@ -39,9 +40,11 @@ pub fn parse_iptables_save(text: &str) -> Vec<DropRule> {
                 }
                 None => (None, line),
             };
-            let drops =
-                rule.starts_with("-A ") && (rule.contains("-j DROP") || rule.contains("-j REJECT"));
-            drops.then(|| DropRule {
+            let kept = rule.starts_with("-A ")
+                && ["-j DROP", "-j REJECT", "-j MASQUERADE", "-j SNAT"]
+                    .iter()
+                    .any(|t| rule.contains(t));
+            kept.then(|| DropRule {
                 text: rule.to_string(),
                 packets,
             })
@@ -49,23 +52,52 @@ pub fn parse_iptables_save(text: &str) -> Vec<DropRule> {
         .collect()
 }
 
-/// Rules of `nft list ruleset` whose verdict is drop or reject, with the
-/// chain they are in: `ip filter INPUT: ip saddr 10.244.1.5 tcp dport 8080
-/// counter packets 3 bytes 180 drop`.
+/// Rules of `nft list ruleset` whose verdict is drop or reject, or that
+/// masquerade or SNAT, with the chain they are in: `ip filter INPUT: ip
+/// saddr 10.244.1.5 tcp dport 8080 counter packets 3 bytes 180 drop`; and
+/// the elements of kube-proxy's `no-endpoint-services` map, one rule each:
+/// `ip kube-proxy no-endpoint-services: 10.96.0.10 . tcp . 80 comment
+/// "default/web:http" : goto reject-chain`.
 pub fn parse_nft(text: &str) -> Vec<DropRule> {
     let mut table = String::new();
     let mut chain = String::new();
+    let mut in_no_endpoints = false;
     let mut out = Vec::new();
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("table ") {
             table = rest.trim_end_matches('{').trim().to_string();
         } else if let Some(rest) = line.strip_prefix("chain ") {
             chain = rest.trim_end_matches('{').trim().to_string();
+        } else if let Some(rest) = line.strip_prefix("map ") {
+            in_no_endpoints = rest.trim_end_matches('{').trim() == NO_ENDPOINT_MAP;
+        } else if in_no_endpoints {
+            if line == "}" {
+                in_no_endpoints = false;
+                continue;
+            }
+            let Some(elements) = line.strip_prefix("elements = {").or_else(|| {
+                (!line.contains(" verdict") && !line.starts_with("comment ")).then_some(line)
+            }) else {
+                continue;
+            };
+            for element in elements
+                .split(',')
+                .map(|e| e.trim().trim_end_matches('}').trim())
+                .filter(|e| e.contains(" : "))
+            {
+                out.push(DropRule {
+                    text: format!("{table} {NO_ENDPOINT_MAP}: {element}"),
+                    packets: None,
+                });
+            }
         } else {
-            let verdict = line
+            let words: Vec<&str> = line
                 .split_whitespace()
                 .filter(|w| !w.starts_with('"'))
-                .any(|w| w == "drop" || w == "reject");
+                .collect();
+            let verdict = words
+                .iter()
+                .any(|w| matches!(*w, "drop" | "reject" | "masquerade" | "snat"));
             if verdict && !line.starts_with("type ") && !line.contains("policy ") {
                 let packets = line
                     .split_once("counter packets ")
@@ -79,6 +111,9 @@ pub fn parse_nft(text: &str) -> Vec<DropRule> {
     }
     out
 }
+
+/// kube-proxy's nftables map of Service ports without endpoints.
+const NO_ENDPOINT_MAP: &str = "no-endpoint-services";
 
 #[cfg(test)]
 mod tests {
