@@ -176,6 +176,95 @@ fn connection_refused_through_a_service() {
 }
 
 #[test]
+fn a_service_without_endpoints_is_named_from_kube_proxy_s_reject_rule() {
+    let rs = run("service_no_endpoints");
+    let r = case(&rs, "rejected");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::ServiceNoEndpoints);
+    assert_eq!(v.confidence, tcptrace::model::Confidence::Certain);
+    assert_eq!(ev(v, "service"), "lab/empty:http");
+    assert_eq!(v.dst.to_string(), "10.96.0.31:80");
+    assert!(
+        ev(v, "rule")
+            .as_str()
+            .is_some_and(|r| r.contains("has no endpoints") && r.contains("REJECT")),
+        "{v:#?}"
+    );
+    let o = r.outcome.as_ref().expect("outcome");
+    assert!(
+        !o.verdicts.iter().any(|v| matches!(
+            v.cause,
+            Cause::ConnectionRefused | Cause::NetfilterDrop | Cause::SynTimeout
+        )),
+        "{:#?}",
+        o.verdicts
+    );
+    assert_control(
+        case(&rs, "control_with_endpoints"),
+        Cause::ServiceNoEndpoints,
+    );
+}
+
+#[test]
+fn a_firewall_s_rejection_is_not_a_refusal() {
+    let rs = run("firewall_reject");
+    for name in ["tcp_reset", "icmp_prohibited"] {
+        let r = case(&rs, name);
+        let v = verdict(r);
+        assert_eq!(v.cause, Cause::FirewallReject, "{name}");
+        assert_eq!(v.confidence, tcptrace::model::Confidence::Certain, "{v:#?}");
+        let rule = ev(v, "rule").as_str().expect("the rule");
+        assert!(rule.contains("REJECT") && rule.contains("8080"), "{rule}");
+        let o = r.outcome.as_ref().expect("outcome");
+        assert!(
+            !o.verdicts
+                .iter()
+                .any(|v| v.cause == Cause::ConnectionRefused),
+            "{name}: {:#?}",
+            o.verdicts
+        );
+    }
+    assert_control(case(&rs, "control_other_source"), Cause::FirewallReject);
+}
+
+#[test]
+fn a_source_nat_out_of_ports_is_not_a_full_conntrack_table() {
+    let rs = run("snat_port_exhaustion");
+    let r = case(&rs, "two_ports");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::SnatPortExhaustion);
+    assert_eq!(ev(v, "snat_ports"), "1000-1001");
+    assert!(
+        ev(v, "snat_rule")
+            .as_str()
+            .is_some_and(|r| r.contains("MASQUERADE")),
+        "{v:#?}"
+    );
+    let o = r.outcome.as_ref().expect("outcome");
+    assert!(
+        !o.verdicts.iter().any(|v| matches!(
+            v.cause,
+            Cause::ConntrackTableFull | Cause::NetfilterDrop | Cause::SynTimeout
+        )),
+        "{:#?}",
+        o.verdicts
+    );
+    assert_control(case(&rs, "control_wide_range"), Cause::SnatPortExhaustion);
+}
+
+#[test]
+fn a_path_mtu_black_hole_and_working_path_mtu_discovery() {
+    let rs = run("pmtu_black_hole");
+    let r = case(&rs, "icmp_dropped");
+    let v = verdict(r);
+    assert_eq!(v.cause, Cause::PmtuBlackHole);
+    assert_eq!(v.confidence, tcptrace::model::Confidence::Certain);
+    assert_eq!(v.evidence["dropped"]["reason"], "PKT_TOO_BIG");
+    assert!(v.fix.contains("MTU"), "{}", v.fix);
+    assert_control(case(&rs, "control_icmp_passes"), Cause::PmtuBlackHole);
+}
+
+#[test]
 fn syn_timeout_when_nothing_answers_and_no_rule_drops() {
     let rs = run("syn_timeout");
     let v = verdict(case(&rs, "unanswered"));

@@ -265,6 +265,60 @@ pub fn all() -> Vec<Case> {
             No(ConnectionRefused),
             refused_control,
         ),
+        c(
+            "service_no_endpoints",
+            "rejected",
+            Yes(ServiceNoEndpoints),
+            no_endpoints,
+        ),
+        c(
+            "service_no_endpoints",
+            "control_with_endpoints",
+            No(ServiceNoEndpoints),
+            no_endpoints_control,
+        ),
+        c(
+            "firewall_reject",
+            "tcp_reset",
+            Yes(FirewallReject),
+            reject_tcp_reset,
+        ),
+        c(
+            "firewall_reject",
+            "icmp_prohibited",
+            Yes(FirewallReject),
+            reject_icmp,
+        ),
+        c(
+            "firewall_reject",
+            "control_other_source",
+            No(FirewallReject),
+            reject_control,
+        ),
+        c(
+            "snat_port_exhaustion",
+            "two_ports",
+            Yes(SnatPortExhaustion),
+            snat_two_ports,
+        ),
+        c(
+            "snat_port_exhaustion",
+            "control_wide_range",
+            No(SnatPortExhaustion),
+            snat_control,
+        ),
+        c(
+            "pmtu_black_hole",
+            "icmp_dropped",
+            Yes(PmtuBlackHole),
+            pmtu_icmp_dropped,
+        ),
+        c(
+            "pmtu_black_hole",
+            "control_icmp_passes",
+            No(PmtuBlackHole),
+            pmtu_control,
+        ),
         c("syn_timeout", "unanswered", Yes(SynTimeout), syn_timeout),
         c(
             "syn_timeout",
@@ -677,9 +731,23 @@ fn connect_case(
     setup: &dyn Fn(&Lab) -> Result<()>,
     expect: Option<Cause>,
 ) -> Result<Outcome> {
+    let dst = SocketAddr::from((cluster_ip(30), 80));
+    connect_to_case(obs, dst, Some("web"), target_port, filter, setup, expect)
+}
+
+/// A connect from the client pod to `dst` (a Service named `service`)
+/// through the node, whose kube-proxy-style rules are `filter`.
+fn connect_to_case(
+    obs: &mut Observer,
+    dst: SocketAddr,
+    service: Option<&str>,
+    target_port: u16,
+    filter: &[&str],
+    setup: &dyn Fn(&Lab) -> Result<()>,
+    expect: Option<Cause>,
+) -> Result<Outcome> {
     let (lab, _l) = service_lab(target_port, filter, setup)?;
     let client = lab.get(CLIENT)?;
-    let dst = SocketAddr::from((cluster_ip(30), 80));
     let mut w = obs.watch(&lab);
     // Long enough for the first SYN retransmit (1 s) even on a busy machine.
     let r = connect_from(
@@ -689,7 +757,7 @@ fn connect_case(
         Duration::from_millis(2500),
     )?;
     let subject = Subject::pod(client)
-        .to(dst, Some("web"))
+        .to(dst, service)
         .num("errno", errno_of(&r));
     let note = format!("connect {}", describe(&r));
     match expect {
@@ -713,6 +781,247 @@ fn refused(obs: &mut Observer) -> Result<Outcome> {
 
 fn refused_control(obs: &mut Observer) -> Result<Outcome> {
     connect_case(obs, 8080, &[], &nothing, None)
+}
+
+// ---- service_no_endpoints and firewall_reject ---------------------------
+
+/// kube-proxy's iptables-mode filter rules for `lab/empty:http`, a Service
+/// without endpoints at ClusterIP .31 (as pkg/proxy/iptables writes them:
+/// KUBE-SERVICES jumped to for new connections, a REJECT per port).
+const NO_ENDPOINTS_RULES: [&str; 3] = [
+    ":KUBE-SERVICES - [0:0]",
+    "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+    "-A KUBE-SERVICES -d 10.96.0.31/32 -p tcp -m comment --comment \"lab/empty:http has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable",
+];
+
+/// Routes the ClusterIP range through the node as iptables mode does (a
+/// node has a default route; the lab's node has them local, as IPVS mode).
+fn route_cluster_ips(lab: &Lab) -> Result<()> {
+    let client = lab.get(CLIENT)?;
+    let route = lab.node_exec(&["ip", "route", "get", &client.ip.to_string()])?;
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .ok_or_else(|| anyhow!("no device in {route:?}"))?;
+    // Not local to the node as on an IPVS node: forwarded, as iptables
+    // mode's ClusterIPs are.
+    lab.node_exec(&[
+        "ip",
+        "route",
+        "del",
+        "local",
+        "10.96.0.0/16",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ])?;
+    lab.node_exec(&["ip", "route", "add", "10.96.0.0/16", "dev", dev])
+        .map(|_| ())
+}
+
+fn no_endpoints(obs: &mut Observer) -> Result<Outcome> {
+    connect_to_case(
+        obs,
+        SocketAddr::from((cluster_ip(31), 80)),
+        None,
+        8080,
+        &NO_ENDPOINTS_RULES,
+        &route_cluster_ips,
+        Some(Cause::ServiceNoEndpoints),
+    )
+}
+
+fn no_endpoints_control(obs: &mut Observer) -> Result<Outcome> {
+    // The same rules; the Service connected to has its endpoint.
+    connect_case(obs, 8080, &NO_ENDPOINTS_RULES, &route_cluster_ips, None)
+}
+
+fn reject_tcp_reset(obs: &mut Observer) -> Result<Outcome> {
+    // A policy on the node rejects the backend's port with a reset while
+    // the server listens.
+    connect_case(
+        obs,
+        8080,
+        &[
+            "-A FORWARD -d 10.244.2.2/32 -p tcp -m tcp --dport 8080 -m comment --comment \"lab policy: reject\" -j REJECT --reject-with tcp-reset",
+        ],
+        &nothing,
+        Some(Cause::FirewallReject),
+    )
+}
+
+fn reject_icmp(obs: &mut Observer) -> Result<Outcome> {
+    connect_case(
+        obs,
+        8080,
+        &[
+            "-A FORWARD -d 10.244.2.2/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with icmp-host-prohibited",
+        ],
+        &nothing,
+        Some(Cause::FirewallReject),
+    )
+}
+
+fn reject_control(obs: &mut Observer) -> Result<Outcome> {
+    // The rule names another source: the client gets through.
+    connect_case(
+        obs,
+        8080,
+        &[
+            "-A FORWARD -s 10.244.9.9/32 -d 10.244.2.2/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with tcp-reset",
+        ],
+        &nothing,
+        None,
+    )
+}
+
+// ---- snat_port_exhaustion ---------------------------------------------
+
+/// Connections the client holds to the Service before the one that needs
+/// a third source port.
+const SNAT_HELD: usize = 2;
+
+/// The node masquerades connections to the backend to `ports` source
+/// ports; the client holds two connections and opens a third.
+fn snat_case(obs: &mut Observer, ports: &'static str, expect: Option<Cause>) -> Result<Outcome> {
+    let (lab, l) = service_lab(8080, &[], &move |lab| {
+        lab.node_exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-d",
+            "10.244.2.2/32",
+            "-p",
+            "tcp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            ports,
+        ])
+        .map(|_| ())
+    })?;
+    let client = lab.get(CLIENT)?;
+    let dst = SocketAddr::from((cluster_ip(30), 80));
+    let mut held = Vec::new();
+    for _ in 0..SNAT_HELD {
+        let c = connect_from(&client.netns_name, "lab-snat", dst, IO_TIMEOUT)?
+            .context("holding a connection through the NAT")?;
+        held.push((c, accept(&l)?));
+    }
+    let mut w = obs.watch(&lab);
+    let r = connect_from(
+        &client.netns_name,
+        "lab-snat",
+        dst,
+        Duration::from_millis(2500),
+    )?;
+    let subject = Subject::pod(client)
+        .to(dst, Some("web"))
+        .num("errno", errno_of(&r));
+    let note = format!("third connect {}", describe(&r));
+    match expect {
+        Some(c) => {
+            w.wait(VERDICT_WAIT, |w| w.has(c, client.netns));
+        }
+        None => {
+            if r.is_err() {
+                bail!("{note}: the control itself failed");
+            }
+            w.settle(QUIET);
+        }
+    }
+    for (c, s) in held {
+        abort(c);
+        abort(s);
+    }
+    Ok(outcome(&w, subject, note))
+}
+
+fn snat_two_ports(obs: &mut Observer) -> Result<Outcome> {
+    snat_case(obs, "1000-1001", Some(Cause::SnatPortExhaustion))
+}
+
+fn snat_control(obs: &mut Observer) -> Result<Outcome> {
+    snat_case(obs, "1000-1009", None)
+}
+
+// ---- pmtu_black_hole --------------------------------------------------
+
+/// The MTU of the node's link to the server, below the pods' 1500.
+const SMALL_MTU: &str = "1200";
+/// What the client sends: many full-size segments.
+const BULK: usize = 64 * 1024;
+
+/// The node's link to the server has a smaller MTU; with `icmp_dropped`
+/// the node's "fragmentation needed" never leaves it.
+fn pmtu_case(obs: &mut Observer, icmp_dropped: bool) -> Result<Outcome> {
+    let (lab, l) = service_lab(8080, &[], &nothing)?;
+    let server = lab.get(SERVER)?;
+    let route = lab.node_exec(&["ip", "route", "get", &server.ip.to_string()])?;
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .ok_or_else(|| anyhow!("no device in {route:?}"))?
+        .to_string();
+    lab.node_exec(&["ip", "link", "set", "dev", &dev, "mtu", SMALL_MTU])?;
+    if icmp_dropped {
+        lab.node_exec(&[
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "icmp",
+            "--icmp-type",
+            "fragmentation-needed",
+            "-j",
+            "DROP",
+        ])?;
+    }
+    let client = lab.get(CLIENT)?;
+    let dst = SocketAddr::from((cluster_ip(30), 80));
+    let c = connect_from(&client.netns_name, "lab-pmtu", dst, IO_TIMEOUT)?
+        .context("connecting through the small link")?;
+    let s = accept(&l)?;
+    let mut w = obs.watch(&lab);
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    let sent = (&c).write_all(&[b'x'; BULK]);
+    let mut got = vec![0u8; BULK];
+    s.set_read_timeout(Some(Duration::from_millis(if icmp_dropped {
+        300
+    } else {
+        3000
+    })))?;
+    let read = (&s).read_exact(&mut got);
+    let subject = Subject::pod(client).to(dst, Some("web"));
+    let note = format!(
+        "write {}; the server's read {}",
+        describe(&sent),
+        describe(&read)
+    );
+    if icmp_dropped {
+        w.wait(VERDICT_WAIT, |w| w.has(Cause::PmtuBlackHole, client.netns));
+    } else {
+        if read.is_err() {
+            bail!("{note}: the control itself failed");
+        }
+        w.settle(QUIET);
+    }
+    abort(c);
+    abort(s);
+    Ok(outcome(&w, subject, note))
+}
+
+fn pmtu_icmp_dropped(obs: &mut Observer) -> Result<Outcome> {
+    pmtu_case(obs, true)
+}
+
+fn pmtu_control(obs: &mut Observer) -> Result<Outcome> {
+    pmtu_case(obs, false)
 }
 
 fn syn_timeout(obs: &mut Observer) -> Result<Outcome> {

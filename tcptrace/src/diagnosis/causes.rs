@@ -1192,9 +1192,9 @@ pub(super) fn listen_overflow(
 pub(super) enum Refusal {
     Reset,
     Icmp(Errno),
-    /// The answer did not end the connect (an ICMP error in SYN_SENT is
-    /// soft): the client retransmitted its SYN.
-    Retransmitted,
+    /// The client did not report the answer (an ICMP error in SYN_SENT
+    /// can be soft: it retransmitted, or its connect ended otherwise).
+    Unseen,
 }
 
 impl Refusal {
@@ -1203,7 +1203,7 @@ impl Refusal {
         match self {
             Refusal::Reset => " with a reset".into(),
             Refusal::Icmp(e) => format!(" with an ICMP error ({e})"),
-            Refusal::Retransmitted => String::new(),
+            Refusal::Unseen => String::new(),
         }
     }
 }
@@ -1237,7 +1237,7 @@ pub(super) fn rejected(
         "answer": match how {
             Refusal::Reset => "reset".to_string(),
             Refusal::Icmp(e) => e.to_string(),
-            Refusal::Retransmitted => "none seen by the client".to_string(),
+            Refusal::Unseen => "none seen by the client".to_string(),
         },
         "rule": drop.rule.as_ref().map(|r| r.text.clone()),
         "rule_packets": drop.rule.as_ref().and_then(|r| r.packets),

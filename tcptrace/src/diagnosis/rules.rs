@@ -114,6 +114,9 @@ pub struct Diagnoser {
     /// Connects a netfilter rule rejected, waiting for the rules of the
     /// namespace that dropped their SYN to be read.
     rejections: VecDeque<(Event, Refusal, SystemTime)>,
+    /// SYNs netfilter dropped, by time: a source NAT rewrote some of them
+    /// before they died, so only the time ties them to their connection.
+    syn_drops: VecDeque<Event>,
 }
 
 /// What feeding the diagnoser produced.
@@ -137,6 +140,10 @@ struct SockState {
     /// first one (the idle time before the failure).
     streak: u32,
     streak_start: Option<TcpDetail>,
+    /// When the current streak's first retransmit was.
+    streak_first_at: Option<SystemTime>,
+    /// When its last SYN retransmit left.
+    last_syn_at: Option<SystemTime>,
     recent_retrans: VecDeque<SystemTime>,
     storm_flagged: bool,
     /// Set once a cause explained this connection; later events of it only
@@ -600,10 +607,17 @@ impl Diagnoser {
                 }
                 if ev.old_state == Some(TcpState::SynSent)
                     && state == Some(TcpState::Close)
-                    && s.syn_retrans > 0
                     && s.concluded.is_none()
                 {
-                    return self.syn_failed(&key, ev, facts);
+                    if s.syn_retrans > 0 {
+                        return self.syn_failed(&key, ev, facts);
+                    }
+                    // Closed at once, its SYN dropped by netfilter: an
+                    // answer the client did not report (a hard ICMP error
+                    // without its error report, or its own quick timeout).
+                    if self.rejecting_drop(ends, ev.time).is_some() {
+                        return self.refused(&key, ev, facts, Refusal::Unseen);
+                    }
                 }
                 vec![]
             }
@@ -612,10 +626,11 @@ impl Diagnoser {
                 s.syn_sent = true;
                 s.syn_retrans += 1;
                 let retrans = s.syn_retrans;
+                let prev_syn = s.last_syn_at.replace(ev.time);
                 if s.concluded.is_some() {
                     return vec![];
                 }
-                if let Some(c) = self.dropped_by_firewall(ev, ends, retrans, facts) {
+                if let Some(c) = self.dropped_by_firewall(ev, ends, retrans, facts, prev_syn) {
                     self.conclude(&key, &c);
                     return vec![c];
                 }
@@ -642,8 +657,8 @@ impl Diagnoser {
                 if !concluded
                     && !idle_path
                     && let Some(c) = self
-                        .too_big(ends, ev, streak)
-                        .or_else(|| self.dropped_by_firewall(ev, ends, streak, facts))
+                        .too_big(&key, ends, ev, streak)
+                        .or_else(|| self.dropped_by_firewall(ev, ends, streak, facts, None))
                 {
                     self.conclude(&key, &c);
                     return vec![c];
@@ -709,6 +724,10 @@ impl Diagnoser {
                 self.tcp_stack_drop(&key, ev)
             }
             EventKind::Drop => {
+                if ev.reason.as_deref() == Some("NETFILTER_DROP") && is_bare_syn(ev.tcp_flags) {
+                    prune(&mut self.syn_drops, ev.time, self.cfg.correlation_window);
+                    push_bounded(&mut self.syn_drops, ev.clone());
+                }
                 let full = self.netfilter_drop(ev, facts);
                 // A full conntrack table drops through netfilter too.
                 if full.is_empty() {
@@ -820,7 +839,7 @@ impl Diagnoser {
                 connection_refused(ev, listener)
             }
             Refusal::Icmp(errno) => unreachable(ev, errno, self.path_drop(ends, ev.time)),
-            Refusal::Retransmitted => return vec![],
+            Refusal::Unseen => return vec![],
         };
         self.note_storm_first(ev, &c);
         self.conclude(key, &c);
@@ -836,14 +855,48 @@ impl Diagnoser {
             .rejecting_drop(ends, ev.time)
             .cloned()
             .unwrap_or_else(|| PathDrop::unknown(ev));
-        drop.rule = facts
+        let rules = facts
             .netns
             .get(&drop.netns)
             .and_then(|f| f.drop_rules.as_deref())
-            .and_then(|rules| matching_reject_rule(rules, &drop.dst, &ev.dst));
-        let c = rejected(ev, &drop, how, listener);
+            .unwrap_or_default();
+        drop.rule = matching_reject_rule(rules, &drop.dst, &ev.dst);
+        let c = if drop.rule.is_none() && how == Refusal::Unseen {
+            // Nothing came back that the client reported, and no rule
+            // rejects: its SYN was dropped.
+            drop.rule = matching_rule(rules, &drop.dst);
+            netfilter_drop(ev, &drop, 0)
+        } else {
+            rejected(ev, &drop, how, listener)
+        };
         self.note_storm_first(ev, &c);
         c
+    }
+
+    /// The first SYN netfilter dropped in the node of `ev`'s namespace
+    /// within moments of `sent` (the same softirq carries a SYN from the
+    /// pod to its drop), whatever its addresses after NAT.
+    fn syn_drop_after(&self, sent: SystemTime, ev: &Event, facts: &NodeFacts) -> Option<PathDrop> {
+        let node = facts.node_for(ev.netns);
+        let d = self.syn_drops.iter().find(|d| {
+            d.time >= sent
+                && elapsed(sent, d.time) <= NAT_DROP_LATENCY
+                && node.is_none_or(|n| n == d.netns)
+                && d.netns != ev.netns
+        })?;
+        Some(PathDrop {
+            reason: "NETFILTER_DROP".into(),
+            netns: d.netns,
+            place: d
+                .pod
+                .as_ref()
+                .map(|p| format!("pod {}/{}", p.namespace, p.name))
+                .or_else(|| d.netns_name.as_ref().map(|n| format!("netns {n}"))),
+            location: d.location.clone(),
+            drops: 1,
+            dst: d.dst.clone(),
+            rule: None,
+        })
     }
 
     /// A netfilter drop of this connection's packets near `time`.
@@ -881,11 +934,24 @@ impl Diagnoser {
     }
 
     /// Segments of this connection dropped on the path as too big for a
-    /// link, near this retransmit.
-    fn too_big(&self, ends: Ends, ev: &Event, retransmits: u32) -> Option<Candidate> {
-        let drop = self
-            .path_drop(ends, ev.time)
-            .filter(|d| d.reason == "PKT_TOO_BIG")?;
+    /// link, also after its streak's first retransmit: the retransmits
+    /// kept the size (an ICMP "fragmentation needed" that arrived would
+    /// have shrunk them, and no drop would follow).
+    fn too_big(
+        &self,
+        key: &SockKey,
+        ends: Ends,
+        ev: &Event,
+        retransmits: u32,
+    ) -> Option<Candidate> {
+        let first = self.socks.get(key)?.streak_first_at?;
+        let (at, drop) = self.path_drops.get(&ends.client)?;
+        if drop.reason != "PKT_TOO_BIG"
+            || *at <= first
+            || !within(*at, ev.time, self.cfg.correlation_window)
+        {
+            return None;
+        }
         Some(pmtu_black_hole(ev, drop, retransmits))
     }
 
@@ -905,7 +971,17 @@ impl Diagnoser {
             table_full_syn(ev, full, retrans)
         } else {
             let ends = Ends::of(ev, Some(facts));
-            syn_timeout(ev, retrans, self.path_drop(ends, ev.time))
+            let prev_syn = self.socks.get(key).and_then(|s| s.last_syn_at);
+            match self.dropped_by_firewall(
+                ev,
+                ends,
+                retrans.max(RULES_WAIT_RETRANSMITS),
+                facts,
+                prev_syn,
+            ) {
+                Some(c) => c,
+                None => syn_timeout(ev, retrans, self.path_drop(ends, ev.time)),
+            }
         };
         self.conclude(key, &c);
         vec![c]
@@ -925,6 +1001,7 @@ impl Diagnoser {
         if restart {
             s.streak = 0;
             s.streak_start = ev.tcp.clone();
+            s.streak_first_at = Some(ev.time);
         }
         s.streak += 1;
         s.recent_retrans.push_back(ev.time);
@@ -1211,18 +1288,20 @@ impl Diagnoser {
     /// a dropping rule, by a rejecting one whose answer did not end the
     /// connect, or (no rule) by a source NAT out of ports. Waits for the
     /// namespace's rules for a few retransmits.
+    /// `syn_at`: when the connection's last SYN left, to find its drop by
+    /// time when a source NAT rewrote it.
     fn dropped_by_firewall(
         &mut self,
         ev: &Event,
         ends: Ends,
         retransmits: u32,
         facts: &NodeFacts,
+        syn_at: Option<SystemTime>,
     ) -> Option<Candidate> {
-        let (at, drop) = self.path_drops.get(&ends.client)?;
-        if drop.reason != "NETFILTER_DROP" || !within(*at, ev.time, self.cfg.correlation_window) {
-            return None;
-        }
-        let mut drop = drop.clone();
+        let mut drop = match self.rejecting_drop(ends, ev.time) {
+            Some(d) => d.clone(),
+            None => self.syn_drop_after(syn_at?, ev, facts)?,
+        };
         let ns = facts.netns.get(&drop.netns);
         let rules = ns.and_then(|f| f.drop_rules.as_deref());
         if rules.is_none() && retransmits < RULES_WAIT_RETRANSMITS {
@@ -1234,7 +1313,7 @@ impl Diagnoser {
         {
             drop.rule = Some(reject);
             let listener = self.listener_reset(ends, ev.time);
-            return Some(rejected(ev, &drop, Refusal::Retransmitted, listener));
+            return Some(rejected(ev, &drop, Refusal::Unseen, listener));
         }
         drop.rule = matching_rule(rules, &drop.dst);
         let snat = rules.iter().find(|r| r.target() == Some(RuleTarget::Snat));
@@ -1510,6 +1589,7 @@ impl Diagnoser {
         prune(&mut self.resets_sent, now, window);
         prune(&mut self.resets_awaiting_pair, now, window);
         prune(&mut self.invalid_marks, now, window);
+        prune(&mut self.syn_drops, now, window);
         self.pairs_awaiting_counter
             .retain(|(rr, _)| within(rr.time, now, window));
         self.full_table_drops
@@ -1645,7 +1725,7 @@ fn matching_rule(rules: &[DropRule], dst: &Endpoint) -> Option<DropRule> {
     let (ip, port) = (dst.ip.to_string(), dst.port.to_string());
     let score = |r: &DropRule| {
         let w = words(r);
-        let names_ip = w.iter().any(|w| *w == ip);
+        let names_ip = w.contains(&ip);
         let names_port = r
             .text
             .split(|c: char| !c.is_ascii_digit())
@@ -1705,6 +1785,9 @@ fn is_icmp_error(e: Errno) -> bool {
 /// SYN retransmits a netfilter drop's verdict waits for the rules of the
 /// namespace that dropped (read right after its first drop).
 const RULES_WAIT_RETRANSMITS: u32 = 3;
+
+/// How long after a SYN leaves its pod a NAT drop of it is seen.
+const NAT_DROP_LATENCY: Duration = Duration::from_millis(50);
 
 /// How long a rejected connect's verdict waits for those rules.
 const REJECT_RULES_WAIT: Duration = Duration::from_secs(3);

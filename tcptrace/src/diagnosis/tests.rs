@@ -1695,10 +1695,13 @@ const MASQUERADE: &str =
 /// the node's conntrack `count` entries.
 fn snat_steps(count: u64) -> Vec<Step> {
     let dst = "10.89.0.9:80";
+    // Dropped after the NAT rewrote the source: only the time ties a drop
+    // to the client's SYN.
+    let nat = "10.89.0.1:1000";
     let mut steps = vec![
         Tick(0),
         connecting(0, 0x5300, P, dst),
-        syn_dropped(1, P, dst, "nf_hook_slow+0x9a"),
+        syn_dropped(1, nat, dst, "nf_hook_slow+0x9a"),
     ];
     steps.push(match count {
         995 => Facts(|f| {
@@ -1717,9 +1720,9 @@ fn snat_steps(count: u64) -> Vec<Step> {
         Facts(|f| node_rules(f, &[(MASQUERADE, 40)])),
         Tick(900),
         syn_retransmit(1_000, 0x5300, P, dst),
-        syn_dropped(1_001, P, dst, "nf_hook_slow+0x9a"),
+        syn_dropped(1_001, nat, dst, "nf_hook_slow+0x9a"),
         syn_retransmit(3_000, 0x5300, P, dst),
-        syn_dropped(3_001, P, dst, "nf_hook_slow+0x9a"),
+        syn_dropped(3_001, nat, dst, "nf_hook_slow+0x9a"),
         Tick(20_000),
     ]);
     steps
@@ -1753,16 +1756,21 @@ fn a_source_nat_out_of_ports_is_not_a_full_table() {
 
 #[test]
 fn a_path_mtu_black_hole_is_named_from_too_big_drops() {
-    let mut steps = connected(0x5400);
-    for (i, ms) in [1_000u64, 1_400, 2_200].into_iter().enumerate() {
-        steps.push(Ev(ev(ms - 1, Drop, NODE, P, SVC)
+    let too_big = |ms| {
+        Ev(ev(ms, Drop, NODE, P, SVC)
             .reason("PKT_TOO_BIG")
             .location("ip_forward+0x1f2")
-            .flags(TcpFlags::ACK | TcpFlags::PSH)));
+            .flags(TcpFlags::ACK | TcpFlags::PSH))
+    };
+    // Each retransmit is dropped again: the ICMP never shrank them.
+    let mut steps = connected(0x5400);
+    steps.push(too_big(500));
+    for (i, ms) in [1_000u64, 1_400, 2_200].into_iter().enumerate() {
         steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
             .sock(0x5400)
             .state(TcpState::Established)
             .tcp(200 * (i as u64 + 1), false, 7_200_000)));
+        steps.push(too_big(ms + 1));
     }
     steps.push(Tick(20_000));
     let v = run(facts(), steps);
@@ -1779,6 +1787,19 @@ fn a_path_mtu_black_hole_is_named_from_too_big_drops() {
             .state(TcpState::Established)
             .tcp(100, false, 7_200_000)));
     }
+    let v = run(facts(), steps);
+    never_sure_of(&v, PmtuBlackHole);
+    // Look-alike: path MTU discovery working. The first burst is dropped,
+    // the ICMP shrinks the segments, their retransmits pass.
+    let mut steps = connected(0x5402);
+    steps.push(too_big(500));
+    for ms in [501u64, 502] {
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock(0x5402)
+            .state(TcpState::Established)
+            .tcp(100, false, 7_200_000)));
+    }
+    steps.push(Tick(20_000));
     let v = run(facts(), steps);
     never_sure_of(&v, PmtuBlackHole);
 }
