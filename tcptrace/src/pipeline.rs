@@ -20,8 +20,6 @@ use crate::{
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
 const MAX_PENDING_NETNS: usize = 4096;
-/// Namespaces whose drop rules are asked for, at most.
-const MAX_FIREWALL_NETNS: usize = 64;
 /// Storm first records kept for their counts: the kernel's map holds at
 /// most AGG_ENTRIES keys, some of a generation being read while the next
 /// fills.
@@ -290,7 +288,7 @@ impl Pipeline {
         let watch_firewall = (ev.kind == EventKind::Drop
             && ev.netns != 0
             && ev.reason.as_deref() == Some("NETFILTER_DROP")
-            && self.firewall_netns.len() < MAX_FIREWALL_NETNS
+            && self.firewall_netns.len() < crate::node::MAX_FIREWALL_NETNS
             && self.firewall_netns.insert(ev.netns))
         .then_some(ev.netns);
         if let Some(fold) = ev.fold

@@ -9,6 +9,7 @@ use std::{
 
 use foldhash::HashMap;
 
+use super::window::{elapsed, within};
 use crate::model::{Event, EventKind, Role, SockPtr, TcpFlags, facts::NodeFacts};
 
 /// The ephemeral range assumed for a namespace whose facts are unknown.
@@ -238,12 +239,4 @@ impl<K: Clone> Ledger<K> {
         out.sort_by_key(|evs| evs.first().map(|o| o.ev.time));
         out
     }
-}
-
-fn elapsed(from: SystemTime, to: SystemTime) -> Duration {
-    to.duration_since(from).unwrap_or(Duration::ZERO)
-}
-
-fn within(a: SystemTime, b: SystemTime, window: Duration) -> bool {
-    elapsed(a, b).max(elapsed(b, a)) <= window
 }

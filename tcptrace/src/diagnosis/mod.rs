@@ -7,6 +7,7 @@ mod ledger;
 pub mod rules;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub use audit::{Finding, audit, render_table};
 pub use rules::{Diagnosed, Diagnoser, DiagnoserConfig};

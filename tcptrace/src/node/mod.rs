@@ -106,7 +106,7 @@ pub struct Update {
 }
 
 /// Namespaces whose drop rules are read, at most.
-const MAX_FIREWALL_NETNS: usize = 64;
+pub const MAX_FIREWALL_NETNS: usize = 64;
 
 /// Why the refresher is woken early.
 enum Wake {

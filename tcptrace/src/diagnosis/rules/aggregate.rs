@@ -1,0 +1,212 @@
+//! One verdict per pod, cause and destination: occurrences counted, the
+//! record stream re-emitted at most every interval, the live sinks kept
+//! current.
+
+use super::*;
+
+/// Who a verdict is about: the pod when known, else the namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum AggOwner {
+    Pod(String),
+    Netns(u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct AggKey {
+    pub(super) owner: AggOwner,
+    pub(super) cause: Cause,
+    pub(super) dst: (IpAddr, u16),
+    /// For `unexplained`: the kind of event no rule explained.
+    pub(super) kind: Option<EventKind>,
+}
+
+impl AggKey {
+    /// The key of a verdict about `ev` (verdicts copy these fields from it).
+    pub(super) fn of(ev_pod: Option<&PodRef>, netns: u32, cause: Cause, dst: &Endpoint) -> Self {
+        Self {
+            owner: match ev_pod {
+                Some(p) => AggOwner::Pod(p.uid.clone()),
+                None => AggOwner::Netns(netns),
+            },
+            cause,
+            dst: (dst.ip, dst.port),
+            kind: None,
+        }
+    }
+
+    pub(super) fn of_verdict(v: &Verdict) -> Self {
+        let mut key = Self::of(v.pod.as_ref(), v.netns, v.cause, &v.dst);
+        if v.cause == Cause::Unexplained {
+            key.kind = v
+                .evidence
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .and_then(|k| EventKind::ALL.into_iter().find(|e| e.as_str() == k));
+        }
+        key
+    }
+}
+
+pub(super) struct Agg {
+    pub(super) v: Verdict,
+    pub(super) last_emitted: SystemTime,
+    pub(super) pending: bool,
+    /// When the live sinks last saw it, and whether they are behind.
+    pub(super) live_shown: SystemTime,
+    pub(super) live_behind: bool,
+}
+
+impl Agg {
+    /// After a new occurrence (or a count) at `now`: the verdict for the
+    /// record stream when its re-emission interval passed, else shown to
+    /// the live sinks (at once, or at the next tick).
+    pub(super) fn occurred(
+        &mut self,
+        now: SystemTime,
+        reemit: Duration,
+        live_interval: Duration,
+        live: &mut Vec<Verdict>,
+    ) -> Option<Verdict> {
+        self.pending = true;
+        if elapsed(self.last_emitted, now) >= reemit {
+            self.pending = false;
+            self.last_emitted = now;
+            self.live_shown = now;
+            self.live_behind = false;
+            self.v.time = now;
+            return Some(self.v.clone());
+        }
+        note_live(self, now, live_interval, live);
+        None
+    }
+}
+
+impl Diagnoser {
+    pub(super) fn take_output(&mut self, verdicts: Vec<Verdict>) -> Diagnosed {
+        Diagnosed {
+            verdicts,
+            live: std::mem::take(&mut self.live),
+        }
+    }
+
+    /// Adds resets that belong to an accounted connection to its verdict.
+    pub(super) fn add_resets(&mut self, key: &AggKey, n: u64, time: SystemTime) {
+        let live_interval = self.cfg.live_interval;
+        if let Some(a) = self.aggs.get_mut(key) {
+            a.v.resets += n;
+            a.pending = true;
+            note_live(a, time, live_interval, &mut self.live);
+        }
+    }
+
+    /// Counts another occurrence of an aggregated verdict about `ev` that
+    /// already has `confidence`, without building it again: the verdict
+    /// keeps its first occurrence as the example (its summary, source and
+    /// process agree). False when there is no such verdict.
+    pub(super) fn repeat(
+        &mut self,
+        ev: &Event,
+        origin: Origin,
+        cause: Cause,
+        confidence: Confidence,
+    ) -> bool {
+        let key = AggKey::of(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
+        if self
+            .aggs
+            .get(&key)
+            .is_none_or(|a| a.v.confidence != confidence)
+        {
+            return false;
+        }
+        let resets = self.ledger.account(origin, key.clone(), ev.time);
+        let live_interval = self.cfg.live_interval;
+        let Some(a) = self.aggs.get_mut(&key) else {
+            return false;
+        };
+        a.v.resets += resets;
+        a.v.count += 1;
+        a.v.last_seen = a.v.last_seen.max(ev.time);
+        a.v.first_seen = a.v.first_seen.min(ev.time);
+        a.v.time = ev.time;
+        if let Some(v) = a.occurred(
+            ev.time,
+            self.cfg.reemit_interval,
+            live_interval,
+            &mut self.live,
+        ) {
+            self.due.push(v);
+        }
+        true
+    }
+
+    /// Aggregates a candidate, which accounts for the connection of
+    /// `origin`; returns it when its key is due.
+    pub(super) fn submit(&mut self, c: Candidate, origin: Option<Origin>) -> Option<Verdict> {
+        let Candidate { mut v, occurrence } = c;
+        let now = v.time;
+        let key = AggKey::of_verdict(&v);
+        if let Some(origin) = origin {
+            v.resets += self.ledger.account(origin, key.clone(), now);
+        }
+        if !self.aggs.contains_key(&key) {
+            if self.aggs.len() >= self.cfg.max_keys {
+                evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen));
+            }
+            self.aggs.insert(
+                key,
+                Agg {
+                    v: v.clone(),
+                    last_emitted: v.time,
+                    pending: false,
+                    live_shown: v.time,
+                    live_behind: false,
+                },
+            );
+            return Some(v);
+        }
+        let live_interval = self.cfg.live_interval;
+        let a = self.aggs.get_mut(&key)?;
+        if occurrence {
+            a.v.count += 1;
+        }
+        a.v.resets += v.resets;
+        a.v.last_seen = a.v.last_seen.max(v.last_seen);
+        a.v.first_seen = a.v.first_seen.min(v.first_seen);
+        if v.confidence >= a.v.confidence {
+            let (count, resets, first, last) =
+                (a.v.count, a.v.resets, a.v.first_seen, a.v.last_seen);
+            a.v = Verdict {
+                count,
+                resets,
+                first_seen: first,
+                last_seen: last,
+                ..v
+            };
+        }
+        a.occurred(now, self.cfg.reemit_interval, live_interval, &mut self.live)
+    }
+}
+
+/// Shows an aggregate's new count to the live sinks now, or at the next
+/// tick when it was shown less than `interval` ago.
+fn note_live(a: &mut Agg, now: SystemTime, interval: Duration, live: &mut Vec<Verdict>) {
+    if elapsed(a.live_shown, now) >= interval {
+        a.live_shown = now;
+        a.live_behind = false;
+        live.push(a.v.clone());
+    } else {
+        a.live_behind = true;
+    }
+}
+
+/// A stand-in event with a verdict's ends and namespace, to tell which
+/// end is the client.
+pub(super) fn event_of(v: &Verdict) -> Event {
+    Event::new(
+        v.time,
+        EventKind::StateChange,
+        v.src.clone(),
+        v.dst.clone(),
+        v.netns,
+    )
+}
