@@ -326,19 +326,27 @@ impl App {
     }
 
     /// The last events of the row's connection, newest first. A verdict with
-    /// a source port names one connection; other rows match any port.
+    /// a source port names one connection; other rows match any port. A
+    /// verdict without a destination (a bind, a namespace's counters) has
+    /// no connection: only events of its own namespace without one match.
     pub(crate) fn connection_events(&self, row: &Row) -> Vec<&Event> {
         let port = if row.verdict.is_some() {
             row.src.port
         } else {
             0
         };
+        let netns = row
+            .verdict
+            .as_ref()
+            .filter(|_| row.dst.is_unspecified())
+            .map(|v| v.netns);
         self.conns
             .get(&(row.src.ip, row.dst.ip, row.dst.port))
             .map(|c| {
                 c.events
                     .iter()
                     .filter(|e| port == 0 || e.src.port == port)
+                    .filter(|e| netns.is_none_or(|n| e.netns == n))
                     .map(|e| &**e)
                     .collect()
             })
@@ -986,6 +994,23 @@ mod tests {
         assert!(
             rows.iter()
                 .all(|r| !r.target.contains("0.0.0.0:0") || r.target.starts_with("bind() to"))
+        );
+        // Neither has a connection: only their own namespace's events
+        // without one are theirs (the bind error is not the table's).
+        let events = |target: &str| -> Vec<(EventKind, u32)> {
+            let row = rows.iter().find(|r| r.target == target).expect("the row");
+            app.connection_events(row)
+                .iter()
+                .map(|e| (e.kind, e.netns))
+                .collect()
+        };
+        assert_eq!(
+            events("conntrack table of netns tcptrace-lab-15542-11-node"),
+            []
+        );
+        assert_eq!(
+            events("bind() to 0.0.0.0:0"),
+            [(EventKind::BindError, 4_026_532_374)]
         );
     }
 

@@ -54,7 +54,14 @@ pub fn render(frame: &mut Frame, app: &App) {
 /// `NARROW` columns the feed gives its height to the board unless it has
 /// the focus (the details still get theirs).
 fn layout(area: Rect, app: &App, rows: usize, detail: bool) -> [Rect; 4] {
-    let body = area.height.saturating_sub(HEADER_HEIGHT + 1);
+    // A notice (the path of a written file) may take up to three lines.
+    let footer = app.notice.as_ref().map_or(1, |n| {
+        let lines = Paragraph::new(n.as_str())
+            .wrap(Wrap { trim: false })
+            .line_count(area.width);
+        u16::try_from(lines).unwrap_or(3).clamp(1, 3)
+    });
+    let body = area.height.saturating_sub(HEADER_HEIGHT + footer);
     let wanted = u16::try_from(rows).unwrap_or(u16::MAX).saturating_add(3);
     let board = if detail {
         wanted.clamp(5, (body / 3).max(5))
@@ -72,7 +79,7 @@ fn layout(area: Rect, app: &App, rows: usize, detail: bool) -> [Rect; 4] {
         Constraint::Length(HEADER_HEIGHT),
         Constraint::Length(board.min(body)),
         Constraint::Fill(1),
-        Constraint::Length(1),
+        Constraint::Length(footer),
     ])
     .areas(area)
 }
@@ -560,10 +567,12 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App, row: &Row) {
         }
     }
     lines.push(Line::from(""));
-    lines.push(Line::from(Span::styled(
-        "last events of this connection",
-        Style::new().bold(),
-    )));
+    let heading = if row.dst.is_unspecified() {
+        "last events like it in this namespace"
+    } else {
+        "last events of this connection"
+    };
+    lines.push(Line::from(Span::styled(heading, Style::new().bold())));
     let events = app.connection_events(row);
     if events.is_empty() {
         lines.push(Line::from("  none kept"));
@@ -633,7 +642,7 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
         text.push_str(help);
         Line::from(Span::styled(text, Style::new().fg(Color::DarkGray)))
     };
-    frame.render_widget(Paragraph::new(line), area);
+    frame.render_widget(Paragraph::new(line).wrap(Wrap { trim: false }), area);
 }
 
 fn render_help(frame: &mut Frame) {
@@ -1092,5 +1101,16 @@ mod tests {
                 .all(|c| c.fg == Color::Reset && c.bg == Color::Reset)
         );
         assert_eq!(colour_of(&plain, "! netfilter_drop"), Color::Reset);
+    }
+
+    #[test]
+    fn a_long_notice_wraps_in_the_footer() {
+        let mut app = incident_app();
+        let path = "/home/someone/incidents/tcptrace-port_exhaustion-batch-report-exporter-58f6c9d7b-9wq7t-20250314T092652Z.json";
+        app.notice(format!("wrote {path}"));
+        let screen = lines(&draw_at(&app, 80, 24));
+        let footer: Vec<&str> = screen[21..].iter().map(|l| l.trim_end()).collect();
+        assert_eq!(footer.concat(), format!("wrote{path}"), "{footer:?}");
+        assert!(screen[20].starts_with('└'), "the feed ends above it");
     }
 }
