@@ -63,6 +63,12 @@ impl Tmux {
         tmux
     }
 
+    /// The screen with its attributes as escape sequences.
+    fn screen_with_attributes(&self) -> String {
+        let out = self.run(&["capture-pane", "-e", "-p", "-t", "tui"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A tmux format (`#{alternate_on}`) of the pane.
     fn pane(&self, format: &str) -> String {
         let out = self.run(&["display", "-p", "-t", "tui", format]);
@@ -227,6 +233,10 @@ fn recorded_incident_at_80x24() {
     assert!(third.contains("netns tcptrace-l"), "{third}");
     assert!(third.contains("! conntrack_table_full"), "{third}");
     assert!(third.contains('…'), "cut with a visible ellipsis: {third}");
+    // Failures in red (tmux writes colour 1 as 38;5;1), benign in grey.
+    let styled = tmux.screen_with_attributes();
+    assert!(styled.contains("\x1b[38;5;1m! conntrack_table_full"));
+    assert!(styled.contains("\x1b[38;5;8m- application_abort"));
 
     tmux.keys(&["j", "j", "Enter"]);
     let top = tmux.wait_for("details", |s| s.contains("lines 1-"));
@@ -321,5 +331,31 @@ fn sigterm_restores_the_terminal() {
         .status()
         .expect("run kill");
     assert!(killed.success());
+    tmux.assert_restored();
+}
+
+/// NO_COLOR: no colour at all, the same marks and text.
+#[test]
+fn no_color_keeps_the_marks() {
+    if !have_tmux() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_tcptrace");
+    let tmux = Tmux::start(
+        "nocolor",
+        (80, 24),
+        &format!("NO_COLOR=1 '{bin}' replay '{RECORDED}'; {AFTER_EXIT}"),
+    );
+    let board = tmux.wait_for("board", |s| s.contains("replay finished"));
+    assert!(board.contains("! conntrack_table_full"));
+    assert!(board.contains("- application_abort"));
+    let styled = tmux.screen_with_attributes();
+    assert!(
+        !styled.contains("38;") && !styled.contains("48;"),
+        "no foreground or background colour:\n{styled}"
+    );
+    // Bold and reverse video stay: the selection still shows.
+    assert!(styled.contains("\x1b[7m> "));
+    tmux.keys(&["q"]);
     tmux.assert_restored();
 }
