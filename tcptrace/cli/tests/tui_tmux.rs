@@ -112,12 +112,14 @@ impl Tmux {
     }
 
     /// Polls the screen until `ready` holds (the program runs on its own
-    /// clock), then prints and returns it.
+    /// clock) on two captures in a row that are the same (a capture may
+    /// catch a frame half drawn), then prints and returns it.
     fn wait_for(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
         loop {
             let screen = self.screen();
-            if ready(&screen) {
+            if ready(&screen) && screen == last {
                 println!("--- screen: {what} ---\n{screen}");
                 return screen;
             }
@@ -125,6 +127,7 @@ impl Tmux {
                 Instant::now() < deadline,
                 "timed out waiting for {what}; screen:\n{screen}"
             );
+            last = screen;
             thread::sleep(Duration::from_millis(50));
         }
     }
