@@ -188,7 +188,7 @@ pub struct Row {
     pub id: u64,
     subject_key: OwnedSubject,
     pub label: Label,
-    /// "namespace/pod" or "netns <inode>".
+    /// "namespace/pod", "pod <uid>", "netns <name>" or "netns <inode>".
     pub subject: String,
     pub src: Endpoint,
     pub dst: Endpoint,
