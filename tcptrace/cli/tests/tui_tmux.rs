@@ -11,17 +11,41 @@ const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../tests/fixtures/incident.ndjson"
 );
+/// A stream recorded with `tcptrace --format json` while the lab caused
+/// failures (see `tui::testdata::LAB_NDJSON`).
+const RECORDED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/lab-incident.ndjson"
+);
 
-/// A private tmux server with one 120x40 window, killed on drop.
+/// After the TUI exits: its status and whether the tty is cooked again.
+const AFTER_EXIT: &str = "echo \"tcptrace exited with $?\"; \
+    stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon; sleep 60";
+
+/// False (with a note) when tmux is missing; under CI=true that fails.
+fn have_tmux() -> bool {
+    if Command::new("tmux").arg("-V").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "tmux is not installed (apt-get install -y tmux)"
+    );
+    eprintln!("skipped: tmux is not installed (apt-get install -y tmux)");
+    false
+}
+
+/// A private tmux server with one window, killed on drop.
 struct Tmux {
     socket: String,
 }
 
 impl Tmux {
-    fn start(name: &str, command: &str) -> Self {
+    fn start(name: &str, (width, height): (u16, u16), command: &str) -> Self {
         let tmux = Self {
             socket: format!("tcptrace-test-{name}-{}", std::process::id()),
         };
+        let (width, height) = (width.to_string(), height.to_string());
         let out = tmux.run(&[
             "-f",
             "/dev/null",
@@ -30,13 +54,42 @@ impl Tmux {
             "-s",
             "tui",
             "-x",
-            "120",
+            &width,
             "-y",
-            "40",
+            &height,
             command,
         ]);
         assert!(out.status.success(), "tmux new-session: {out:?}");
         tmux
+    }
+
+    /// The screen with its attributes as escape sequences.
+    fn screen_with_attributes(&self) -> String {
+        let out = self.run(&["capture-pane", "-e", "-p", "-t", "tui"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A tmux format (`#{alternate_on}`) of the pane.
+    fn pane(&self, format: &str) -> String {
+        let out = self.run(&["display", "-p", "-t", "tui", format]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Waits for the shell's lines after the TUI exits, and checks that
+    /// the terminal is as it was: cooked, main screen, no mouse reports.
+    fn assert_restored(&self) -> String {
+        let after = self.wait_for("after quit", |s| {
+            s.lines()
+                .any(|l| l.trim() == "icanon" || l.trim() == "-icanon")
+        });
+        assert!(after.contains("tcptrace exited with 0"));
+        assert!(
+            after.lines().any(|l| l.trim() == "icanon"),
+            "raw mode is off again"
+        );
+        assert_eq!(self.pane("#{alternate_on}"), "0", "main screen again");
+        assert_eq!(self.pane("#{mouse_any_flag}"), "0", "mouse reports off");
+        after
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -59,12 +112,14 @@ impl Tmux {
     }
 
     /// Polls the screen until `ready` holds (the program runs on its own
-    /// clock), then prints and returns it.
+    /// clock) on two captures in a row that are the same (a capture may
+    /// catch a frame half drawn), then prints and returns it.
     fn wait_for(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
         loop {
             let screen = self.screen();
-            if ready(&screen) {
+            if ready(&screen) && screen == last {
                 println!("--- screen: {what} ---\n{screen}");
                 return screen;
             }
@@ -72,6 +127,7 @@ impl Tmux {
                 Instant::now() < deadline,
                 "timed out waiting for {what}; screen:\n{screen}"
             );
+            last = screen;
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -85,18 +141,14 @@ impl Drop for Tmux {
 
 #[test]
 fn replay_in_a_real_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("skipped: tmux is not installed (apt-get install -y tmux)");
+    if !have_tmux() {
         return;
     }
     let bin = env!("CARGO_BIN_EXE_tcptrace");
-    // After the TUI exits, show its status and whether the tty is cooked again.
     let tmux = Tmux::start(
         "keys",
-        &format!(
-            "'{bin}' replay '{FIXTURE}'; echo \"tcptrace exited with $?\"; \
-         stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon; sleep 60"
-        ),
+        (120, 40),
+        &format!("'{bin}' replay '{FIXTURE}'; {AFTER_EXIT}"),
     );
 
     let board = tmux.wait_for("board", |s| s.contains("replay finished"));
@@ -131,35 +183,134 @@ fn replay_in_a_real_terminal() {
     );
 
     tmux.keys(&["q"]);
-    let after = tmux.wait_for("after quit", |s| {
-        s.lines()
-            .any(|l| l.trim() == "icanon" || l.trim() == "-icanon")
-    });
-    assert!(after.contains("tcptrace exited with 0"));
-    assert!(
-        after.lines().any(|l| l.trim() == "icanon"),
-        "raw mode is off again"
-    );
+    let after = tmux.assert_restored();
     assert!(
         !after.contains("conntrack_invalid"),
         "the alternate screen is gone"
     );
 }
 
+/// The details' scroll indicator, "lines 1-10 of 19", as numbers.
+fn shown_lines(screen: &str) -> Option<(u32, u32, u32)> {
+    let rest = &screen[screen.find(" lines ")? + 7..];
+    let (first, rest) = rest.split_once('-')?;
+    let (last, rest) = rest.split_once(" of ")?;
+    let (total, _) = rest.split_once(',')?;
+    Some((first.parse().ok()?, last.parse().ok()?, total.parse().ok()?))
+}
+
+/// The terminal most people have: a recorded incident at 80x24, the
+/// details of a verdict without a destination scrolled to their end, the
+/// verdict written to a file and its fix copied, then quit.
+#[test]
+fn recorded_incident_at_80x24() {
+    if !have_tmux() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_tcptrace");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cwd = dir.path().display().to_string();
+    let tmux = Tmux::start(
+        "small",
+        (80, 24),
+        &format!("cd '{cwd}' && '{bin}' replay '{RECORDED}'; {AFTER_EXIT}"),
+    );
+    // tmux takes OSC 52 from the program into a paste buffer.
+    let out = tmux.run(&["set-option", "-g", "set-clipboard", "on"]);
+    assert!(out.status.success(), "tmux set-option: {out:?}");
+
+    let board = tmux.wait_for("board", |s| s.contains("replay finished"));
+    // Below 100 columns the board has the feed's height.
+    assert!(!board.contains("events (last"), "no feed at 80x24");
+    // 24 lines less the header (5), footer (1), borders and column names.
+    let rows = board
+        .lines()
+        .filter(|l| l.starts_with("│  ") || l.starts_with("│> "))
+        .filter(|l| l.contains(" ! ") || l.contains(" - "))
+        .count();
+    assert_eq!(rows, 15, "board rows with a severity mark");
+    let third = board
+        .lines()
+        .find(|l| l.contains("conntrack table"))
+        .expect("the counters' verdict names the table");
+    assert!(third.contains("netns tcptrace-l"), "{third}");
+    assert!(third.contains("! conntrack_table_full"), "{third}");
+    assert!(third.contains('…'), "cut with a visible ellipsis: {third}");
+    // Failures in red (tmux writes colour 1 as 38;5;1), benign in grey.
+    let styled = tmux.screen_with_attributes();
+    assert!(styled.contains("\x1b[38;5;1m! conntrack_table_full"));
+    assert!(styled.contains("\x1b[38;5;8m- application_abort"));
+
+    tmux.keys(&["j", "j", "Enter"]);
+    let top = tmux.wait_for("details", |s| s.contains("lines 1-"));
+    assert!(top.contains("details: conntrack_table_full"));
+    assert!(top.contains("about: conntrack table of netns tcptrace-lab-15542-11-node"));
+    assert!(top.contains("severity: ! failure"));
+    assert!(!top.contains("fix: sysctl"), "the fix is below the fold");
+
+    let (first, last, total) = shown_lines(&top).expect("a scroll indicator");
+    assert_eq!((first, last), (1, 10), "10 lines of {total}");
+    assert!(total > 10);
+    tmux.keys(&["NPage"]);
+    let bottom = tmux.wait_for("details scrolled", |s| {
+        shown_lines(s).is_some_and(|(first, _, _)| first > 1)
+    });
+    assert_eq!(
+        shown_lines(&bottom),
+        Some((total - 9, total, total)),
+        "a page down shows the last lines"
+    );
+    assert!(bottom.contains("fix: sysctl -w net.netfilter.nf_conntrack_max=524288"));
+    assert!(bottom.contains("last events like it in this namespace"));
+
+    tmux.keys(&["w"]);
+    let name =
+        "tcptrace-conntrack_table_full-netns-tcptrace-lab-15542-11-node-20261205T132910Z.json";
+    let wrote = tmux.wait_for("verdict written", |s| s.contains("wrote"));
+    let path = dir.path().join(name);
+    // The footer wraps the path; joined, it is all there.
+    let said: String = wrote
+        .lines()
+        .skip_while(|l| !l.starts_with("wrote"))
+        .map(str::trim_end)
+        .collect();
+    assert_eq!(said, format!("wrote{}", path.display()));
+    let text = std::fs::read_to_string(&path).expect("the verdict file");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let verdict = &doc["verdict"];
+    assert_eq!(verdict["cause"], "conntrack_table_full");
+    assert_eq!(verdict["confidence"], "certain");
+    assert_eq!(verdict["netns_name"], "tcptrace-lab-15542-11-node");
+    assert_eq!(verdict["evidence"]["count"], 262_144);
+    assert_eq!(verdict["evidence"]["max"], 262_144);
+    assert_eq!(verdict["evidence"]["drop_delta"], 1);
+    assert_eq!(verdict.get("dst"), None, "no destination, as recorded");
+    assert_eq!(doc["events"], serde_json::json!([]), "and no connection");
+
+    tmux.keys(&["c"]);
+    tmux.wait_for("fix copied", |s| s.contains("fix copied"));
+    let buffer = tmux.run(&["show-buffer"]);
+    assert_eq!(
+        String::from_utf8_lossy(&buffer.stdout),
+        verdict["fix"].as_str().expect("a fix")
+    );
+
+    tmux.keys(&["q"]);
+    let after = tmux.assert_restored();
+    assert!(!after.contains("conntrack_table_full"), "the board is gone");
+}
+
 #[test]
 fn sigterm_restores_the_terminal() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("skipped: tmux is not installed (apt-get install -y tmux)");
+    if !have_tmux() {
         return;
     }
     let bin = env!("CARGO_BIN_EXE_tcptrace");
     // Paced at real time, so the replay is still running when the signal comes.
     let tmux = Tmux::start(
         "sigterm",
-        &format!(
-            "'{bin}' replay '{FIXTURE}' --speed 1; echo \"tcptrace exited with $?\"; \
-             stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon; sleep 60"
-        ),
+        (120, 40),
+        &format!("'{bin}' replay '{FIXTURE}' --speed 1; {AFTER_EXIT}"),
     );
     tmux.wait_for("running", |s| s.contains("causes"));
     let shell = String::from_utf8_lossy(
@@ -183,13 +334,31 @@ fn sigterm_restores_the_terminal() {
         .status()
         .expect("run kill");
     assert!(killed.success());
-    let after = tmux.wait_for("after SIGTERM", |s| {
-        s.lines()
-            .any(|l| l.trim() == "icanon" || l.trim() == "-icanon")
-    });
-    assert!(after.contains("tcptrace exited with 0"));
-    assert!(
-        after.lines().any(|l| l.trim() == "icanon"),
-        "raw mode is off again"
+    tmux.assert_restored();
+}
+
+/// NO_COLOR: no colour at all, the same marks and text.
+#[test]
+fn no_color_keeps_the_marks() {
+    if !have_tmux() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_tcptrace");
+    let tmux = Tmux::start(
+        "nocolor",
+        (80, 24),
+        &format!("NO_COLOR=1 '{bin}' replay '{RECORDED}'; {AFTER_EXIT}"),
     );
+    let board = tmux.wait_for("board", |s| s.contains("replay finished"));
+    assert!(board.contains("! conntrack_table_full"));
+    assert!(board.contains("- application_abort"));
+    let styled = tmux.screen_with_attributes();
+    assert!(
+        !styled.contains("38;") && !styled.contains("48;"),
+        "no foreground or background colour:\n{styled}"
+    );
+    // Bold and reverse video stay: the selection still shows.
+    assert!(styled.contains("\x1b[7m> "));
+    tmux.keys(&["q"]);
+    tmux.assert_restored();
 }

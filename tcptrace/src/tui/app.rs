@@ -2,16 +2,20 @@
 //! clock ticks. No I/O here: `App::handle` is the only way in and
 //! `render::render` only reads.
 use std::{
+    cell::Cell,
     collections::{HashMap, VecDeque},
     net::IpAddr,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use crate::model::{Event, PodRef, Record, Verdict};
+use crate::model::{Event, Record, Verdict};
 
 use super::{
-    board::{Board, Key as RowKey, Label, Pair, Row, Spark, Subject},
+    board::{
+        Board, Key as RowKey, Label, Pair, Row, RowEnds, Spark, Subject, pod_label, subject_label,
+        target_label,
+    },
     input::Key,
 };
 
@@ -76,13 +80,26 @@ pub enum Mode {
     Help,
 }
 
-fn subject_label(pod: Option<&PodRef>, netns_name: Option<&str>, netns: u32) -> String {
-    match (pod, netns_name) {
-        (Some(p), _) => format!("{}/{}", p.namespace, p.name),
-        (None, Some(name)) => format!("netns {name}"),
-        (None, None) => format!("netns {netns}"),
-    }
+/// Something to do outside the app, asked for by a key: the UI loop does
+/// it and reports back with `App::notice`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Write `contents` to a file `name` in the current directory.
+    WriteFile { name: String, contents: String },
+    /// Put `text` on the clipboard through the terminal (OSC 52).
+    Clipboard(String),
 }
+
+/// The detail pane as last drawn: a page of lines and the largest scroll
+/// that still shows its last line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetailView {
+    pub page: u16,
+    pub max_scroll: u16,
+}
+
+/// Lines the mouse wheel scrolls the detail pane by.
+const WHEEL_LINES: u16 = 3;
 
 /// A connection as far as the detail pane can tell: source ip, destination.
 type ConnKey = (IpAddr, IpAddr, u16);
@@ -120,7 +137,15 @@ pub struct App {
     selected: Option<u64>,
     pub(super) feed_scroll: usize,
     pub(super) detail_scroll: u16,
+    /// Written by `render` (the only state it writes): the pane's size
+    /// decides how far it scrolls.
+    pub(super) detail_view: Cell<DetailView>,
     pub(super) paused: bool,
+    /// Colours on (off with NO_COLOR): the marks say the same without them.
+    pub(super) colors: bool,
+    /// What the last command did ("wrote /path"), until the next key.
+    pub(super) notice: Option<String>,
+    effect: Option<Effect>,
     quit: bool,
 }
 
@@ -158,9 +183,28 @@ impl App {
             selected: None,
             feed_scroll: 0,
             detail_scroll: 0,
+            detail_view: Cell::new(DetailView::default()),
             paused: false,
+            colors: true,
+            notice: None,
+            effect: None,
             quit: false,
         }
+    }
+
+    /// Colours on or off (NO_COLOR); marks and text stay the same.
+    pub fn set_colors(&mut self, on: bool) {
+        self.colors = on;
+    }
+
+    /// The effect the last key asked for, once.
+    pub fn take_effect(&mut self) -> Option<Effect> {
+        self.effect.take()
+    }
+
+    /// Shows what an effect did, until the next key.
+    pub fn notice(&mut self, text: impl Into<String>) {
+        self.notice = Some(text.into());
     }
 
     pub fn handle(&mut self, input: AppInput) {
@@ -240,9 +284,12 @@ impl App {
             Some(slot) => slot,
             None => self.board.insert(
                 key,
-                subject_label(v.pod.as_ref(), v.netns_name.as_deref(), v.netns),
-                v.src.clone(),
-                v.dst.clone(),
+                RowEnds {
+                    subject: subject_label(&v),
+                    src: v.src.clone(),
+                    dst: v.dst.clone(),
+                    target: target_label(&v),
+                },
                 v.first_seen,
             ),
         };
@@ -279,19 +326,27 @@ impl App {
     }
 
     /// The last events of the row's connection, newest first. A verdict with
-    /// a source port names one connection; other rows match any port.
+    /// a source port names one connection; other rows match any port. A
+    /// verdict without a destination (a bind, a namespace's counters) has
+    /// no connection: only events of its own namespace without one match.
     pub(crate) fn connection_events(&self, row: &Row) -> Vec<&Event> {
         let port = if row.verdict.is_some() {
             row.src.port
         } else {
             0
         };
+        let netns = row
+            .verdict
+            .as_ref()
+            .filter(|_| row.dst.is_unspecified())
+            .map(|v| v.netns);
         self.conns
             .get(&(row.src.ip, row.dst.ip, row.dst.port))
             .map(|c| {
                 c.events
                     .iter()
                     .filter(|e| port == 0 || e.src.port == port)
+                    .filter(|e| netns.is_none_or(|n| e.netns == n))
                     .map(|e| &**e)
                     .collect()
             })
@@ -356,10 +411,75 @@ impl App {
             .collect()
     }
 
+    /// The selected row, if any.
+    fn selected_row(&self) -> Option<&Row> {
+        let rows = self.visible_rows();
+        self.selected_index(&rows).map(|i| rows[i])
+    }
+
+    /// Asks for the selected verdict, its evidence and its connection's
+    /// events to be written to a file named after it.
+    fn export_selected(&mut self) {
+        let Some(row) = self.selected_row() else {
+            self.notice = Some("no row selected: nothing to write".into());
+            return;
+        };
+        let Some(v) = &row.verdict else {
+            self.notice = Some("this row has no verdict yet: nothing to write".into());
+            return;
+        };
+        let events = self.connection_events(row);
+        let document = serde_json::json!({ "verdict": v, "events": events });
+        let effect = match serde_json::to_string_pretty(&document) {
+            Ok(mut contents) => {
+                contents.push('\n');
+                Effect::WriteFile {
+                    name: export_name(v, &row.subject),
+                    contents,
+                }
+            }
+            Err(e) => {
+                self.notice = Some(format!("cannot serialize the verdict: {e}"));
+                return;
+            }
+        };
+        self.effect = Some(effect);
+    }
+
+    fn copy_fix(&mut self) {
+        let fix = self
+            .selected_row()
+            .and_then(|r| r.verdict.as_ref())
+            .map(|v| v.fix.clone());
+        match fix {
+            Some(fix) => self.effect = Some(Effect::Clipboard(fix)),
+            None => self.notice = Some("no verdict selected: no fix to copy".into()),
+        }
+    }
+
+    /// Scrolls the open detail pane, within what was last drawn.
+    fn scroll_detail(&mut self, by: i32) {
+        let max = self.detail_view.get().max_scroll;
+        let to = (i32::from(self.detail_scroll) + by).clamp(0, i32::from(max));
+        self.detail_scroll = u16::try_from(to).unwrap_or(0);
+    }
+
     fn key(&mut self, key: Key) {
         if key == Key::CtrlC {
             self.quit = true;
             return;
+        }
+        self.notice = None;
+        if self.detail_open && self.mode == Mode::Normal {
+            let page = i32::from(self.detail_view.get().page.max(1));
+            let wheel = i32::from(WHEEL_LINES);
+            match key {
+                Key::PageDown => return self.scroll_detail(page),
+                Key::PageUp => return self.scroll_detail(-page),
+                Key::WheelDown => return self.scroll_detail(wheel),
+                Key::WheelUp => return self.scroll_detail(-wheel),
+                _ => {}
+            }
         }
         match self.mode {
             Mode::Help => self.mode = Mode::Normal,
@@ -386,6 +506,8 @@ impl App {
                     }
                 }
                 Key::Char('p') => self.paused = !self.paused,
+                Key::Char('w') => self.export_selected(),
+                Key::Char('c') => self.copy_fix(),
                 Key::Tab => {
                     self.focus = match self.focus {
                         Focus::Board => Focus::Bottom,
@@ -412,8 +534,8 @@ impl App {
 
     fn navigate(&mut self, key: Key) {
         let step = match key {
-            Key::Up | Key::Char('k') => Move::By(-1),
-            Key::Down | Key::Char('j') => Move::By(1),
+            Key::Up | Key::Char('k') | Key::WheelUp => Move::By(-1),
+            Key::Down | Key::Char('j') | Key::WheelDown => Move::By(1),
             Key::PageUp => Move::By(-10),
             Key::PageDown => Move::By(10),
             Key::Home => Move::First,
@@ -434,9 +556,10 @@ impl App {
                 }
             }
             (Focus::Bottom, true) => {
-                self.detail_scroll = moved(self.detail_scroll.into(), usize::from(u16::MAX))
+                let max = self.detail_view.get().max_scroll;
+                self.detail_scroll = moved(self.detail_scroll.into(), usize::from(max) + 1)
                     .try_into()
-                    .unwrap_or(u16::MAX);
+                    .unwrap_or(max);
             }
             (Focus::Bottom, false) => {
                 self.feed_scroll = moved(self.feed_scroll, self.feed.len());
@@ -445,11 +568,40 @@ impl App {
     }
 }
 
+/// "tcptrace-<cause>-<subject>-<last seen, UTC>.json", with anything but
+/// letters, digits, '.' and '-' in the subject as '-'.
+fn export_name(v: &Verdict, subject: &str) -> String {
+    let mut slug = String::new();
+    for c in subject.chars() {
+        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+            c.to_ascii_lowercase()
+        } else {
+            '-'
+        };
+        if !(c == '-' && slug.ends_with('-')) {
+            slug.push(c);
+        }
+    }
+    let t = time::OffsetDateTime::from(v.last_seen);
+    format!(
+        "tcptrace-{}-{}-{:04}{:02}{:02}T{:02}{:02}{:02}Z.json",
+        v.cause.as_str(),
+        slug.trim_matches('-'),
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
 /// Lowercase text of an event the filter matches against.
 fn event_haystack(e: &Event) -> String {
     let mut s = format!("{} {} {}", e.kind.as_str(), e.src, e.dst);
     if let Some(p) = &e.pod {
-        s.push_str(&format!(" {}/{}", p.namespace, p.name));
+        s.push(' ');
+        s.push_str(&pod_label(p));
     }
     let state = e.state.map(|x| x.as_str().to_string());
     let errno = e.errno.map(|x| x.to_string());
@@ -616,8 +768,23 @@ mod tests {
         assert!(app.detail_open);
         press(&mut app, &[Key::Tab]);
         assert_eq!(app.focus, Focus::Bottom);
+        // As if drawn with 5 lines of a 12-line text.
+        app.detail_view.set(DetailView {
+            page: 5,
+            max_scroll: 7,
+        });
         press(&mut app, &[Key::Char('j'), Key::Char('j')]);
         assert_eq!(app.detail_scroll, 2);
+        press(&mut app, &[Key::PageDown]);
+        assert_eq!(app.detail_scroll, 7, "a page, up to the last line");
+        press(&mut app, &[Key::WheelUp, Key::End]);
+        assert_eq!(app.detail_scroll, 7);
+        press(&mut app, &[Key::PageUp, Key::WheelUp]);
+        assert_eq!(app.detail_scroll, 0);
+        press(&mut app, &[Key::WheelDown]);
+        assert_eq!(app.detail_scroll, 3);
+        press(&mut app, &[Key::Home]);
+        assert_eq!(app.detail_scroll, 0);
         press(&mut app, &[Key::Esc]);
         assert!(!app.detail_open);
         assert_eq!(app.focus, Focus::Board);
@@ -738,5 +905,131 @@ mod tests {
         app.handle(AppInput::Tick(at(10_000)));
         app.handle(AppInput::Tick(at(5_000)));
         assert_eq!(app.now, at(10_000));
+    }
+
+    fn replayed(ndjson: &str) -> App {
+        let mut app = App::new(header());
+        crate::tui::replay_into_app(ndjson.as_bytes(), &mut app).expect("in-memory replay");
+        app
+    }
+
+    fn select(app: &mut App, target: &str) {
+        let rows = app.visible_rows();
+        let i = rows
+            .iter()
+            .position(|r| r.target == target)
+            .unwrap_or_else(|| panic!("a row to {target}"));
+        press(app, &vec![Key::Down; i]);
+    }
+
+    #[test]
+    fn w_writes_the_verdict_with_its_connection_events_and_c_copies_the_fix() {
+        let mut app = replayed(&crate::tui::testdata::incident_ndjson());
+        select(&mut app, "batch/object-store:443");
+        press(&mut app, &[Key::Char('w')]);
+        let Some(Effect::WriteFile { name, contents }) = app.take_effect() else {
+            panic!("w asks for a file");
+        };
+        assert_eq!(app.take_effect(), None, "once");
+        assert_eq!(
+            name,
+            "tcptrace-port_exhaustion-batch-report-exporter-58f6c9d7b-9wq7t-20250314T092652Z.json"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&contents).expect("JSON");
+        assert_eq!(doc["verdict"]["cause"], "port_exhaustion");
+        assert_eq!(doc["verdict"]["count"], 40);
+        assert_eq!(doc["verdict"]["evidence"]["time_wait"], 61);
+        let events = doc["events"].as_array().expect("events");
+        assert_eq!(events.len(), CONN_EVENTS);
+        assert!(events.iter().all(|e| e["kind"] == "connect_error"
+            && e["errno"] == "EADDRNOTAVAIL"
+            && e["dst"]["ip"] == "10.96.120.5"));
+        // The verdict round-trips.
+        let back: Verdict = serde_json::from_value(doc["verdict"].clone()).expect("a verdict");
+        assert_eq!(back.cause, Cause::PortExhaustion);
+        press(&mut app, &[Key::Char('c')]);
+        assert_eq!(
+            app.take_effect(),
+            Some(Effect::Clipboard(
+                "reuse connections (HTTP keep-alive pool) or widen net.ipv4.ip_local_port_range in the pod netns, e.g. 10240 65535".into()
+            ))
+        );
+        app.notice("wrote /tmp/x.json");
+        assert_eq!(app.notice.as_deref(), Some("wrote /tmp/x.json"));
+        press(&mut app, &[Key::Down]);
+        assert_eq!(app.notice, None, "a key clears the notice");
+        let mut empty = App::new(header());
+        press(&mut empty, &[Key::Char('w'), Key::Char('c')]);
+        assert_eq!(empty.take_effect(), None);
+        assert_eq!(
+            empty.notice.as_deref(),
+            Some("no verdict selected: no fix to copy")
+        );
+    }
+
+    #[test]
+    fn rows_without_a_destination_say_what_they_are_about() {
+        let app = replayed(crate::tui::testdata::LAB_NDJSON);
+        let rows = app.visible_rows();
+        let about = |cause: Cause| -> Vec<(&str, &str)> {
+            let mut v: Vec<_> = rows
+                .iter()
+                .filter(|r| r.label.cause == cause && r.dst.is_unspecified())
+                .map(|r| (r.subject.as_str(), r.target.as_str()))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            about(Cause::ConntrackTableFull),
+            [(
+                "netns tcptrace-lab-15542-11-node",
+                "conntrack table of netns tcptrace-lab-15542-11-node"
+            )]
+        );
+        assert_eq!(
+            about(Cause::PortExhaustion),
+            [("netns tcptrace-lab-15542-1-client", "bind() to 0.0.0.0:0")]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| !r.target.contains("0.0.0.0:0") || r.target.starts_with("bind() to"))
+        );
+        // Neither has a connection: only their own namespace's events
+        // without one are theirs (the bind error is not the table's).
+        let events = |target: &str| -> Vec<(EventKind, u32)> {
+            let row = rows.iter().find(|r| r.target == target).expect("the row");
+            app.connection_events(row)
+                .iter()
+                .map(|e| (e.kind, e.netns))
+                .collect()
+        };
+        assert_eq!(
+            events("conntrack table of netns tcptrace-lab-15542-11-node"),
+            []
+        );
+        assert_eq!(
+            events("bind() to 0.0.0.0:0"),
+            [(EventKind::BindError, 4_026_532_374)]
+        );
+    }
+
+    #[test]
+    fn pods_known_by_uid_only_are_rows_of_their_own() {
+        let app = replayed(crate::tui::testdata::LAB_NDJSON);
+        let uid_rows: Vec<&str> = app
+            .visible_rows()
+            .iter()
+            .filter(|r| r.label.cause == Cause::NetfilterDrop)
+            .map(|r| r.subject.as_str())
+            .collect();
+        assert_eq!(
+            uid_rows,
+            [
+                "pod fcf0448e-2932-4984-9dac-e9680e4921d6",
+                "pod 0c698ade-07fa-476b-b379-c73a2f894e9a",
+                "pod 7918e77c-b715-420e-905d-fe58b02de366",
+            ]
+        );
     }
 }

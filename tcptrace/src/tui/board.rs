@@ -51,10 +51,16 @@ impl Label {
     }
 }
 
-/// Who suffered: the pod when attribution found it, else the netns.
+/// Who suffered: the pod when attribution found it, else the netns. A pod
+/// is keyed by its uid too: without the host's pod logs attribution names
+/// pods by uid only, with an empty namespace and name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Subject<'a> {
-    Pod { namespace: &'a str, name: &'a str },
+    Pod {
+        namespace: &'a str,
+        name: &'a str,
+        uid: &'a str,
+    },
     Netns(u32),
 }
 
@@ -64,6 +70,7 @@ impl<'a> Subject<'a> {
             Some(p) => Subject::Pod {
                 namespace: &p.namespace,
                 name: &p.name,
+                uid: &p.uid,
             },
             None => Subject::Netns(netns),
         }
@@ -168,7 +175,11 @@ impl VerdictCount {
 /// The owned form of `Subject`, kept in the row.
 #[derive(Clone, Debug)]
 enum OwnedSubject {
-    Pod { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
     Netns(u32),
 }
 
@@ -177,10 +188,13 @@ pub struct Row {
     pub id: u64,
     subject_key: OwnedSubject,
     pub label: Label,
-    /// "namespace/pod" or "netns <inode>".
+    /// "namespace/pod", "pod <uid>", "netns <name>" or "netns <inode>".
     pub subject: String,
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// What the board shows as the destination: the service or address, or
+    /// what a verdict without one is about ("conntrack table of netns x").
+    pub target: String,
     pub count: u64,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
@@ -199,7 +213,15 @@ pub struct Row {
 impl Row {
     pub fn key(&self) -> Key<'_> {
         let subject = match &self.subject_key {
-            OwnedSubject::Pod { namespace, name } => Subject::Pod { namespace, name },
+            OwnedSubject::Pod {
+                namespace,
+                name,
+                uid,
+            } => Subject::Pod {
+                namespace,
+                name,
+                uid,
+            },
             OwnedSubject::Netns(n) => Subject::Netns(*n),
         };
         Key {
@@ -210,6 +232,14 @@ impl Row {
             label: self.label,
         }
     }
+}
+
+/// Who and where, as a new row shows them.
+pub struct RowEnds {
+    pub subject: String,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub target: String,
 }
 
 #[derive(Default)]
@@ -258,18 +288,17 @@ impl Board {
     }
 
     /// Adds a row for `key` (not on the board yet) and returns its slot.
-    pub fn insert(
-        &mut self,
-        key: Key,
-        subject: String,
-        src: Endpoint,
-        dst: Endpoint,
-        time: SystemTime,
-    ) -> usize {
+    pub fn insert(&mut self, key: Key, ends: RowEnds, time: SystemTime) -> usize {
         if self.len >= BOARD_CAP {
             self.evict();
         }
-        let mut haystack = format!("{subject} {} {dst}", key.label.name());
+        let RowEnds {
+            subject,
+            src,
+            dst,
+            target,
+        } = ends;
+        let mut haystack = format!("{subject} {} {dst} {target}", key.label.name());
         if let Some(s) = &dst.service {
             haystack.push_str(&format!(" {}/{}", s.namespace, s.name));
         }
@@ -277,9 +306,14 @@ impl Board {
         let row = Row {
             id: self.next_id,
             subject_key: match key.pair.subject {
-                Subject::Pod { namespace, name } => OwnedSubject::Pod {
+                Subject::Pod {
+                    namespace,
+                    name,
+                    uid,
+                } => OwnedSubject::Pod {
                     namespace: namespace.into(),
                     name: name.into(),
+                    uid: uid.into(),
                 },
                 Subject::Netns(n) => OwnedSubject::Netns(n),
             },
@@ -287,6 +321,7 @@ impl Board {
             subject,
             src,
             dst,
+            target,
             count: 0,
             first_seen: time,
             last_seen: time,
@@ -339,4 +374,62 @@ fn remove_slot(map: &mut HashMap<u64, Vec<usize>>, hash: u64, slot: usize) {
             map.remove(&hash);
         }
     }
+}
+
+/// A pod as the board names it: "namespace/name", or its uid when
+/// attribution found only that.
+pub fn pod_label(p: &PodRef) -> String {
+    if p.name.is_empty() {
+        format!("pod {}", p.uid)
+    } else {
+        format!("{}/{}", p.namespace, p.name)
+    }
+}
+
+/// Who a verdict is about: its pod, else its network namespace.
+pub fn subject_label(v: &Verdict) -> String {
+    match (&v.pod, &v.netns_name) {
+        (Some(p), _) => pod_label(p),
+        (None, Some(name)) => format!("netns {name}"),
+        (None, None) => format!("netns {}", v.netns),
+    }
+}
+
+/// Where a verdict's connections went: the service when known (it says
+/// more than a ClusterIP), else the address. A verdict without a
+/// destination says what it is about instead.
+pub fn target_label(v: &Verdict) -> String {
+    let dst = &v.dst;
+    if !dst.is_unspecified() {
+        return match &dst.service {
+            Some(s) => format!("{}/{}:{}", s.namespace, s.name, dst.port),
+            None => dst.to_string(),
+        };
+    }
+    let netns = |inode: u32| match &v.netns_name {
+        Some(name) if inode == v.netns => format!("netns {name}"),
+        _ => format!("netns {inode}"),
+    };
+    let evidence = |key: &str| v.evidence.get(key);
+    if v.cause == Cause::ConntrackTableFull {
+        let inode = evidence("ct_netns")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(v.netns);
+        return format!("conntrack table of {}", netns(inode));
+    }
+    if v.cause == Cause::ListenOverflow {
+        return if v.src.port == 0 {
+            format!("listen queues of {}", netns(v.netns))
+        } else {
+            format!("listen queue of port {}", v.src.port)
+        };
+    }
+    if let Some(addr) = evidence("bind_addr").and_then(serde_json::Value::as_str) {
+        return format!("bind() to {addr}");
+    }
+    if !v.src.is_unspecified() {
+        return format!("from {}", v.src);
+    }
+    format!("{} (no connection)", netns(v.netns))
 }

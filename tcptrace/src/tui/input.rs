@@ -1,6 +1,6 @@
 //! Keys as the app understands them, and the one place that converts
 //! crossterm's events into them.
-use crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use crossterm::event::{Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 
 /// A key press, independent of the terminal library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub enum Key {
     Tab,
     Backspace,
     CtrlC,
+    /// The mouse wheel, turned up or down.
+    WheelUp,
+    WheelDown,
 }
 
 /// What the terminal reported that the UI loop cares about.
@@ -27,10 +30,15 @@ pub(crate) enum TermEvent {
 }
 
 impl TermEvent {
-    /// `None` for events the UI ignores (mouse, focus, key releases).
+    /// `None` for events the UI ignores (clicks, focus, key releases).
     pub(crate) fn from_crossterm(event: &Event) -> Option<Self> {
         match event {
             Event::Key(key) => key_from_crossterm(*key).map(TermEvent::Key),
+            Event::Mouse(m) => match m.kind {
+                MouseEventKind::ScrollUp => Some(TermEvent::Key(Key::WheelUp)),
+                MouseEventKind::ScrollDown => Some(TermEvent::Key(Key::WheelDown)),
+                _ => None,
+            },
             Event::Resize(..) => Some(TermEvent::Resize),
             _ => None,
         }
@@ -65,6 +73,8 @@ fn key_from_crossterm(key: KeyEvent) -> Option<Key> {
 
 #[cfg(test)]
 mod tests {
+    use crossterm::event::{MouseButton, MouseEvent};
+
     use super::*;
 
     #[test]
@@ -87,5 +97,25 @@ mod tests {
             Some(TermEvent::Resize)
         );
         assert_eq!(TermEvent::from_crossterm(&Event::FocusGained), None);
+        let mouse = |kind| {
+            Event::Mouse(MouseEvent {
+                kind,
+                column: 3,
+                row: 4,
+                modifiers: KeyModifiers::NONE,
+            })
+        };
+        assert_eq!(
+            TermEvent::from_crossterm(&mouse(MouseEventKind::ScrollDown)),
+            Some(TermEvent::Key(Key::WheelDown))
+        );
+        assert_eq!(
+            TermEvent::from_crossterm(&mouse(MouseEventKind::ScrollUp)),
+            Some(TermEvent::Key(Key::WheelUp))
+        );
+        assert_eq!(
+            TermEvent::from_crossterm(&mouse(MouseEventKind::Down(MouseButton::Left))),
+            None
+        );
     }
 }

@@ -16,12 +16,13 @@ mod testdata;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
-pub use app::{App, AppInput, Header};
+pub use app::{App, AppInput, Effect, Header};
 pub use board::BOARD_CAP;
 pub use input::Key;
 pub use render::render;
@@ -39,7 +40,48 @@ const DRAIN: usize = 8192;
 /// Shows records from the tracer until the user quits, a signal arrives
 /// (SIGINT, SIGTERM, SIGHUP) or the sender is dropped.
 pub async fn run_live(rx: mpsc::Receiver<Record>, header: Header) -> anyhow::Result<()> {
-    ui_loop(Live(rx), App::new(header), true, false).await
+    ui_loop(Live(rx), new_app(header), true, false).await
+}
+
+/// An app for a real terminal: colours unless NO_COLOR is set to
+/// something (https://no-color.org).
+fn new_app(header: Header) -> App {
+    let mut app = App::new(header);
+    app.set_colors(std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()));
+    app
+}
+
+/// The OSC 52 sequence that asks the terminal to put `text` on the
+/// clipboard.
+fn osc52(text: &str) -> String {
+    format!("\x1b]52;c;{}\x07", BASE64.encode(text))
+}
+
+/// Does what a key asked for and says how it went.
+fn perform(effect: Effect, out: &mut impl std::io::Write) -> String {
+    match effect {
+        Effect::WriteFile { name, contents } => {
+            let path = std::env::current_dir()
+                .map(|d| d.join(&name))
+                .unwrap_or_else(|_| name.into());
+            match std::fs::write(&path, contents) {
+                Ok(()) => format!("wrote {}", path.display()),
+                Err(e) => format!(
+                    "cannot write {}: {e} (start tcptrace in a writable directory)",
+                    path.display()
+                ),
+            }
+        }
+        Effect::Clipboard(text) => {
+            match out
+                .write_all(osc52(&text).as_bytes())
+                .and_then(|()| out.flush())
+            {
+                Ok(()) => "fix copied to the clipboard (OSC 52; the terminal must allow it)".into(),
+                Err(e) => format!("cannot copy the fix: {e}"),
+            }
+        }
+    }
 }
 
 /// One step of input: a record or what the replay reader has to say.
@@ -114,6 +156,10 @@ async fn ui_loop(
                     if app.should_quit() {
                         break;
                     }
+                    if let Some(effect) = app.take_effect() {
+                        let note = perform(effect, guard.terminal.backend_mut());
+                        app.notice(note);
+                    }
                     dirty = true;
                 }
                 Some(Ok(TermEvent::Resize)) => dirty = true,
@@ -187,4 +233,36 @@ fn spawn_key_reader() -> anyhow::Result<mpsc::Receiver<Result<TermEvent, String>
         })
         .context("cannot start the key reader thread")?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn osc52_carries_the_text_in_base64() {
+        assert_eq!(
+            osc52("sysctl -w net.ipv4.ip_local_reserved_ports=30000-32767"),
+            "\x1b]52;c;c3lzY3RsIC13IG5ldC5pcHY0LmlwX2xvY2FsX3Jlc2VydmVkX3BvcnRzPTMwMDAwLTMyNzY3\x07"
+        );
+    }
+
+    #[test]
+    fn perform_writes_the_file_and_the_clipboard_sequence() {
+        let mut out = Vec::new();
+        let note = perform(Effect::Clipboard("fix it".into()), &mut out);
+        assert_eq!(out, b"\x1b]52;c;Zml4IGl0\x07");
+        assert!(note.starts_with("fix copied"), "{note}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let name = dir.path().join("v.json");
+        let note = perform(
+            Effect::WriteFile {
+                name: name.display().to_string(),
+                contents: "{}\n".into(),
+            },
+            &mut out,
+        );
+        assert_eq!(note, format!("wrote {}", name.display()));
+        assert_eq!(std::fs::read_to_string(&name).expect("read back"), "{}\n");
+    }
 }

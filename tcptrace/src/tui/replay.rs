@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use super::{App, FRAME, Feed, Header, apply, ui_loop};
+use super::{App, FRAME, Feed, Header, apply, new_app, ui_loop};
 use crate::model::Record;
 
 /// Longer lines are counted as invalid without being kept in memory.
@@ -43,7 +43,7 @@ pub async fn run_replay(path: &Path, speed: Option<f64>, header: Header) -> anyh
         .name("tui-replay".into())
         .spawn(move || feed_replay(reader, speed, &tx))
         .context("cannot start the replay reader thread")?;
-    ui_loop(rx, App::new(header), false, true).await
+    ui_loop(rx, new_app(header), false, true).await
 }
 
 /// Folds every line of `reader` into `app` without pacing (tests, benchmarks).

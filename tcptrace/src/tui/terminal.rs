@@ -1,5 +1,6 @@
-//! Raw mode + alternate screen, restored on every way out: drop (quit,
-//! signal, error) and panic (a hook restores, then runs the previous hook).
+//! Raw mode, alternate screen and mouse reports (for the wheel), restored
+//! on every way out: drop (quit, signal, error) and panic (a hook restores,
+//! then runs the previous hook).
 use std::{
     io::{self, Stdout},
     sync::{
@@ -11,6 +12,7 @@ use std::{
 use anyhow::Context as _;
 use crossterm::{
     cursor::{Hide, Show},
+    event::{DisableMouseCapture, EnableMouseCapture},
     execute,
     terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
 };
@@ -37,7 +39,8 @@ impl TerminalGuard {
         // From here on a failure restores whatever was already switched.
         let setup = || -> anyhow::Result<Terminal<CrosstermBackend<Stdout>>> {
             enable_raw_mode().context("cannot switch the terminal to raw mode")?;
-            execute!(io::stdout(), EnterAlternateScreen, Hide)
+            // Mouse reports carry the wheel (the detail pane scrolls with it).
+            execute!(io::stdout(), EnterAlternateScreen, EnableMouseCapture, Hide)
                 .context("cannot switch to the alternate screen")?;
             Terminal::new(CrosstermBackend::new(io::stdout())).context("cannot start the TUI")
         };
@@ -62,6 +65,11 @@ fn restore() {
     if ACTIVE.swap(false, Ordering::SeqCst) {
         // Best effort: nothing better to do if the terminal is gone.
         let _ = disable_raw_mode();
-        let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
+        let _ = execute!(
+            io::stdout(),
+            DisableMouseCapture,
+            LeaveAlternateScreen,
+            Show
+        );
     }
 }

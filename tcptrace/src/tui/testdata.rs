@@ -399,3 +399,10 @@ pub(crate) fn incident_ndjson() -> String {
     s.push_str("{\"type\":\"event\",\"truncated\n");
     s
 }
+
+/// A real stream: `tcptrace --format json` recorded while `tcptrace
+/// selftest port_exhaustion connection_refused syn_timeout netfilter_drop
+/// conntrack_table_full` ran on this machine kind (kernel 6.18, the lab's
+/// network namespaces; pods named by uid only, as without the host's pod
+/// logs).
+pub(crate) const LAB_NDJSON: &str = include_str!("../../tests/fixtures/lab-incident.ndjson");
