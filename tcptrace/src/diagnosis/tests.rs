@@ -1857,3 +1857,259 @@ fn unexplained_lists_what_its_own_evidence_ruled_out() {
     );
     assert_eq!(v[0].evidence["not_checked"], json!([]));
 }
+
+/// A connect that got no answer at all: retransmitted SYNs, then closed.
+fn unanswered(src: &str, dst: &str) -> Vec<Step> {
+    vec![
+        connecting(0, 0x5700, src, dst),
+        syn_retransmit(1_000, 0x5700, src, dst),
+        syn_retransmit(3_000, 0x5700, src, dst),
+        Ev(ev(7_000, StateChange, CLIENT, src, dst)
+            .sock(0x5700)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)),
+        Tick(20_000),
+    ]
+}
+
+/// A listener's refusal: the server's kernel found no socket for the SYN.
+fn listener_refusal() -> Vec<Step> {
+    vec![
+        connecting(0, 0x5701, P, B),
+        Ev(ev(1, ResetSent, SERVER, B, P)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN)),
+        Ev(ev(2, ResetReceived, CLIENT, P, B)
+            .sock(0x5701)
+            .state(TcpState::SynSent)),
+        Tick(20_000),
+    ]
+}
+
+/// A firewall on the node rejected the SYN with a reset.
+fn firewall_reset(rule: fn(&mut NodeFacts)) -> Vec<Step> {
+    vec![
+        connecting(0, 0x5702, P, B),
+        syn_dropped(1, P, B, "nft_do_chain+0x46f"),
+        Ev(ev(2, ResetReceived, CLIENT, P, B)
+            .sock(0x5702)
+            .state(TcpState::SynSent)),
+        Facts(rule),
+        Tick(1_000),
+        Tick(20_000),
+    ]
+}
+
+fn plain_reject_rule(f: &mut NodeFacts) {
+    node_rules(
+        f,
+        &[(
+            "-A FORWARD -d 10.244.2.9/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with tcp-reset",
+            1,
+        )],
+    );
+}
+
+/// The pod's address given to a new pod: its kernel resets the old
+/// connection's next segment.
+fn replaced_peer() -> Vec<Step> {
+    vec![
+        connecting(0, 0x5703, P, B),
+        Ev(ev(1, StateChange, CLIENT, P, B)
+            .sock(0x5703)
+            .from(TcpState::SynSent)
+            .state(TcpState::Established)),
+        Ev(ev(60_000, ResetSent, SERVER, B, P)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::ACK | TcpFlags::PSH)),
+        Ev(ev(60_001, ResetReceived, CLIENT, P, B)
+            .sock(0x5703)
+            .state(TcpState::Established)
+            .role(Role::Client)
+            .tcp(59_000, false, 7_200_000)),
+        Tick(80_000),
+    ]
+}
+
+/// Retransmits of an established connection whose segments are dropped
+/// again and again as too big.
+fn too_big_retransmits() -> Vec<Step> {
+    let mut steps = connected(0x5704);
+    for ms in [500u64, 1_000, 1_400, 2_200, 3_800, 7_000] {
+        steps.push(Ev(ev(ms + 1, Drop, NODE, P, SVC)
+            .reason("PKT_TOO_BIG")
+            .flags(TcpFlags::ACK | TcpFlags::PSH)));
+        if ms > 500 {
+            steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+                .sock(0x5704)
+                .state(TcpState::Established)
+                .tcp(100, false, 7_200_000)));
+        }
+    }
+    steps.push(Tick(20_000));
+    steps
+}
+
+/// Each cause with the signals of its nearest neighbour, which must not
+/// produce it at `likely` or `certain`: the look-alike table.
+#[test]
+fn every_cause_has_a_look_alike_that_does_not_take_it() {
+    let ip_reuse_with_invalid_counter = || {
+        let mut s = vec![Tick(0), Facts(|f| node_ct(f).stats.invalid += 1), Tick(900)];
+        s.extend(invalid_pair(false));
+        s
+    };
+    let icmp_unreachable = || {
+        vec![
+            connecting(0, 0x5705, P, SVC),
+            Ev(ev(1, Drop, NODE, P, SVC)
+                .reason("IP_INNOROUTES")
+                .flags(TcpFlags::SYN)),
+            Ev(ev(2, SocketError, CLIENT, P, SVC)
+                .sock(0x5705)
+                .state(TcpState::SynSent)
+                .errno(Errno::EHOSTUNREACH)),
+            Tick(20_000),
+        ]
+    };
+    let quick_connect = || {
+        vec![
+            connecting(0, 0x5706, P, SVC),
+            Ev(ev(2, StateChange, CLIENT, P, SVC)
+                .sock(0x5706)
+                .from(TcpState::SynSent)
+                .state(TcpState::Established)),
+            Tick(20_000),
+        ]
+    };
+    let data_drop = || {
+        let mut s = connected(0x5707);
+        s.push(Ev(ev(50, Drop, NODE, P, SVC)
+            .reason("NETFILTER_DROP")
+            .flags(TcpFlags::ACK | TcpFlags::PSH)));
+        s.push(Tick(20_000));
+        s
+    };
+    let bind = |port: &str| {
+        vec![Ev(
+            ev(0, BindError, CLIENT, port, "0.0.0.0:0").errno(Errno::EADDRINUSE)
+        )]
+    };
+    let peer_busy_close = || {
+        vec![
+            Ev(ev(10_001, ResetReceived, CLIENT, P, SVC)
+                .sock(0x3000)
+                .role(Role::Client)
+                .state(TcpState::CloseWait)
+                .peer_fin(0, 0)),
+            Tick(30_000),
+        ]
+    };
+    let table: Vec<(Cause, &str, Vec<Step>)> = vec![
+        (
+            IdleTimeout,
+            "a client kept alive below the path's timeout",
+            black_hole(true),
+        ),
+        (
+            ConntrackInvalid,
+            "a replaced peer's reset, no INVALID counted",
+            replaced_peer(),
+        ),
+        (
+            ConntrackTableFull,
+            "a source NAT out of ports",
+            snat_steps(4),
+        ),
+        (
+            PortExhaustion,
+            "bind() to a port another socket holds",
+            bind("0.0.0.0:45000"),
+        ),
+        (
+            BindConflict,
+            "bind() to port 0 with no ephemeral port left",
+            bind("0.0.0.0:0"),
+        ),
+        (
+            NodeportCollision,
+            "a pod's connect that nothing answers",
+            unanswered(P, B),
+        ),
+        (
+            ConnectionRefused,
+            "a firewall's reset",
+            firewall_reset(plain_reject_rule),
+        ),
+        (
+            ServiceNoEndpoints,
+            "a firewall's plain REJECT",
+            firewall_reset(plain_reject_rule),
+        ),
+        (FirewallReject, "a listener's refusal", listener_refusal()),
+        (Unreachable, "a connect nothing answers", unanswered(P, B)),
+        (
+            SnatPortExhaustion,
+            "a full conntrack table",
+            snat_steps(995),
+        ),
+        (PmtuBlackHole, "data retransmits with no drop", {
+            let mut s = connected(0x5708);
+            for ms in [1_000u64, 1_400, 2_200, 3_800, 7_000] {
+                s.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+                    .sock(0x5708)
+                    .state(TcpState::Established)
+                    .tcp(100, false, 7_200_000)));
+            }
+            s
+        }),
+        (
+            PeerLostConnection,
+            "seed 001's escaped-NAT reset pair",
+            ip_reuse_with_invalid_counter(),
+        ),
+        (SynTimeout, "an ICMP host unreachable", icmp_unreachable()),
+        (
+            RetransmitStorm,
+            "a path-MTU black hole",
+            too_big_retransmits(),
+        ),
+        (
+            KeepaliveRace,
+            "a peer that closed a busy connection",
+            peer_busy_close(),
+        ),
+        (NetfilterDrop, "a source NAT out of ports", snat_steps(4)),
+        (
+            ApplicationAbort,
+            "the keepalive race",
+            keepalive_race_pair(),
+        ),
+        (TcpStackDrop, "a netfilter drop of data", data_drop()),
+        (
+            ListenOverflow,
+            "a connect nothing answers",
+            unanswered(P, B),
+        ),
+        (
+            SlowConnect,
+            "a connect without retransmits",
+            quick_connect(),
+        ),
+        (Unexplained, "a listener's refusal", listener_refusal()),
+    ];
+    let covered: std::collections::BTreeSet<Cause> = table.iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(
+        covered,
+        Cause::all().collect(),
+        "every cause has a look-alike"
+    );
+    for (cause, what, steps) in table {
+        let v = run(facts(), steps);
+        assert!(
+            !v.iter().any(|v| v.cause == cause && v.confidence >= Likely),
+            "{what} taken as {cause:?}: {:?}",
+            causes(&v)
+        );
+    }
+}
