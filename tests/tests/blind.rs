@@ -127,6 +127,33 @@ const SCENARIOS: &[Scenario] = &[
         tools: &["iptables-restore", "curl"],
     },
     Scenario {
+        name: "firewalld_host_prohibited",
+        incident: "the node's distribution firewall (FORWARD ... REJECT --reject-with icmp-host-prohibited) before the pod rules: \"No route to host\" to a Service",
+        source: "https://github.com/kubernetes/kubeadm/issues/139",
+        truth: "netfilter_drop (a firewall rejection with an ICMP error: the SYN dropped by the node's REJECT rule)",
+        accept: &["netfilter_drop"],
+        healthy: false,
+        tools: &["iptables-restore", "curl", "nginx"],
+    },
+    Scenario {
+        name: "idle_conntrack_timeout",
+        incident: "a pooled connection to a Service idles past the node's conntrack timeout; its next request is dropped as INVALID and hangs",
+        source: "https://github.com/moby/moby/issues/31208",
+        truth: "idle_timeout (the node's conntrack forgot the idle connection; without keepalive the next segment is black-holed)",
+        accept: &["idle_timeout"],
+        healthy: false,
+        tools: &["iptables-restore", "python3"],
+    },
+    Scenario {
+        name: "healthy_keepalive",
+        incident: "healthy control: the same idle pooled connection and conntrack timeout, but the client has SO_KEEPALIVE at 2 s",
+        source: "https://github.com/easzlab/kubeasz/pull/688",
+        truth: "no failure (keepalive refreshes the node's conntrack entry)",
+        accept: &[],
+        healthy: true,
+        tools: &["iptables-restore", "python3"],
+    },
+    Scenario {
         name: "healthy_nginx",
         incident: "healthy control: curl to nginx behind a ClusterIP, keep-alive and fresh connections",
         source: "(control)",
@@ -349,7 +376,9 @@ fn short_tag(name: &str) -> &'static str {
         .iter()
         .position(|s| s.name == name)
         .expect("scenario listed");
-    ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"][i]
+    [
+        "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n",
+    ][i]
 }
 
 fn on_path(tool: &str) -> bool {
@@ -701,10 +730,15 @@ while True:
 "#;
 
 /// A pooled client: one request and its echo, then (when `go` appears) the
-/// next request on the same connection. Args: ip port ready go.
+/// next request on the same connection. Args: ip port ready go
+/// [keepalive idle seconds].
 const POOLED_CLIENT: &str = r#"
 import os, socket, sys, time
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+if len(sys.argv) > 5:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(sys.argv[5]))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
 s.sendall(b"first\n")
 print("echo", s.recv(100).decode().strip(), flush=True)
 open(sys.argv[3], "w").close()
@@ -1139,6 +1173,125 @@ fn stale_endpoint_unreachable() {
         assert_eq!(out.status.code(), Some(7), "curl: {err}");
         assert!(err.contains("No route to host"), "curl: {err}");
     }
+    let recs = stop(tracer);
+    conclude(s, &lab, &recs);
+}
+
+/// kubeadm #139, flannel #1033: a CentOS/RHEL node's firewall ends its
+/// FORWARD chain with `REJECT --reject-with icmp-host-prohibited`, ahead of
+/// the rules that accept pod traffic; connects to a Service fail with "No
+/// route to host" although the backend is up.
+#[test]
+fn firewalld_host_prohibited() {
+    let s = scenario("firewalld_host_prohibited");
+    let Some(mut lab) = Lab::start(s) else { return };
+    let (node, _lan) = lab.node();
+    let client = lab.pod(&node, "client", 1);
+    let server = lab.pod(&node, "web", 2);
+    lab.nginx(&server, "10.244.2.2", 8080);
+    kube_service(
+        &node,
+        "shop/web:http",
+        ("KUBE-SVC-67NZLRHBNDSAWJRO", "KUBE-SEP-LYOGWTXD3FSSWSCA"),
+        "10.96.0.80",
+        80,
+        "10.244.2.2:8080",
+    );
+    iptables_restore(
+        &node,
+        "*filter\n\
+         -A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         -A FORWARD -i lo -j ACCEPT\n\
+         -A FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+         -A FORWARD -j REJECT --reject-with icmp-host-prohibited\n\
+         -A FORWARD -s 10.244.0.0/16 -j ACCEPT\n\
+         -A FORWARD -d 10.244.0.0/16 -j ACCEPT\n\
+         COMMIT",
+    );
+    // nginx is up: the node itself reaches it through the Service.
+    assert_eq!(
+        sh(&node, "curl -sSf --max-time 5 http://10.96.0.80/"),
+        "ok\n"
+    );
+    let tracer = trace(&node);
+    for _ in 0..3 {
+        let out = run(&client, "curl -sSv --max-time 5 http://10.96.0.80/");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "curl: {err}");
+        assert!(err.contains("No route to host"), "curl: {err}");
+    }
+    let recs = stop(tracer);
+    conclude(s, &lab, &recs);
+}
+
+/// moby #31208, calico #9372: a stateful hop forgets an idle connection.
+/// Here the node's conntrack (established timeout 5 s, no loose pickup)
+/// forgets a pooled client's connection to a ClusterIP; its next request
+/// is INVALID, dropped by the node's `ctstate INVALID` rule (Calico and
+/// firewalld have one), and never arrives: the request hangs.
+#[test]
+fn idle_conntrack_timeout() {
+    idle_pooled_connection("idle_conntrack_timeout", None);
+}
+
+/// The look-alike of idle_conntrack_timeout that must stay quiet: with
+/// keepalive probes every 2 s the node's conntrack never forgets the
+/// connection (kubeasz #688's fix for IPVS idle resets).
+#[test]
+fn healthy_keepalive() {
+    idle_pooled_connection("healthy_keepalive", Some(2));
+}
+
+/// A pooled client idles 8 s on a connection to a ClusterIP through a node
+/// whose conntrack forgets established entries after 5 s and drops
+/// INVALID packets; with `keepalive` it sends probes at that idle time.
+fn idle_pooled_connection(name: &str, keepalive: Option<u32>) {
+    let s = scenario(name);
+    let Some(mut lab) = Lab::start(s) else { return };
+    let (node, _lan) = lab.node();
+    let client = lab.pod(&node, "client", 1);
+    let server = lab.pod(&node, "chat", 2);
+    let echo = lab.file("echo.py", ECHO_SERVER);
+    let pooled = lab.file("pooled.py", POOLED_CLIENT);
+    let ready = lab.tmp.join("ready").display().to_string();
+    let go = lab.tmp.join("go").display().to_string();
+    lab.spawn(&server, &format!("exec python3 {echo} 10.244.2.2 7000"));
+    lab.wait_listen(&server, 7000);
+    kube_service(
+        &node,
+        "shop/chat:grpc",
+        ("KUBE-SVC-TTHYG6ZSUSJRHQUD", "KUBE-SEP-4E4TJNBZ2WHE5LJK"),
+        "10.96.0.90",
+        7000,
+        "10.244.2.2:7000",
+    );
+    iptables_restore(
+        &node,
+        "*filter\n\
+         -A FORWARD -m conntrack --ctstate INVALID -m comment --comment \"drop invalid\" -j DROP\n\
+         COMMIT",
+    );
+    sh(
+        &node,
+        "sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_established=5 \
+         net.netfilter.nf_conntrack_tcp_loose=0",
+    );
+    let tracer = trace(&node);
+    let idle = keepalive.map_or(String::new(), |k| k.to_string());
+    let c = lab.spawn(
+        &client,
+        &format!("exec python3 {pooled} 10.96.0.90 7000 {ready} {go} {idle}"),
+    );
+    wait_file(&ready);
+    thread::sleep(Duration::from_secs(8));
+    fs::write(&go, "").expect("writing the go file");
+    let (out, err) = lab.collect(c, Duration::from_secs(30));
+    let expected = if keepalive.is_some() {
+        "echo first\nread b'second\\n'\n"
+    } else {
+        "echo first\nerrno None\n"
+    };
+    assert_eq!(out, expected, "client: {err}");
     let recs = stop(tracer);
     conclude(s, &lab, &recs);
 }
