@@ -594,10 +594,21 @@ pub(super) fn table_full_syn(ev: &Event, full: &Verdict, retrans: u32) -> Candid
     }
 }
 
-/// Nothing answered the SYNs, and no drop on the path was seen.
 /// A connect that timed out; `drop` is where its SYNs were seen dying.
-pub(super) fn syn_timeout(ev: &Event, retrans: u32, drop: Option<&PathDrop>) -> Candidate {
+/// `overflow_near`: a listener on this node overflowed meanwhile (its
+/// port unknown to match), which starves connects the same way.
+pub(super) fn syn_timeout(
+    ev: &Event,
+    retrans: u32,
+    drop: Option<&PathDrop>,
+    overflow_near: bool,
+) -> Candidate {
     let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans }));
+    let checks = Checks::new()
+        .require("syns_unanswered", true)
+        .rule_out("a_listen_queue_overflowed_meanwhile", overflow_near)
+        .or(&[Cause::ListenOverflow]);
+    checks.record(&mut evidence);
     let (lost, fix) = match drop {
         Some(d) => {
             evidence.insert("dropped".into(), d.evidence());
@@ -613,7 +624,7 @@ pub(super) fn syn_timeout(ev: &Event, retrans: u32, drop: Option<&PathDrop>) -> 
         None => (
             String::new(),
             format!(
-                "nothing answered the SYNs to {}: check that it is reachable and up, and that no NetworkPolicy or firewall drops the traffic",
+                "nothing answered the SYNs to {}: check that it is reachable and up, that its listen queue is not full, and that no NetworkPolicy or firewall drops the traffic",
                 ev.dst
             ),
         ),
@@ -622,7 +633,7 @@ pub(super) fn syn_timeout(ev: &Event, retrans: u32, drop: Option<&PathDrop>) -> 
         v: verdict(
             ev,
             Cause::SynTimeout,
-            Confidence::Certain,
+            checks.confidence(),
             format!(
                 "{}: connect to {} timed out after {retrans} SYN retransmits{lost}",
                 who(ev),
@@ -630,6 +641,38 @@ pub(super) fn syn_timeout(ev: &Event, retrans: u32, drop: Option<&PathDrop>) -> 
             ),
             evidence,
             fix,
+        ),
+        occurrence: true,
+    }
+}
+
+/// A connect that timed out while the listener on its port overflowed:
+/// the server's full accept queue dropped its SYNs (`overflow` is that
+/// namespace's verdict).
+pub(super) fn listen_overflow_seen_by_client(
+    ev: &Event,
+    retrans: u32,
+    overflow: &Verdict,
+) -> Candidate {
+    let checks = Checks::new()
+        .require("syns_unanswered", true)
+        .require("the_listener_on_its_port_overflowed_meanwhile", true);
+    let mut evidence = overflow.evidence.clone();
+    evidence.insert("syn_retransmits".into(), json!(retrans));
+    evidence.insert("listener_netns".into(), json!(overflow.netns));
+    checks.record(&mut evidence);
+    Candidate {
+        v: verdict(
+            ev,
+            Cause::ListenOverflow,
+            checks.confidence(),
+            format!(
+                "{}: connect to {} timed out after {retrans} SYN retransmits: the server's accept queue was full and dropped them",
+                who(ev),
+                ev.dst
+            ),
+            evidence,
+            overflow.fix.clone(),
         ),
         occurrence: true,
     }

@@ -122,6 +122,8 @@ pub(super) struct Ledger<K> {
     /// How long an accounted connection takes its late resets.
     window: Duration,
     cap: usize,
+    /// Events left unaccounted because `cap` events were waiting.
+    pub(super) overflowed: u64,
 }
 
 impl<K> Default for Ledger<K> {
@@ -132,6 +134,7 @@ impl<K> Default for Ledger<K> {
             accounted: HashMap::default(),
             window: Duration::from_secs(30),
             cap: 65_536,
+            overflowed: 0,
         }
     }
 }
@@ -168,7 +171,9 @@ impl<K: Clone> Ledger<K> {
             return Some(a.key.clone());
         }
         if self.open_len >= self.cap {
-            // Never silent: the oldest waiting events are the first due.
+            // Bounded: the event stays in the stream but no verdict will
+            // account for it; the stats count it (`unaccounted`).
+            self.overflowed += 1;
             return None;
         }
         self.open.entry(ends.client).or_default().push(Open {

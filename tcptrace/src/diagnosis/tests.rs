@@ -1246,6 +1246,16 @@ fn segments_the_tcp_stack_drops_degrade_one_connection_once() {
             .location("tcp_validate_incoming+0x16b")
             .flags(TcpFlags::PSH | TcpFlags::ACK)));
     }
+    // A keepalive probe (a bare ACK below the window) and a retransmitted
+    // SYN-ACK are dropped by design: no verdict of their own.
+    steps.push(Ev(ev(5_700, Drop, CLIENT, SVC, P)
+        .sock(0x1000)
+        .reason("TCP_OLD_SEQUENCE")
+        .flags(TcpFlags::ACK)));
+    steps.push(Ev(ev(5_800, Drop, CLIENT, SVC, P)
+        .sock(0x1000)
+        .reason("TCP_INVALID_SYN")
+        .flags(TcpFlags::SYN | TcpFlags::ACK)));
     steps.push(Tick(20_000));
     let v = run(facts(), steps);
     // At once, then once more with the final count (one occurrence).
@@ -2112,4 +2122,49 @@ fn every_cause_has_a_look_alike_that_does_not_take_it() {
             causes(&v)
         );
     }
+}
+
+#[test]
+fn connects_a_full_accept_queue_starved_are_its_overflow_not_a_syn_timeout() {
+    use crate::model::facts::{ListenStats, QueuedListener};
+    let mut f = facts();
+    f.netns.get_mut(&SERVER).expect("server").listen = Some(ListenStats {
+        overflows: 3,
+        drops: 3,
+    });
+    let overflowing = |f: &mut NodeFacts| {
+        let s = f.netns.get_mut(&SERVER).expect("server");
+        s.listen = Some(ListenStats {
+            overflows: 13,
+            drops: 13,
+        });
+        s.queued_listeners = vec![QueuedListener {
+            ip: "0.0.0.0".parse().expect("ip"),
+            port: 8080,
+            queued: 129,
+            pid: Some(4242),
+            comm: Some("web".into()),
+        }];
+    };
+    let mut steps = vec![Tick(0), Facts(overflowing), Tick(900)];
+    steps.extend(unanswered(P, B));
+    let v = run(f.clone(), steps);
+    let client: Vec<_> = v.iter().filter(|v| v.netns == CLIENT).collect();
+    assert_eq!(client.len(), 1, "{:?}", causes(&v));
+    assert_eq!(
+        (client[0].cause, client[0].confidence),
+        (ListenOverflow, Certain)
+    );
+    assert_eq!(client[0].evidence["listener_netns"], json!(SERVER));
+    never_sure_of(&v, SynTimeout);
+    // A listener on another port overflowed: only a possible timeout.
+    let mut steps = vec![Tick(0), Facts(overflowing), Tick(900)];
+    steps.extend(unanswered(P, "10.244.2.9:9090"));
+    let v = run(f, steps);
+    assert!(
+        v.iter()
+            .any(|v| v.cause == SynTimeout && v.confidence == Possible),
+        "{:?}",
+        causes(&v)
+    );
 }

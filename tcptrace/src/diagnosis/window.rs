@@ -41,18 +41,20 @@ pub(in crate::diagnosis) fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
     q.push_back(item);
 }
 
-/// Drops the least recently seen eighth of a full map.
+/// Removes the least recently seen eighth of a full map and returns it.
 pub(in crate::diagnosis) fn evict_oldest<K: Clone + Eq + std::hash::Hash, V>(
     map: &mut HashMap<K, V>,
     last: impl Fn(&V) -> Option<SystemTime>,
-) {
+) -> Vec<V> {
     let mut by_age: Vec<(Option<SystemTime>, K)> =
         map.iter().map(|(k, v)| (last(v), k.clone())).collect();
     let n = (map.len() / 8).max(1);
     if n < by_age.len() {
         by_age.select_nth_unstable_by_key(n, |(t, _)| *t);
     }
-    for (_, k) in by_age.into_iter().take(n) {
-        map.remove(&k);
-    }
+    by_age
+        .into_iter()
+        .take(n)
+        .filter_map(|(_, k)| map.remove(&k))
+        .collect()
 }

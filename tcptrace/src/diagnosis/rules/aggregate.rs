@@ -150,7 +150,12 @@ impl Diagnoser {
         }
         if !self.aggs.contains_key(&key) {
             if self.aggs.len() >= self.cfg.max_keys {
-                evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen));
+                // Counts not yet in the stream leave with their verdict.
+                for a in evict_oldest(&mut self.aggs, |a| Some(a.v.last_seen)) {
+                    if a.pending {
+                        self.due.push(Verdict { time: now, ..a.v });
+                    }
+                }
             }
             self.aggs.insert(
                 key,

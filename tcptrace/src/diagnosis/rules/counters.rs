@@ -138,10 +138,27 @@ impl Diagnoser {
             let drops = stats.drops.saturating_sub(prev.drops);
             let mut ev = namespace_event(now, ns);
             name(&mut ev);
-            out.push(listen_overflow(&ev, overflows, drops, &f.queued_listeners));
+            let c = listen_overflow(&ev, overflows, drops, &f.queued_listeners);
+            push_bounded(
+                &mut self.overflows,
+                Overflow {
+                    at: now,
+                    verdict: c.v.clone(),
+                    ports: f.queued_listeners.iter().map(|l| l.port).collect(),
+                },
+            );
+            out.push(c);
         }
         out
     }
+}
+
+/// A namespace's listeners overflowed: when it was seen, its verdict and
+/// the ports of the listeners that had connections waiting.
+pub(super) struct Overflow {
+    pub(super) at: SystemTime,
+    pub(super) verdict: Verdict,
+    pub(super) ports: Vec<u16>,
 }
 
 /// A stand-in event for a namespace's counters (attribution names it).

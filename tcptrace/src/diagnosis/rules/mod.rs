@@ -12,10 +12,11 @@ use super::{
     causes::{
         Candidate, CtTrend, InvalidEvidence, PathDrop, Refusal, application_abort, bind_conflict,
         connection_refused, conntrack_invalid, idle_cause, idle_timeout, keepalive_race,
-        keepalive_race_server_side, listen_overflow, netfilter_drop, nodeport_collision,
-        peer_abort, peer_lost_connection, pmtu_black_hole, port_exhaustion, refused_server_side,
-        rejected, retransmit_storm, slow_connect, snat_port_exhaustion, syn_timeout, table_full,
-        table_full_syn, tcp_stack_drop, unexplained, unreachable,
+        keepalive_race_server_side, listen_overflow, listen_overflow_seen_by_client,
+        netfilter_drop, nodeport_collision, peer_abort, peer_lost_connection, pmtu_black_hole,
+        port_exhaustion, refused_server_side, rejected, retransmit_storm, slow_connect,
+        snat_port_exhaustion, syn_timeout, table_full, table_full_syn, tcp_stack_drop, unexplained,
+        unreachable,
     },
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
@@ -91,6 +92,21 @@ pub struct Diagnoser {
     /// SYNs netfilter dropped, by time: a source NAT rewrote some of them
     /// before they died, so only the time ties them to their connection.
     syn_drops: VecDeque<Event>,
+    /// Listen queue overflows seen lately, for the connects they starved.
+    overflows: VecDeque<counters::Overflow>,
+    /// Failures the kernel counted whose first record's verdict never
+    /// came (or that waited past the bound): in the stream, in no verdict.
+    repeats_unattributed: u64,
+}
+
+/// What the diagnoser's bounds cost: failures in the stream that no
+/// verdict accounts for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unaccounted {
+    /// Resets and errors that found the ledger full.
+    pub ledger_full: u64,
+    /// Kernel-counted repeats whose verdict never came.
+    pub repeats: u64,
 }
 
 /// What feeding the diagnoser produced.
@@ -110,6 +126,14 @@ impl Diagnoser {
             ledger: Ledger::new(cfg.correlation_window, cfg.max_socks.saturating_mul(4)),
             cfg,
             ..Self::default()
+        }
+    }
+
+    /// Failures left out of every verdict by the bounds, so far.
+    pub fn unaccounted(&self) -> Unaccounted {
+        Unaccounted {
+            ledger_full: self.ledger.overflowed,
+            repeats: self.repeats_unattributed,
         }
     }
 
@@ -159,7 +183,7 @@ impl Diagnoser {
         facts: &NodeFacts,
         name: &mut dyn FnMut(&mut Event),
     ) -> Diagnosed {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.due);
         for c in self.counter_rules(now, facts, name) {
             let ev = event_of(&c.v);
             let origin = Origin::of(&ev, Ends::of(&ev, Some(facts)));
@@ -193,8 +217,13 @@ impl Diagnoser {
         // (they are in the stream as its count record).
         let give_up = self.cfg.settle + self.cfg.reemit_interval;
         for (first, n, since) in std::mem::take(&mut self.repeats_waiting) {
-            if !self.add_repeats(&first, n, now) && elapsed(since, now) < give_up {
+            if self.add_repeats(&first, n, now) {
+                continue;
+            }
+            if elapsed(since, now) < give_up {
                 self.repeats_waiting.push_back((first, n, since));
+            } else {
+                self.repeats_unattributed += n;
             }
         }
         let interval = self.cfg.reemit_interval;
@@ -476,6 +505,9 @@ impl Diagnoser {
                 self.timed_out(&key, ev, facts)
             }
             EventKind::Drop if ev.reason.as_deref().is_some_and(is_tcp_stack_drop) => {
+                if is_harmless_stack_drop(ev) {
+                    return vec![];
+                }
                 self.tcp_stack_drop(&key, ev)
             }
             EventKind::Drop => {
@@ -529,6 +561,14 @@ impl Diagnoser {
         } else {
             let ends = Ends::of(ev, Some(facts));
             let prev_syn = self.socks.get(key).and_then(|s| s.last_syn_at);
+            let window = self.cfg.correlation_window;
+            let overflow = self
+                .overflows
+                .iter()
+                .rev()
+                .filter(|o| within(o.at, ev.time, window))
+                .max_by_key(|o| o.ports.contains(&ev.dst.port))
+                .map(|o| (o.ports.contains(&ev.dst.port), o.verdict.clone()));
             match self.dropped_by_firewall(
                 ev,
                 ends,
@@ -537,7 +577,10 @@ impl Diagnoser {
                 prev_syn,
             ) {
                 Some(c) => c,
-                None => syn_timeout(ev, retrans, self.path_drop(ends, ev.time)),
+                None => match overflow {
+                    Some((true, v)) => listen_overflow_seen_by_client(ev, retrans, &v),
+                    o => syn_timeout(ev, retrans, self.path_drop(ends, ev.time), o.is_some()),
+                },
             }
         };
         self.conclude(key, &c);
@@ -813,6 +856,7 @@ impl Diagnoser {
         self.full_table_drops
             .retain(|(d, _)| within(d.time, now, window));
         self.trends.retain(|_, t| within(t.at, now, window));
+        self.overflows.retain(|o| within(o.at, now, window));
     }
 }
 
@@ -865,6 +909,21 @@ fn is_application_abort(ev: &Event) -> bool {
     }
 }
 
+/// Drops the TCP stack makes by design: a keepalive or window probe (a
+/// bare ACK below the window, answered all the same), and a retransmitted
+/// SYN-ACK reaching a client that is connected already (its server's
+/// handshake retransmits, named by their own cause).
+fn is_harmless_stack_drop(ev: &Event) -> bool {
+    let Some(flags) = ev.tcp_flags else {
+        return false;
+    };
+    match ev.reason.as_deref() {
+        Some("TCP_OLD_SEQUENCE") => flags == TcpFlags::ACK,
+        Some("TCP_INVALID_SYN") => flags.contains(TcpFlags::SYN | TcpFlags::ACK),
+        _ => false,
+    }
+}
+
 /// Drops by the TCP stack itself (not netfilter's, not a closed port's).
 fn is_tcp_stack_drop(reason: &str) -> bool {
     (reason.starts_with("TCP_") && reason != "TCP_LISTEN_OVERFLOW")
@@ -894,6 +953,87 @@ mod tests {
     use crate::model::SockPtr;
 
     #[test]
+    fn what_the_bounds_leave_out_is_counted() {
+        let facts = NodeFacts::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut d = Diagnoser::new(DiagnoserConfig {
+            max_socks: 2,
+            max_keys: 2,
+            ..DiagnoserConfig::default()
+        });
+        // The ledger holds max_socks * 4 waiting events: the ninth and
+        // tenth find it full.
+        for i in 0..10u16 {
+            let mut ev = Event::new(
+                t0,
+                EventKind::ResetReceived,
+                Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 40_000 + i),
+                Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 80),
+                7,
+            );
+            ev.state = Some(TcpState::FinWait1);
+            d.observe(&ev, &facts);
+        }
+        assert_eq!(d.unaccounted().ledger_full, 2);
+        // Repeats whose first record never got a verdict: counted when
+        // they give up, and when the waiting queue is full.
+        let mut first = Event::new(
+            t0,
+            EventKind::ResetReceived,
+            Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 0),
+            Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)), 81),
+            8,
+        );
+        first.state = Some(TcpState::SynSent);
+        for n in [5, 6, 7] {
+            d.repeats(&first, n, t0);
+        }
+        assert_eq!(d.unaccounted().repeats, 5, "the oldest left the full queue");
+        d.tick(t0 + Duration::from_secs(60), &facts, &mut |_| {});
+        assert_eq!(d.unaccounted().repeats, 18);
+    }
+
+    #[test]
+    fn evicted_verdicts_leave_with_their_counts() {
+        let facts = NodeFacts::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut d = Diagnoser::new(DiagnoserConfig {
+            max_keys: 2,
+            ..DiagnoserConfig::default()
+        });
+        let refused = |port: u16, src: u16, ms: u64| {
+            let mut ev = Event::new(
+                t0 + Duration::from_millis(ms),
+                EventKind::SocketError,
+                Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), src),
+                Endpoint::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), port),
+                7,
+            );
+            ev.sock = Some(SockPtr(u64::from(src)));
+            ev.state = Some(TcpState::SynSent);
+            ev.errno = Some(Errno::EHOSTUNREACH);
+            ev
+        };
+        let mut out = Vec::new();
+        // Two occurrences to port 1 (the second only counted), then two
+        // new keys push it out: its count leaves with it.
+        out.extend(d.observe(&refused(1, 1, 0), &facts).verdicts);
+        out.extend(d.observe(&refused(1, 2, 1), &facts).verdicts);
+        out.extend(d.observe(&refused(2, 3, 2), &facts).verdicts);
+        out.extend(d.observe(&refused(3, 4, 3), &facts).verdicts);
+        out.extend(
+            d.tick(t0 + Duration::from_millis(4), &facts, &mut |_| {})
+                .verdicts,
+        );
+        let port1: Vec<u64> = out
+            .iter()
+            .filter(|v| v.dst.port == 1)
+            .map(|v| v.count)
+            .collect();
+        assert_eq!(port1, vec![1, 2]);
+    }
+
+    #[test]
     fn memory_stays_bounded() {
         let mut d = Diagnoser::new(DiagnoserConfig {
             max_socks: 64,
@@ -921,6 +1061,7 @@ mod tests {
         }
         // Every destination is new, so each is reported once.
         assert_eq!(emitted, 10_000);
+        assert_eq!(d.unaccounted(), Unaccounted::default());
         d.tick(t0 + Duration::from_secs(3600), &facts, &mut |_| {});
         assert!(d.socks.is_empty() && d.aggs.is_empty());
     }

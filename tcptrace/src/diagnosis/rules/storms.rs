@@ -35,7 +35,9 @@ impl Diagnoser {
         if !self.add_repeats(first, n, now) {
             if self.repeats_waiting.len() >= self.cfg.max_keys {
                 // The oldest waited longest: the least likely to find a verdict.
-                self.repeats_waiting.pop_front();
+                if let Some((_, lost, _)) = self.repeats_waiting.pop_front() {
+                    self.repeats_unattributed += lost;
+                }
             }
             self.repeats_waiting.push_back((first.clone(), n, now));
         }
