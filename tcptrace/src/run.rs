@@ -234,11 +234,8 @@ impl Session {
         pipeline.set_services(ServiceMap::from_dumps(&node::rules(&facts_cfg)));
         let (facts, _) = node::collect(&facts_cfg, &BTreeSet::new(), &HashMap::new());
         pipeline.set_facts(facts);
-        let refresher = Refresher::start(
-            facts_cfg,
-            Duration::from_secs_f64(args.facts_interval.max(0.5)),
-        )
-        .context("starting the node facts reader")?;
+        let refresher = Refresher::start(facts_cfg, args.facts_interval)
+            .context("starting the node facts reader")?;
         Ok(Self {
             stages: Stages {
                 tracer,
@@ -287,9 +284,8 @@ impl Session {
         let started = Instant::now();
         let deadline = args
             .duration
-            .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
-        let mut stats_tick =
-            tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
+            .map(|d| tokio::time::Instant::from_std(started + d));
+        let mut stats_tick = tokio::time::interval(args.stats_interval);
         stats_tick.tick().await;
         loop {
             tokio::select! {
