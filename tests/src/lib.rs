@@ -2,7 +2,7 @@
 //! clean up after themselves, code run inside them, and a tracer shared by
 //! the tests of one binary whose events are filtered by namespace.
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock, mpsc},
@@ -124,6 +124,24 @@ impl Capture {
 
     pub fn hook_stats(&self) -> Vec<HookStats> {
         self.tracer.hook_stats().expect("reading counters")
+    }
+}
+
+/// A test that cannot run (a tool, a package or a kernel feature is
+/// missing): under CI (`CI=true`) it fails with `reason`; elsewhere it says
+/// so on the terminal, past the test harness's output capture, and the
+/// caller returns.
+pub fn cannot_run(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("this test cannot run here, and under CI nothing passes by not running: {reason}");
+    }
+    let line = format!("skipped: {reason}\n");
+    let shown = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/tty")
+        .and_then(|mut tty| tty.write_all(line.as_bytes()));
+    if shown.is_err() {
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }
 

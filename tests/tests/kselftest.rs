@@ -16,7 +16,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use tcptrace_tests::{Netns, records, start_tcptrace};
+use tcptrace_tests::{Netns, cannot_run, records, start_tcptrace};
 
 /// Longest a selftest may run.
 const SELFTEST_LIMIT: Duration = Duration::from_secs(120);
@@ -24,8 +24,8 @@ const SELFTEST_LIMIT: Duration = Duration::from_secs(120);
 /// Rows of the report, by selftest.
 static REPORT: Mutex<BTreeMap<&'static str, String>> = Mutex::new(BTreeMap::new());
 
-/// tools/testing/selftests, or `None` (with the reason printed) when the
-/// package could not be fetched.
+/// tools/testing/selftests, or `None` when the package could not be
+/// fetched (a failure under CI).
 fn selftests() -> Option<PathBuf> {
     let value = std::env::var("TCPTRACE_KSELFTESTS").unwrap_or_else(|_| {
         panic!(
@@ -33,7 +33,7 @@ fn selftests() -> Option<PathBuf> {
         )
     });
     if let Some(why) = value.strip_prefix("unavailable: ") {
-        eprintln!("skipped: the kernel selftests could not be fetched: {why}");
+        cannot_run(&format!("the kernel selftests could not be fetched: {why}"));
         return None;
     }
     Some(PathBuf::from(value))
@@ -379,5 +379,52 @@ fn nf_nat_edemux_resolves_the_clash_and_gets_no_failure_verdict() {
                 benign.join("; ")
             }
         ),
+    );
+}
+
+/// Nothing passes by not running: with the selftests unavailable, a suite
+/// test fails under CI, and elsewhere passes saying "skipped" on the
+/// terminal (here: stderr, as the test runs without one).
+#[test]
+fn unavailable_selftests_fail_under_ci_and_say_skipped_elsewhere() {
+    const WHY: &str = "no network here";
+    let run = |ci: Option<&str>| {
+        let mut cmd = Command::new("setsid");
+        cmd.arg("--wait")
+            .arg(std::env::current_exe().expect("this test binary"))
+            .args([
+                "--exact",
+                "reuseaddr_conflict_is_a_bind_conflict_on_its_port",
+                "--test-threads=1",
+            ])
+            .env("TCPTRACE_KSELFTESTS", format!("unavailable: {WHY}"))
+            .env_remove("TCPTRACE_KSELFTEST_REPORT")
+            .stdin(Stdio::null());
+        match ci {
+            Some(v) => cmd.env("CI", v),
+            None => cmd.env_remove("CI"),
+        };
+        let out = cmd.output().expect("running this test binary again");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The failure is reported by the test harness, on stdout.
+    let (code, stdout, _) = run(Some("true"));
+    assert_eq!(code, Some(101), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "this test cannot run here, and under CI nothing passes by not running: \
+             the kernel selftests could not be fetched: {WHY}"
+        )),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("skipped: the kernel selftests could not be fetched: {WHY}\n")
     );
 }
