@@ -116,10 +116,13 @@ pub fn probe_table(probes: &[ProbeStatus]) -> String {
     )
 }
 
-/// Counts of what this process handled, for stats records.
+/// Counts of what this process handled, and where it runs, for stats
+/// records.
 #[derive(Default)]
 struct Tally {
     malformed: u64,
+    node: Option<String>,
+    kernel: Option<String>,
 }
 
 /// Records the TUI may lag behind before new ones are counted as dropped.
@@ -221,6 +224,7 @@ impl Session {
     fn start(args: &TraceArgs) -> Result<Self> {
         let mut tracer = Tracer::load(&options(args))?;
         report_unavailable(&tracer.probes);
+        let (node, kernel) = node::host_and_kernel();
         tracer.use_runtime()?;
         let attributor = Attributor::new(AttributionConfig {
             host_root: args.node.host_root.clone(),
@@ -241,7 +245,11 @@ impl Session {
                 tracer,
                 pipeline,
                 refresher,
-                tally: Tally::default(),
+                tally: Tally {
+                    node,
+                    kernel,
+                    ..Tally::default()
+                },
                 notices: Notices::default(),
                 nodes: Vec::new(),
             },
@@ -454,6 +462,8 @@ fn stats(
 ) -> Result<Record> {
     let hooks = tracer.hook_stats()?;
     Ok(Record::Stats(Stats {
+        node: tally.node.clone(),
+        kernel: tally.kernel.clone(),
         time: SystemTime::now(),
         uptime_s: started.elapsed().as_secs_f64(),
         seen: hooks.iter().map(|h| h.seen).sum(),

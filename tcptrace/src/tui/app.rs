@@ -32,6 +32,18 @@ pub struct Header {
 }
 
 impl Header {
+    /// Fills what is still unknown (a replay's header) from a stats record.
+    fn learn(&mut self, stats: &crate::model::Stats) {
+        for (mine, theirs) in [
+            (&mut self.node, &stats.node),
+            (&mut self.kernel, &stats.kernel),
+        ] {
+            if let (true, Some(value)) = (mine.is_empty(), theirs) {
+                mine.clone_from(value);
+            }
+        }
+    }
+
     /// This machine's host name and kernel release, for a live session.
     pub fn local(probes: Vec<(String, String)>) -> Self {
         let read = |path| {
@@ -78,7 +90,7 @@ pub enum Mode {
 
 fn subject_label(pod: Option<&PodRef>, netns_name: Option<&str>, netns: u32) -> String {
     match (pod, netns_name) {
-        (Some(p), _) => format!("{}/{}", p.namespace, p.name),
+        (Some(p), _) => p.to_string(),
         (None, Some(name)) => format!("netns {name}"),
         (None, None) => format!("netns {netns}"),
     }
@@ -203,6 +215,7 @@ impl App {
             Record::Verdict(v) => self.ingest_verdict(v),
             Record::Stats(s) => {
                 self.advance(s.time);
+                self.header.learn(&s);
                 self.stats = Some(s);
             }
         }
@@ -449,7 +462,7 @@ impl App {
 fn event_haystack(e: &Event) -> String {
     let mut s = format!("{} {} {}", e.kind.as_str(), e.src, e.dst);
     if let Some(p) = &e.pod {
-        s.push_str(&format!(" {}/{}", p.namespace, p.name));
+        s.push_str(&format!(" {p}"));
     }
     let state = e.state.map(|x| x.as_str().to_string());
     let errno = e.errno.map(|x| x.to_string());
@@ -517,6 +530,58 @@ mod tests {
     fn selected(app: &App) -> Option<String> {
         let rows = app.visible_rows();
         app.selected_index(&rows).map(|i| rows[i].subject.clone())
+    }
+
+    #[test]
+    fn a_replay_header_is_learned_from_the_stream_s_stats() {
+        let stats = |node: Option<&str>, kernel: Option<&str>| {
+            AppInput::Record(Record::Stats(crate::model::Stats {
+                node: node.map(str::to_string),
+                kernel: kernel.map(str::to_string),
+                time: at(5_000),
+                uptime_s: 5.0,
+                seen: 0,
+                lost: 0,
+                malformed: 0,
+                sink_dropped: 0,
+                hooks: Vec::new(),
+                r#final: false,
+            }))
+        };
+        let mut replay = App::new(Header::default());
+        replay.handle(stats(None, None));
+        assert_eq!(
+            (replay.header.node.as_str(), replay.header.kernel.as_str()),
+            ("", "")
+        );
+        replay.handle(stats(Some("kind-worker"), Some("6.18.0")));
+        replay.handle(stats(Some("kind-worker2"), Some("6.1.0")));
+        assert_eq!(
+            (replay.header.node.as_str(), replay.header.kernel.as_str()),
+            ("kind-worker", "6.18.0")
+        );
+        // A live session's header is its own machine's.
+        let mut live = App::new(header());
+        let before = (live.header.node.clone(), live.header.kernel.clone());
+        live.handle(stats(Some("kind-worker"), Some("6.18.0")));
+        assert_eq!(
+            (live.header.node.clone(), live.header.kernel.clone()),
+            before
+        );
+    }
+
+    #[test]
+    fn an_unnamed_pod_is_labelled_by_what_is_known() {
+        let unnamed = PodRef {
+            namespace: String::new(),
+            name: String::new(),
+            uid: "3f2a".into(),
+            container: Some("c0ffee".into()),
+        };
+        assert_eq!(
+            subject_label(Some(&unnamed), None, 7),
+            "uid 3f2a container c0ffee"
+        );
     }
 
     /// a: 3 occurrences (oldest), b: 1 (newest).

@@ -270,7 +270,7 @@ fn event_line(e: &Event) -> Line<'static> {
         text.push_str(extra);
     }
     let mut who = match (&e.pod, &e.netns_name) {
-        (Some(p), _) => format!("  {}/{}", p.namespace, p.name),
+        (Some(p), _) => format!("  {p}"),
         (None, Some(n)) => format!("  netns {n}"),
         (None, None) => format!("  netns {}", e.netns),
     };
@@ -431,7 +431,7 @@ fn short_destination(dst: &crate::model::Endpoint) -> String {
 fn destination(dst: &crate::model::Endpoint) -> String {
     match (&dst.service, &dst.pod) {
         (Some(s), _) => format!("{dst} ({}/{})", s.namespace, s.name),
-        (None, Some(p)) => format!("{dst} ({}/{})", p.namespace, p.name),
+        (None, Some(p)) => format!("{dst} ({p})"),
         (None, None) => dst.to_string(),
     }
 }
@@ -575,6 +575,8 @@ mod tests {
     fn lost_events_are_shown_in_red() {
         let mut app = App::new(header());
         app.handle(AppInput::Record(Record::Stats(crate::model::Stats {
+            node: None,
+            kernel: None,
             time: at(5_000),
             uptime_s: 5.0,
             seen: 1_000,
