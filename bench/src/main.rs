@@ -756,10 +756,14 @@ fn soak(args: &Args, minutes: u64) -> Result<()> {
     fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("tcptrace-bench: wrote {}", path.display());
-    match newest(&args.out_dir, "results-") {
-        Some(latest) => render(args, &latest),
-        None => Ok(()),
+    if let Some(latest) = newest(&args.out_dir, "results-") {
+        render(args, &latest)?;
     }
+    let failed = soak::failed_checks(&results);
+    if !failed.is_empty() {
+        bail!("the soak failed its checks: {}", failed.join("; "));
+    }
+    Ok(())
 }
 
 /// Writes the report of the results file `path`, with the analysis and the

@@ -582,5 +582,24 @@ fn soak(s: &mut String, run: &Value, json_rel: &str) {
             fill.join(" | ")
         );
     }
+    let c = &run["checks"];
+    if !c.is_null() {
+        let mib = |v: &Value| format!("{:.1}", v.as_f64().unwrap_or(0.0) / 1048576.0);
+        let _ = writeln!(
+            s,
+            "\nChecks (the run fails unless both pass): every failure made was recorded in \
+             the bursts' namespaces, kind by kind (made {}, recorded {}, {} lost): {}; RSS \
+             after warm-up stayed within {} MiB ({} to {} MiB over {} samples): {}.",
+            c["failures"]["made"],
+            c["failures"]["recorded"],
+            c["failures"]["lost"],
+            pass(c["failures"]["pass"] == true),
+            mib(&c["rss"]["tolerance_bytes"]),
+            mib(&c["rss"]["min_bytes"]),
+            mib(&c["rss"]["max_bytes"]),
+            c["rss"]["after_warm_up_samples"],
+            pass(c["rss"]["pass"] == true),
+        );
+    }
     let _ = writeln!(s);
 }
