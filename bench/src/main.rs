@@ -232,7 +232,16 @@ fn one_phase(ctx: &mut Ctx, phase: Phase) -> Result<Value> {
             workload_overhead(ctx, Storm::Accept)?,
             workload_overhead(ctx, Storm::Refused)?
         ]),
-        Phase::Flood => flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?,
+        Phase::Flood => json!({
+            "flood": flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?,
+            "flood_records": flood(
+                ctx,
+                1 << 22,
+                ctx.plan.flood_count,
+                "flood_records",
+                &["--no-kernel-aggregation"],
+            )?,
+        }),
         Phase::BpfCost => bpf_cost(ctx)?,
     })
 }
@@ -248,6 +257,14 @@ fn measure(ctx: &mut Ctx) -> Result<Value> {
     }
     eprintln!("tcptrace-bench: lossless throughput");
     let lossless = flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?;
+    eprintln!("tcptrace-bench: the same flood with every failure a record");
+    let records = flood(
+        ctx,
+        1 << 22,
+        ctx.plan.flood_count,
+        "flood_records",
+        &["--no-kernel-aggregation"],
+    )?;
     eprintln!("tcptrace-bench: forced losses (4096-byte ring buffer, every failure a record)");
     let forced = flood(
         ctx,
@@ -288,6 +305,7 @@ fn measure(ctx: &mut Ctx) -> Result<Value> {
         },
         "workload": overhead,
         "flood": lossless,
+        "flood_records": records,
         "forced_loss": forced,
         "bpf_programs": bpf_cost,
         "pipeline": pipeline,
