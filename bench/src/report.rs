@@ -69,7 +69,11 @@ const CRITERION: &[(&str, &str)] = &[
     ("pipeline/ndjson", "serialize one event record to NDJSON"),
     (
         "pipeline/full",
-        "decode + attribute + diagnose + NDJSON (run.rs per record)",
+        "decode + attribute + diagnose + NDJSON (run.rs per record), one unattributed namespace",
+    ),
+    (
+        "pipeline/node",
+        "the same on a realistic node: 110 pods, 5,000 Services, 20,000 sockets (more than max_socks), every event named",
     ),
     (
         "attribute/cgroup_hit",
@@ -279,17 +283,25 @@ fn summary(s: &mut String, r: &Value) {
         avg.map_or("n/a".into(), |x| format!("{x:.0}")),
         worst.map_or("n/a", |(ns, _)| pass(ns <= 250.0))
     );
-    let full = r["pipeline"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["bench"] == "pipeline/full");
+    let bench = |id: &str| {
+        r["pipeline"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["bench"] == id)
+            .and_then(|p| p["events_per_s_per_core"].as_f64())
+    };
+    let node = bench("pipeline/node");
     let _ = writeln!(
         s,
-        "| userspace pipeline >= 1,000,000 events/s per core | {} events/s (decode + attribute + diagnose + NDJSON) | {} |",
-        full.map_or("n/a".into(), |p| f(&p["events_per_s_per_core"], 0)),
-        full.and_then(|p| p["events_per_s_per_core"].as_f64())
-            .map_or("n/a", |x| pass(x >= 1e6))
+        "| userspace pipeline >= 1,000,000 events/s per core on a realistic node (110 pods, 5,000 Services, sockets beyond max_socks) | {} | {} |",
+        match (node, bench("pipeline/full")) {
+            (Some(n), _) => format!("{n:.0} events/s (decode + attribute + diagnose + NDJSON)"),
+            (None, Some(full)) =>
+                format!("not measured in this run (one unattributed namespace: {full:.0} events/s)"),
+            (None, None) => "not measured in this run".into(),
+        },
+        node.map_or("n/a", |x| pass(x >= 1e6))
     );
     // The higher of the floods measured.
     let hwm = ["flood", "flood_records"]
