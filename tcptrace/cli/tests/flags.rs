@@ -201,3 +201,38 @@ fn selftest_help_lists_every_scenario() {
         .unwrap_or_else(|| panic!("no scenario list in:\n{help}"));
     assert_eq!(listed, known_scenarios());
 }
+
+/// README.md's usage names every flag the command has.
+#[test]
+fn readme_names_every_flag() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let mut missing = Vec::new();
+    for sub in [
+        None,
+        Some("probes"),
+        Some("audit"),
+        Some("replay"),
+        Some("selftest"),
+    ] {
+        let args: Vec<&str> = sub.into_iter().chain(["--help"]).collect();
+        let out = tcptrace(&args);
+        assert_eq!(out.status.code(), Some(0));
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        for word in help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            let flag = word.trim_end_matches('-');
+            if flag.len() > 2
+                && flag.starts_with("--")
+                && !["--help", "--version"].contains(&flag)
+                && !readme.contains(flag)
+            {
+                missing.push(format!("{} {flag}", sub.unwrap_or("tcptrace")));
+            }
+        }
+    }
+    assert_eq!(
+        missing,
+        Vec::<String>::new(),
+        "flags README.md does not name"
+    );
+}
