@@ -232,7 +232,16 @@ fn one_phase(ctx: &mut Ctx, phase: Phase) -> Result<Value> {
             workload_overhead(ctx, Storm::Accept)?,
             workload_overhead(ctx, Storm::Refused)?
         ]),
-        Phase::Flood => flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?,
+        Phase::Flood => json!({
+            "flood": flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?,
+            "flood_records": flood(
+                ctx,
+                1 << 22,
+                ctx.plan.flood_count,
+                "flood_records",
+                &["--no-kernel-aggregation"],
+            )?,
+        }),
         Phase::BpfCost => bpf_cost(ctx)?,
     })
 }
@@ -248,6 +257,14 @@ fn measure(ctx: &mut Ctx) -> Result<Value> {
     }
     eprintln!("tcptrace-bench: lossless throughput");
     let lossless = flood(ctx, 1 << 22, ctx.plan.flood_count, "flood", &[])?;
+    eprintln!("tcptrace-bench: the same flood with every failure a record");
+    let records = flood(
+        ctx,
+        1 << 22,
+        ctx.plan.flood_count,
+        "flood_records",
+        &["--no-kernel-aggregation"],
+    )?;
     eprintln!("tcptrace-bench: forced losses (4096-byte ring buffer, every failure a record)");
     let forced = flood(
         ctx,
@@ -288,6 +305,7 @@ fn measure(ctx: &mut Ctx) -> Result<Value> {
         },
         "workload": overhead,
         "flood": lossless,
+        "flood_records": records,
         "forced_loss": forced,
         "bpf_programs": bpf_cost,
         "pipeline": pipeline,
@@ -756,15 +774,32 @@ fn soak(args: &Args, minutes: u64) -> Result<()> {
     fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("tcptrace-bench: wrote {}", path.display());
-    match newest(&args.out_dir, "results-") {
-        Some(latest) => render(args, &latest),
-        None => Ok(()),
+    if let Some(latest) = newest(&args.out_dir, "results-") {
+        render(args, &latest)?;
     }
+    let failed = soak::failed_checks(&results);
+    if !failed.is_empty() {
+        bail!("the soak failed its checks: {}", failed.join("; "));
+    }
+    Ok(())
 }
 
 /// Writes the report of the results file `path`, with the analysis and the
 /// newest soak run of the output directory when there are.
 fn render(args: &Args, path: &Path) -> Result<()> {
+    let md = args
+        .markdown
+        .clone()
+        .unwrap_or_else(|| args.out_dir.join("BENCHMARKS.md"));
+    let text = report_text(&args.out_dir, path)?;
+    fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("tcptrace-bench: wrote {}", md.display());
+    Ok(())
+}
+
+/// The report of the results file `path` and the analysis and newest soak
+/// run of `out_dir`.
+fn report_text(out_dir: &Path, path: &Path) -> Result<String> {
     let read = |p: &Path| -> Result<Value> {
         let text = fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
@@ -775,24 +810,17 @@ fn render(args: &Args, path: &Path) -> Result<()> {
             .unwrap_or_default()
     };
     let results = read(path)?;
-    let analysis = fs::read_to_string(args.out_dir.join("analysis.md")).ok();
-    let soak = match newest(&args.out_dir, "soak-") {
+    let analysis = fs::read_to_string(out_dir.join("analysis.md")).ok();
+    let soak = match newest(out_dir, "soak-") {
         Some(p) => Some((read(&p)?, rel(&p))),
         None => None,
     };
-    let md = args
-        .markdown
-        .clone()
-        .unwrap_or_else(|| args.out_dir.join("BENCHMARKS.md"));
-    let text = report::markdown(
+    Ok(report::markdown(
         &results,
         &rel(path),
         analysis.as_deref(),
         soak.as_ref().map(|(v, r)| (v, r.as_str())),
-    );
-    fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
-    eprintln!("tcptrace-bench: wrote {}", md.display());
-    Ok(())
+    ))
 }
 
 /// The newest `<prefix><date>.json` in `dir` (dates sort as text).
@@ -809,4 +837,25 @@ fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BENCHMARKS.md is generated: the committed copy must be what the
+    /// committed results, analysis and soak run render to.
+    #[test]
+    fn committed_benchmarks_md_is_rendered_from_the_committed_results() {
+        let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let results = newest(bench, "results-").expect("a committed results-<date>.json");
+        let fresh = report_text(bench, &results).expect("rendering the report");
+        let committed = fs::read_to_string(bench.join("../BENCHMARKS.md")).expect("BENCHMARKS.md");
+        assert!(
+            committed == fresh,
+            "BENCHMARKS.md is stale: regenerate it with `cargo run -p tcptrace-bench -- \
+             --tcptrace /bin/true --out-dir bench --markdown BENCHMARKS.md --render {}`",
+            results.display()
+        );
+    }
 }

@@ -2,9 +2,10 @@
 //! connection churn with a burst of failures every minute, each burst in a
 //! namespace made for it and deleted after (pods come and go); its RSS, CPU
 //! and the fill of its BPF hash maps sampled every few minutes, to show
-//! that they stay flat.
+//! that they stay flat. It checks what it shows: every failure it made was
+//! recorded, and RSS stayed flat after warm-up.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     io::{BufRead as _, BufReader, Read as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
@@ -46,13 +47,115 @@ const REFUSED_BASE: u16 = 6000;
 /// the maps that fill.
 const HASH_MAP_TYPES: [u64; 4] = [1, 5, 9, 10];
 
+/// RSS after warm-up (the first sample interval) may move this much.
+pub const RSS_TOLERANCE_BYTES: u64 = 2 << 20;
+
 /// Counts of what tcptrace wrote, by record type, and its last stats.
 #[derive(Default)]
 struct Written {
     records: BTreeMap<String, u64>,
     /// Failures per event kind: a record with a `count` stands for that many.
     failures: BTreeMap<String, u64>,
+    /// The same, of the bursts' namespaces only.
+    burst_failures: BTreeMap<String, u64>,
     lost: u64,
+}
+
+/// Failures one or more bursts made, by the event kind each must produce:
+/// a refused connect is a reset received (and one sent by the kernel), a
+/// connect with no source port a connect error, a bind to a port in use a
+/// bind error.
+#[derive(Clone, Copy, Default)]
+struct Made {
+    refused: u64,
+    no_port: u64,
+    in_use: u64,
+}
+
+impl Made {
+    fn total(&self) -> u64 {
+        self.refused + self.no_port + self.in_use
+    }
+
+    fn add(&mut self, other: Made) {
+        self.refused += other.refused;
+        self.no_port += other.no_port;
+        self.in_use += other.in_use;
+    }
+
+    fn by_kind(&self) -> BTreeMap<String, u64> {
+        [
+            ("bind_error", self.in_use),
+            ("connect_error", self.no_port),
+            ("reset_received", self.refused),
+            ("reset_sent", self.refused),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
+    }
+}
+
+/// Every failure made is recorded, once, in the bursts' namespaces: the
+/// kinds the bursts make are counted exactly; what else was recorded there
+/// is listed.
+fn failures_check(
+    made: &BTreeMap<String, u64>,
+    recorded: &BTreeMap<String, u64>,
+    lost: u64,
+) -> Value {
+    let (mine, other): (BTreeMap<String, u64>, BTreeMap<String, u64>) = recorded
+        .iter()
+        .map(|(k, n)| (k.clone(), *n))
+        .partition(|(k, _)| made.contains_key(k));
+    json!({
+        "made": made,
+        "recorded": mine,
+        "other_recorded": other,
+        "lost": lost,
+        "pass": *made == mine,
+    })
+}
+
+/// RSS after the first sample (warm-up) stays within
+/// [`RSS_TOLERANCE_BYTES`]; two samples after warm-up are needed to judge.
+fn rss_check(samples: &[Value]) -> Value {
+    let rss: Vec<u64> = samples
+        .iter()
+        .skip(1)
+        .filter_map(|s| s["rss_bytes"].as_u64())
+        .collect();
+    let (min, max) = (rss.iter().min(), rss.iter().max());
+    json!({
+        "after_warm_up_samples": rss.len(),
+        "min_bytes": min,
+        "max_bytes": max,
+        "tolerance_bytes": RSS_TOLERANCE_BYTES,
+        "pass": rss.len() >= 2 && max.zip(min).is_some_and(|(a, b)| a - b <= RSS_TOLERANCE_BYTES),
+    })
+}
+
+/// The checks that failed, in words (none: the run passed).
+pub fn failed_checks(run: &Value) -> Vec<String> {
+    let c = &run["checks"];
+    let mut failed = Vec::new();
+    if c["failures"]["pass"] != true {
+        failed.push(format!(
+            "failures made {} != recorded in the bursts' namespaces {} ({} lost)",
+            c["failures"]["made"], c["failures"]["recorded"], c["failures"]["lost"]
+        ));
+    }
+    if c["rss"]["pass"] != true {
+        failed.push(format!(
+            "RSS after warm-up not flat within {} bytes: {} to {} over {} samples (2 needed)",
+            c["rss"]["tolerance_bytes"],
+            c["rss"]["min_bytes"],
+            c["rss"]["max_bytes"],
+            c["rss"]["after_warm_up_samples"]
+        ));
+    }
+    failed
 }
 
 pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Result<Value> {
@@ -70,9 +173,13 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
         Duration::from_secs(30),
     )?;
     let written = Arc::new(Mutex::new(Written::default()));
+    // The bursts' namespaces, by inode: their records are the ones counted
+    // against what the bursts made (the machine's other traffic is traced too).
+    let burst_netns: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let reader = {
         let stdout = t.take_stdout().context("tcptrace's stdout")?;
         let written = Arc::clone(&written);
+        let burst_netns = Arc::clone(&burst_netns);
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let Ok(v) = serde_json::from_str::<Value>(&line) else {
@@ -84,8 +191,17 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
                 let kind = v["type"].as_str().unwrap_or("?").to_string();
                 *w.records.entry(kind).or_default() += 1;
                 if let Some(event) = v["kind"].as_str() {
-                    *w.failures.entry(event.to_string()).or_default() +=
-                        v["count"].as_u64().unwrap_or(1);
+                    let n = v["count"].as_u64().unwrap_or(1);
+                    *w.failures.entry(event.to_string()).or_default() += n;
+                    let in_burst = v["netns"].as_u64().is_some_and(|ns| {
+                        burst_netns
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .contains(&ns)
+                    });
+                    if in_burst {
+                        *w.burst_failures.entry(event.to_string()).or_default() += n;
+                    }
                 }
                 if v["type"] == "stats" {
                     w.lost = v["lost"].as_u64().unwrap_or(w.lost);
@@ -99,7 +215,7 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
 
     let started = Instant::now();
     let mut samples = Vec::new();
-    let mut failures = 0u64;
+    let mut made = Made::default();
     let mut bursts = 0u32;
     let mut next_burst = started;
     let mut next_sample = started;
@@ -124,7 +240,7 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
                 "cpu_percent_of_a_core": busy * 100.0,
                 "maps": map_fill(t.pid)?,
                 "connections_churned": churned.load(Ordering::Relaxed),
-                "failures_made": failures,
+                "failures_made": made.total(),
                 "records": w.records,
                 "failures_recorded": w.failures,
                 "lost": w.lost,
@@ -138,7 +254,7 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
             break Ok(());
         }
         if now >= next_burst {
-            failures += burst(bursts, plan.burst_refused)?;
+            made.add(burst(bursts, plan.burst_refused, &burst_netns)?);
             bursts += 1;
             next_burst += plan.burst_every;
         }
@@ -151,6 +267,13 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
     drop(churn_ns);
     result?;
     stopped?;
+    let w = written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let checks = json!({
+        "failures": failures_check(&made.by_kind(), &w.burst_failures, w.lost),
+        "rss": rss_check(&samples),
+    });
     Ok(json!({
         "schema": 1,
         "date": report::utc_now(),
@@ -164,6 +287,7 @@ pub fn soak(tcptrace: &Path, plan: &SoakPlan, stop: &'static AtomicBool) -> Resu
         },
         "bursts": bursts,
         "samples": samples,
+        "checks": checks,
     }))
 }
 
@@ -237,33 +361,53 @@ fn start_churn(
     }))
 }
 
-/// One burst in a namespace of its own, deleted after: refused connects to
-/// a port new to this burst, connects with no source port left (a two-port
-/// range, both held) and binds to a port in use. Returns the failures made.
-fn burst(n: u32, refused: u32) -> Result<u64> {
+/// One burst in a namespace of its own (its inode added to `namespaces`),
+/// deleted after: refused connects to a port new to this burst, connects
+/// with no source port left (a two-port range, both held) and binds to a
+/// port in use. Returns the failures made, each by the error it must give.
+fn burst(n: u32, refused: u32, namespaces: &Mutex<HashSet<u64>>) -> Result<Made> {
     let ns = bench_netns(&format!("burst{n}"))?;
+    namespaces
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(u64::from(ns.inode()?));
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40001")?;
     let port = REFUSED_BASE + (n % 1000) as u16;
-    let failed = ns.run("soak-burst", move || {
+    let made = ns.run("soak-burst", move || {
+        use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, ConnectionRefused};
         let local = |p| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
-        let mut failed = 0u64;
+        let failed =
+            |r: std::io::Result<_>, kind| u64::from(r.err().map(|e| e.kind()) == Some(kind));
+        let mut made = Made::default();
         for _ in 0..refused {
-            failed += u64::from(TcpStream::connect(local(port)).is_err());
+            made.refused += failed(TcpStream::connect(local(port)).map(drop), ConnectionRefused);
         }
         let Ok(l) = TcpListener::bind(local(CHURN_PORT)) else {
-            return failed;
+            return made;
         };
         let held: Vec<TcpStream> = (0..2)
             .filter_map(|_| TcpStream::connect(local(CHURN_PORT)).ok())
             .collect();
         for _ in 0..refused / 10 {
-            failed += u64::from(TcpStream::connect(local(CHURN_PORT)).is_err());
-            failed += u64::from(TcpListener::bind(local(CHURN_PORT)).is_err());
+            made.no_port += failed(
+                TcpStream::connect(local(CHURN_PORT)).map(drop),
+                AddrNotAvailable,
+            );
+            made.in_use += failed(TcpListener::bind(local(CHURN_PORT)).map(drop), AddrInUse);
         }
+        // A clean close of the held connections: accepted, then closed by
+        // the server first (a listener closed over a full queue would reset
+        // them, failures nobody counted).
+        let accepted: Vec<TcpStream> = held
+            .iter()
+            .filter_map(|_| l.accept().ok())
+            .map(|(s, _)| s)
+            .collect();
+        drop(accepted);
         drop((held, l));
-        failed
+        made
     })?;
-    Ok(failed)
+    Ok(made)
 }
 
 /// Entries and capacity of each hash map tcptrace holds (`bpftool map
@@ -300,4 +444,61 @@ fn map_fill(pid: u32) -> Result<Vec<Value>> {
         }));
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(rss_mib: &[u64]) -> Vec<Value> {
+        rss_mib
+            .iter()
+            .map(|m| json!({ "rss_bytes": m << 20 }))
+            .collect()
+    }
+
+    #[test]
+    fn rss_is_judged_after_warm_up_within_the_tolerance() {
+        // Warm-up (the first sample) may differ; after it, 2 MiB of play.
+        assert_eq!(rss_check(&samples(&[40, 16, 17, 18]))["pass"], true);
+        let grew = rss_check(&samples(&[16, 16, 17, 19]));
+        assert_eq!(
+            grew,
+            json!({
+                "after_warm_up_samples": 3,
+                "min_bytes": 16 << 20,
+                "max_bytes": 19 << 20,
+                "tolerance_bytes": 2 << 20,
+                "pass": false,
+            })
+        );
+        // One sample after warm-up shows no trend: not enough to pass.
+        assert_eq!(rss_check(&samples(&[16, 16]))["pass"], false);
+    }
+
+    #[test]
+    fn every_failure_made_must_be_recorded_by_kind() {
+        let made = Made {
+            refused: 5000,
+            no_port: 500,
+            in_use: 500,
+        };
+        assert_eq!(made.total(), 6000);
+        let mut recorded = made.by_kind();
+        assert_eq!(failures_check(&made.by_kind(), &recorded, 0)["pass"], true);
+        *recorded.get_mut("reset_received").unwrap() -= 1;
+        let run = json!({
+            "checks": {
+                "failures": failures_check(&made.by_kind(), &recorded, 1),
+                "rss": rss_check(&samples(&[16, 16, 16])),
+            }
+        });
+        assert_eq!(
+            failed_checks(&run),
+            [
+                "failures made {\"bind_error\":500,\"connect_error\":500,\"reset_received\":5000,\"reset_sent\":5000} \
+                 != recorded in the bursts' namespaces {\"bind_error\":500,\"connect_error\":500,\"reset_received\":4999,\"reset_sent\":5000} (1 lost)"
+            ]
+        );
+    }
 }

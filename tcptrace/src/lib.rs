@@ -16,4 +16,6 @@ pub mod node;
 pub mod output;
 pub mod pipeline;
 pub mod run;
+#[cfg(test)]
+mod testing;
 pub mod tui;

@@ -19,8 +19,8 @@
 //! - `tcptrace_malformed_records_total`: records that could not be decoded.
 //! - `tcptrace_probe_attached{hook,tracepoint,tier}`: 1 when live, else 0.
 //!
-//! `pod` is `namespace/name` (the pod uid when only the uid is known, empty
-//! for sockets outside any pod). At most [`MAX_POD_LABELS`] distinct pods get
+//! `pod` is `namespace/name`, or what is known of a pod whose name is not
+//! (`uid <uid> container <id>`), empty for sockets outside any pod. At most [`MAX_POD_LABELS`] distinct pods get
 //! their own series; the rest are counted under `pod="_other"`.
 use std::{
     collections::{HashMap, HashSet},
@@ -286,11 +286,7 @@ impl Metrics {
         let Some(p) = pod else {
             return String::new();
         };
-        let label = if p.name.is_empty() {
-            p.uid.clone()
-        } else {
-            format!("{}/{}", p.namespace, p.name)
-        };
+        let label = p.to_string();
         if self.pods.contains(&label) {
             label
         } else if self.pods.len() < MAX_POD_LABELS {
@@ -504,6 +500,8 @@ mod tests {
 
     fn stats(seen: u64, lost: u64) -> Record {
         Record::Stats(Stats {
+            node: None,
+            kernel: None,
             time: UNIX_EPOCH,
             uptime_s: 1.0,
             seen,
@@ -544,6 +542,13 @@ mod tests {
         ]);
         m.observe(&event(None));
         m.observe(&event(Some(pod("web"))));
+        let unnamed = PodRef {
+            namespace: String::new(),
+            name: String::new(),
+            uid: "3f2a".into(),
+            container: Some("c0ffee".into()),
+        };
+        m.observe(&event(Some(unnamed)));
         m.observe(&verdict(1));
         // Re-emitted with the cumulative count: 4 more occurrences.
         m.observe(&verdict(5));
@@ -555,6 +560,7 @@ mod tests {
             r#"tcptrace_verdict_occurrences_total{cause="connection_refused",pod="default/web"} 5"#,
             r#"tcptrace_events_total{kind="connect_error",pod=""} 1"#,
             r#"tcptrace_events_total{kind="connect_error",pod="default/web"} 1"#,
+            r#"tcptrace_events_total{kind="connect_error",pod="uid 3f2a container c0ffee"} 1"#,
             r#"tcptrace_kernel_events_total{hook="retransmit"} 15"#,
             r#"tcptrace_lost_events_total{hook="retransmit"} 3"#,
             "tcptrace_malformed_records_total 2",

@@ -116,10 +116,13 @@ pub fn probe_table(probes: &[ProbeStatus]) -> String {
     )
 }
 
-/// Counts of what this process handled, for stats records.
+/// Counts of what this process handled, and where it runs, for stats
+/// records.
 #[derive(Default)]
 struct Tally {
     malformed: u64,
+    node: Option<String>,
+    kernel: Option<String>,
 }
 
 /// Records the TUI may lag behind before new ones are counted as dropped.
@@ -221,6 +224,7 @@ impl Session {
     fn start(args: &TraceArgs) -> Result<Self> {
         let mut tracer = Tracer::load(&options(args))?;
         report_unavailable(&tracer.probes);
+        let (node, kernel) = node::host_and_kernel();
         tracer.use_runtime()?;
         let attributor = Attributor::new(AttributionConfig {
             host_root: args.node.host_root.clone(),
@@ -234,17 +238,18 @@ impl Session {
         pipeline.set_services(ServiceMap::from_dumps(&node::rules(&facts_cfg)));
         let (facts, _) = node::collect(&facts_cfg, &BTreeSet::new(), &HashMap::new());
         pipeline.set_facts(facts);
-        let refresher = Refresher::start(
-            facts_cfg,
-            Duration::from_secs_f64(args.facts_interval.max(0.5)),
-        )
-        .context("starting the node facts reader")?;
+        let refresher = Refresher::start(facts_cfg, args.facts_interval)
+            .context("starting the node facts reader")?;
         Ok(Self {
             stages: Stages {
                 tracer,
                 pipeline,
                 refresher,
-                tally: Tally::default(),
+                tally: Tally {
+                    node,
+                    kernel,
+                    ..Tally::default()
+                },
                 notices: Notices::default(),
                 nodes: Vec::new(),
             },
@@ -287,9 +292,8 @@ impl Session {
         let started = Instant::now();
         let deadline = args
             .duration
-            .map(|s| tokio::time::Instant::from_std(started + Duration::from_secs_f64(s.max(0.0))));
-        let mut stats_tick =
-            tokio::time::interval(Duration::from_secs_f64(args.stats_interval.max(0.1)));
+            .map(|d| tokio::time::Instant::from_std(started + d));
+        let mut stats_tick = tokio::time::interval(args.stats_interval);
         stats_tick.tick().await;
         loop {
             tokio::select! {
@@ -458,6 +462,8 @@ fn stats(
 ) -> Result<Record> {
     let hooks = tracer.hook_stats()?;
     Ok(Record::Stats(Stats {
+        node: tally.node.clone(),
+        kernel: tally.kernel.clone(),
         time: SystemTime::now(),
         uptime_s: started.elapsed().as_secs_f64(),
         seen: hooks.iter().map(|h| h.seen).sum(),

@@ -2,7 +2,7 @@
 //! clean up after themselves, code run inside them, and a tracer shared by
 //! the tests of one binary whose events are filtered by namespace.
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock, mpsc},
@@ -124,6 +124,24 @@ impl Capture {
 
     pub fn hook_stats(&self) -> Vec<HookStats> {
         self.tracer.hook_stats().expect("reading counters")
+    }
+}
+
+/// A test that cannot run (a tool, a package or a kernel feature is
+/// missing): under CI (`CI=true`) it fails with `reason`; elsewhere it says
+/// so on the terminal, past the test harness's output capture, and the
+/// caller returns.
+pub fn cannot_run(reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("this test cannot run here, and under CI nothing passes by not running: {reason}");
+    }
+    let line = format!("skipped: {reason}\n");
+    let shown = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/tty")
+        .and_then(|mut tty| tty.write_all(line.as_bytes()));
+    if shown.is_err() {
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }
 
@@ -255,25 +273,54 @@ impl Running {
     }
 
     /// Waits (bounded) for exit; returns the exit code and stdout lines.
-    pub fn finish(mut self) -> (i32, Vec<String>) {
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (
-                    status.code().unwrap_or(-1),
-                    out.lines().map(str::to_string).collect(),
-                );
+    pub fn finish(self) -> (i32, Vec<String>) {
+        self.finish_within(Duration::from_secs(20))
+    }
+
+    /// Reads stdout to its end and waits for exit, both within `limit`;
+    /// past it, kills tcptrace and fails with what it printed.
+    pub fn finish_within(mut self, limit: Duration) -> (i32, Vec<String>) {
+        let deadline = Instant::now() + limit;
+        let stdout = self.child.stdout.take().expect("stdout not yet taken");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-            assert!(Instant::now() < deadline, "tcptrace did not exit");
+        });
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.give_up(limit, "kept its stdout open", &lines)
+                }
+            }
+        }
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for tcptrace") {
+                return (status.code().unwrap_or(-1), lines);
+            }
+            if Instant::now() >= deadline {
+                self.give_up(limit, "closed its stdout but did not exit", &lines)
+            }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn give_up(&mut self, limit: Duration, what: &str, stdout: &[String]) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        panic!(
+            "tcptrace {what} for {limit:?}: killed it.\nstdout:\n{}\nstderr:\n{}",
+            stdout.join("\n"),
+            stderr.join("\n")
+        )
     }
 }
 

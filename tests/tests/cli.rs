@@ -107,7 +107,12 @@ fn duration_and_sigterm_stop_cleanly_with_final_stats() {
     let (code, lines) = start_tcptrace(&["--duration", "1"]).finish();
     assert_eq!(code, 0);
     assert!(started.elapsed() < Duration::from_secs(25));
-    assert_eq!(records(&lines).last().unwrap()["final"], true);
+    let last = records(&lines).pop().unwrap();
+    assert_eq!(last["final"], true);
+    // Stats name the machine, for a replay's header.
+    let read = |path| std::fs::read_to_string(path).unwrap().trim().to_string();
+    assert_eq!(last["node"], read("/proc/sys/kernel/hostname"));
+    assert_eq!(last["kernel"], read("/proc/sys/kernel/osrelease"));
 
     let tracer = start_tcptrace(&[]);
     tracer.signal(Signal::SIGTERM);

@@ -17,6 +17,7 @@ use tcptrace_lab::{
     observer::Observer,
     scenarios::{self, CT_TIMEOUT_S, CaseResult, NODEPORTS},
 };
+use tcptrace_tests::cannot_run;
 
 static OBSERVER: OnceLock<Mutex<Observer>> = OnceLock::new();
 
@@ -411,9 +412,8 @@ fn nodeport_collision_with_ipvs_and_its_controls() {
 fn conntrack_invalid_beyond_window_and_controls() {
     let rs = run("conntrack_invalid");
     let r = &rs[0];
-    if r.skipped.is_some() {
-        eprintln!("skipped: {}", r.detail);
-        return;
+    if let Some(why) = &r.skipped {
+        return cannot_run(why);
     }
     let v = verdict(case(&rs, "beyond_window"));
     assert_eq!(v.cause, Cause::ConntrackInvalid);

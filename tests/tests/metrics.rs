@@ -6,17 +6,13 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Read as _,
     path::PathBuf,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tcptrace_tests::{Netns, Running, start_tcptrace, tcptrace_bin};
 
@@ -179,23 +175,11 @@ fn metrics_count_a_refused_connect_exactly() {
     );
 
     // The event counters agree with the NDJSON tcptrace printed.
-    kill(
-        Pid::from_raw(tracing.running.child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    let mut tracing = tracing;
-    let mut out = String::new();
-    tracing
-        .running
-        .child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    tracing.running.signal(Signal::SIGTERM);
+    let (code, printed) = tracing.running.finish();
+    assert_eq!(code, 0);
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for line in out.lines() {
+    for line in &printed {
         let v: Value = serde_json::from_str(line).unwrap();
         if v["type"] == "event" {
             *kinds
@@ -203,7 +187,7 @@ fn metrics_count_a_refused_connect_exactly() {
                 .or_default() += 1;
         }
     }
-    assert!(!kinds.is_empty(), "events printed:\n{out}");
+    assert!(!kinds.is_empty(), "events printed:\n{}", printed.join("\n"));
     for (kind, n) in &kinds {
         let line = format!(r#"tcptrace_events_total{{kind="{kind}",pod=""}} {n}"#);
         assert!(

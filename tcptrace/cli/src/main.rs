@@ -32,8 +32,21 @@ fn trace(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(tcptrace::run::main(cli))
 }
 
+/// An unknown scenario is a usage error (exit 2), found before anything runs.
 #[cfg(feature = "selftest")]
 fn selftest(scenarios: &[String], format: tcptrace::cli::TableFormat) -> anyhow::Result<()> {
+    let known = tcptrace_lab::scenarios::names();
+    if let Some(unknown) = scenarios.iter().find(|n| !known.contains(&n.as_str())) {
+        <Cli as clap::CommandFactory>::command()
+            .error(
+                clap::error::ErrorKind::InvalidValue,
+                format!(
+                    "unknown scenario {unknown:?}: choose from {}",
+                    known.join(", ")
+                ),
+            )
+            .exit();
+    }
     tcptrace_lab::selftest::main(scenarios, format)
 }
 

@@ -2,6 +2,7 @@
 //! incident, keys go in with send-keys, and the test reads the screen a
 //! person would see (printed into the test output).
 use std::{
+    io::Write as _,
     process::{Command, Output},
     thread,
     time::{Duration, Instant},
@@ -21,19 +22,6 @@ const RECORDED: &str = concat!(
 /// After the TUI exits: its status and whether the tty is cooked again.
 const AFTER_EXIT: &str = "echo \"tcptrace exited with $?\"; \
     stty -a | tr ' ;' '\\n\\n' | grep -x -e icanon -e -icanon; sleep 60";
-
-/// False (with a note) when tmux is missing; under CI=true that fails.
-fn have_tmux() -> bool {
-    if Command::new("tmux").arg("-V").output().is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "tmux is not installed (apt-get install -y tmux)"
-    );
-    eprintln!("skipped: tmux is not installed (apt-get install -y tmux)");
-    false
-}
 
 /// A private tmux server with one window, killed on drop.
 struct Tmux {
@@ -137,6 +125,28 @@ impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.run(&["kill-server"]);
     }
+}
+
+/// Whether tmux is installed. Without it the test cannot run: under CI
+/// (`CI=true`) that fails it; elsewhere the skip is said on the terminal,
+/// past the test harness's output capture.
+fn have_tmux() -> bool {
+    if Command::new("tmux").arg("-V").output().is_ok() {
+        return true;
+    }
+    let reason = "tmux is not installed (apt-get install -y tmux)";
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("this test cannot run here, and under CI nothing passes by not running: {reason}");
+    }
+    let line = format!("skipped: {reason}\n");
+    let shown = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/tty")
+        .and_then(|mut tty| tty.write_all(line.as_bytes()));
+    if shown.is_err() {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+    false
 }
 
 #[test]
@@ -361,4 +371,41 @@ fn no_color_keeps_the_marks() {
     assert!(styled.contains("\x1b[7m> "));
     tmux.keys(&["q"]);
     tmux.assert_restored();
+}
+
+/// Without tmux the tests cannot run: they fail under CI and elsewhere pass
+/// saying "skipped" (here: on stderr, run again without a terminal and
+/// without tmux on PATH).
+#[test]
+fn without_tmux_fails_under_ci_and_says_skipped_elsewhere() {
+    let again = |ci: &str| {
+        let out = Command::new("setsid")
+            .args(["--wait", "env", "PATH=/nonexistent"])
+            .arg(format!("CI={ci}"))
+            .arg(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", "replay_in_a_real_terminal", "--test-threads=1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running this test binary again");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = again("true");
+    assert_eq!(code, Some(101), "{stdout}");
+    assert!(
+        stdout.contains(
+            "this test cannot run here, and under CI nothing passes by not running: \
+             tmux is not installed (apt-get install -y tmux)"
+        ),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = again("");
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(
+        stderr,
+        "skipped: tmux is not installed (apt-get install -y tmux)\n"
+    );
 }

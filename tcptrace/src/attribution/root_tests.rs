@@ -15,6 +15,7 @@ use std::{
 use super::*;
 use crate::model::{EventKind, ServiceRef};
 use crate::node::{self, host::cgroup2_mount};
+use crate::testing::cannot_run;
 
 /// Undoes everything the test set up, also when it panics.
 struct Cleanup {
@@ -82,8 +83,7 @@ fn sleep_in(name: &str, cleanup: &mut Cleanup) -> u32 {
 #[test]
 fn names_a_real_pod_netns_cgroup_and_named_netns() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (network namespaces and cgroups)");
-        return;
+        return cannot_run("needs root (network namespaces and cgroups)");
     }
     let Some(cgroup_root) = cgroup2_mount(Path::new("/")) else {
         panic!("no writable cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified");
@@ -275,8 +275,8 @@ fn names_a_real_pod_netns_cgroup_and_named_netns() {
         a.attribute(&mut ev);
         assert_eq!(ev.dst.service, Some(dns));
     } else {
-        eprintln!(
-            "iptables rules could not be added in the test namespace: iptables-save check skipped"
+        cannot_run(
+            "iptables rules could not be added in the test namespace: no iptables-save check",
         );
     }
     if nft_added {
@@ -285,7 +285,7 @@ fn names_a_real_pod_netns_cgroup_and_named_netns() {
             Some("web")
         );
     } else {
-        eprintln!("nft rules could not be added in the test namespace: nft check skipped");
+        cannot_run("nft rules could not be added in the test namespace: no nft check");
     }
     eprintln!("service collection warnings: {:?}", services.warnings);
     drop(cleanup);
@@ -304,8 +304,7 @@ fn names_a_real_pod_netns_cgroup_and_named_netns() {
 #[test]
 fn a_reused_netns_inode_names_the_new_namespace() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (network namespaces)");
-        return;
+        return cannot_run("needs root (network namespaces)");
     }
     let me = std::process::id();
     let mut cleanup = Cleanup {

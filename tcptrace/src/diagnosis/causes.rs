@@ -48,7 +48,7 @@ fn counted(n: impl Into<u64>, noun: &str) -> String {
 
 pub(super) fn who(ev: &Event) -> String {
     if let Some(p) = &ev.pod {
-        return format!("pod {}/{}", p.namespace, p.name);
+        return format!("pod {p}");
     }
     match (&ev.comm, ev.pid, &ev.netns_name) {
         (Some(c), Some(p), _) => format!("{c} ({p})"),
@@ -63,7 +63,7 @@ pub(super) fn where_set(ns: u32, ev: &Event, facts: &NodeFacts) -> String {
     if facts.is_node(ns) {
         "on the node".into()
     } else if let Some(p) = ev.pod.as_ref().filter(|_| ns == ev.netns) {
-        format!("in the network namespace of pod {}/{}", p.namespace, p.name)
+        format!("in the network namespace of pod {p}")
     } else if let Some(n) = ev.netns_name.as_ref().filter(|_| ns == ev.netns) {
         format!("in network namespace {n}")
     } else {
@@ -1530,7 +1530,7 @@ pub(super) fn peer_lost_connection(
     let mut evidence = obj(json!({
         "peer": rr.dst.to_string(),
         "reset_sent_in_netns": sent.netns,
-        "reset_sent_by": sent.pod.as_ref().map(|p| format!("pod {}/{}", p.namespace, p.name)).or_else(|| sent.netns_name.clone()),
+        "reset_sent_by": sent.pod.as_ref().map(|p| format!("pod {p}")).or_else(|| sent.netns_name.clone()),
         "state": rr.state,
         "idle_ms": rr.tcp.as_ref().map(|t| t.idle_ms),
     }));

@@ -137,6 +137,36 @@ pub struct PodRef {
     pub container: Option<String>,
 }
 
+/// What a person reads for a pod: `namespace/name` when the pod is known;
+/// else what is (`namespace`, `uid`, `container`, a container ID cut to its
+/// first 12 characters as `docker ps` and `crictl ps` show it); never an
+/// empty name.
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.namespace.as_str(), self.name.as_str()) {
+            (_, "") => {}
+            ("", name) => return f.write_str(name),
+            (namespace, name) => return write!(f, "{namespace}/{name}"),
+        }
+        let mut known = Vec::new();
+        if !self.namespace.is_empty() {
+            known.push(format!("namespace {}", self.namespace));
+        }
+        if !self.uid.is_empty() {
+            known.push(format!("uid {}", self.uid));
+        }
+        if let Some(c) = self.container.as_deref().filter(|c| !c.is_empty()) {
+            let id = c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit());
+            known.push(format!("container {}", if id { &c[..12] } else { c }));
+        }
+        if known.is_empty() {
+            f.write_str("unknown pod")
+        } else {
+            f.write_str(&known.join(" "))
+        }
+    }
+}
+
 /// How far attribution got, best first.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -335,6 +365,13 @@ pub struct HookStats {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
+    /// Host name of the machine tcptrace runs on: with `kernel`, what a
+    /// replay's header shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Its kernel release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
     /// Seconds since tracing started.
@@ -352,4 +389,45 @@ pub struct Stats {
     /// True on the last stats record, written at exit.
     #[serde(default)]
     pub r#final: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PodRef;
+
+    fn pod(namespace: &str, name: &str, uid: &str, container: Option<&str>) -> String {
+        PodRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+            container: container.map(str::to_string),
+        }
+        .to_string()
+    }
+
+    const UID: &str = "7e1d2c3b-4a59-4f3c-8a2b-000000000001";
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_known_pod_is_namespace_slash_name() {
+        assert_eq!(pod("shop", "cart-7d9", UID, Some("cart")), "shop/cart-7d9");
+        assert_eq!(pod("", "cart-7d9", UID, None), "cart-7d9");
+    }
+
+    #[test]
+    fn an_unnamed_pod_says_what_is_known() {
+        assert_eq!(
+            pod("", "", UID, Some(ID)),
+            "uid 7e1d2c3b-4a59-4f3c-8a2b-000000000001 container 0123456789ab"
+        );
+        assert_eq!(
+            pod("shop", "", UID, Some("cart")),
+            "namespace shop uid 7e1d2c3b-4a59-4f3c-8a2b-000000000001 container cart"
+        );
+        assert_eq!(
+            pod("", "", UID, None),
+            "uid 7e1d2c3b-4a59-4f3c-8a2b-000000000001"
+        );
+        assert_eq!(pod("", "", "", Some("")), "unknown pod");
+    }
 }

@@ -21,6 +21,21 @@ use std::{
 use self::{kube_proxy::RuleDumps, sysctl::collect_netns};
 use crate::model::facts::{ListenStats, NetnsFacts, NodeFacts, QueuedListener};
 
+/// This machine's host name and kernel release (`uname -n`, `uname -r`),
+/// each `None` when unreadable.
+pub fn host_and_kernel() -> (Option<String>, Option<String>) {
+    let read = |path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    (
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/osrelease"),
+    )
+}
+
 /// What the refresher needs to know besides the namespaces themselves.
 #[derive(Clone, Debug)]
 pub struct FactsConfig {

@@ -501,8 +501,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
     #[test]
     fn root_collects_a_private_namespace() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping root_collects_a_private_namespace: needs root");
-            return;
+            return crate::testing::cannot_run("root_collects_a_private_namespace needs root");
         }
         let name = format!("tcptrace-diag-{}", std::process::id());
         run(&["ip", "netns", "add", &name]);

@@ -166,6 +166,8 @@ mod tests {
 
     fn stats() -> Record {
         Record::Stats(Stats {
+            node: None,
+            kernel: None,
             time: UNIX_EPOCH + Duration::from_secs(1),
             uptime_s: 1.5,
             seen: 3,

@@ -13,7 +13,7 @@ use crate::model::{Event, Record, Verdict};
 
 use super::{
     board::{
-        Board, Key as RowKey, Label, Pair, Row, RowEnds, Spark, Subject, pod_label, subject_label,
+        Board, Key as RowKey, Label, Pair, Row, RowEnds, Spark, Subject, subject_label,
         target_label,
     },
     input::Key,
@@ -36,6 +36,18 @@ pub struct Header {
 }
 
 impl Header {
+    /// Fills what is still unknown (a replay's header) from a stats record.
+    fn learn(&mut self, stats: &crate::model::Stats) {
+        for (mine, theirs) in [
+            (&mut self.node, &stats.node),
+            (&mut self.kernel, &stats.kernel),
+        ] {
+            if let (true, Some(value)) = (mine.is_empty(), theirs) {
+                mine.clone_from(value);
+            }
+        }
+    }
+
     /// This machine's host name and kernel release, for a live session.
     pub fn local(probes: Vec<(String, String)>) -> Self {
         let read = |path| {
@@ -247,6 +259,7 @@ impl App {
             Record::Verdict(v) => self.ingest_verdict(v),
             Record::Stats(s) => {
                 self.advance(s.time);
+                self.header.learn(&s);
                 self.stats = Some(s);
             }
         }
@@ -600,8 +613,7 @@ fn export_name(v: &Verdict, subject: &str) -> String {
 fn event_haystack(e: &Event) -> String {
     let mut s = format!("{} {} {}", e.kind.as_str(), e.src, e.dst);
     if let Some(p) = &e.pod {
-        s.push(' ');
-        s.push_str(&pod_label(p));
+        s.push_str(&format!(" {p}"));
     }
     let state = e.state.map(|x| x.as_str().to_string());
     let errno = e.errno.map(|x| x.to_string());
@@ -669,6 +681,44 @@ mod tests {
     fn selected(app: &App) -> Option<String> {
         let rows = app.visible_rows();
         app.selected_index(&rows).map(|i| rows[i].subject.clone())
+    }
+
+    #[test]
+    fn a_replay_header_is_learned_from_the_stream_s_stats() {
+        let stats = |node: Option<&str>, kernel: Option<&str>| {
+            AppInput::Record(Record::Stats(crate::model::Stats {
+                node: node.map(str::to_string),
+                kernel: kernel.map(str::to_string),
+                time: at(5_000),
+                uptime_s: 5.0,
+                seen: 0,
+                lost: 0,
+                malformed: 0,
+                sink_dropped: 0,
+                hooks: Vec::new(),
+                r#final: false,
+            }))
+        };
+        let mut replay = App::new(Header::default());
+        replay.handle(stats(None, None));
+        assert_eq!(
+            (replay.header.node.as_str(), replay.header.kernel.as_str()),
+            ("", "")
+        );
+        replay.handle(stats(Some("kind-worker"), Some("6.18.0")));
+        replay.handle(stats(Some("kind-worker2"), Some("6.1.0")));
+        assert_eq!(
+            (replay.header.node.as_str(), replay.header.kernel.as_str()),
+            ("kind-worker", "6.18.0")
+        );
+        // A live session's header is its own machine's.
+        let mut live = App::new(header());
+        let before = (live.header.node.clone(), live.header.kernel.clone());
+        live.handle(stats(Some("kind-worker"), Some("6.18.0")));
+        assert_eq!(
+            (live.header.node.clone(), live.header.kernel.clone()),
+            before
+        );
     }
 
     /// a: 3 occurrences (oldest), b: 1 (newest).
@@ -1026,9 +1076,9 @@ mod tests {
         assert_eq!(
             uid_rows,
             [
-                "pod fcf0448e-2932-4984-9dac-e9680e4921d6",
-                "pod 0c698ade-07fa-476b-b379-c73a2f894e9a",
-                "pod 7918e77c-b715-420e-905d-fe58b02de366",
+                "uid fcf0448e-2932-4984-9dac-e9680e4921d6",
+                "uid 0c698ade-07fa-476b-b379-c73a2f894e9a",
+                "uid 7918e77c-b715-420e-905d-fe58b02de366",
             ]
         );
     }

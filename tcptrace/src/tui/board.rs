@@ -376,20 +376,10 @@ fn remove_slot(map: &mut HashMap<u64, Vec<usize>>, hash: u64, slot: usize) {
     }
 }
 
-/// A pod as the board names it: "namespace/name", or its uid when
-/// attribution found only that.
-pub fn pod_label(p: &PodRef) -> String {
-    if p.name.is_empty() {
-        format!("pod {}", p.uid)
-    } else {
-        format!("{}/{}", p.namespace, p.name)
-    }
-}
-
 /// Who a verdict is about: its pod, else its network namespace.
 pub fn subject_label(v: &Verdict) -> String {
     match (&v.pod, &v.netns_name) {
-        (Some(p), _) => pod_label(p),
+        (Some(p), _) => p.to_string(),
         (None, Some(name)) => format!("netns {name}"),
         (None, None) => format!("netns {}", v.netns),
     }

@@ -14,7 +14,7 @@ use crate::model::{Confidence, Event, Severity};
 
 use super::{
     app::{App, DetailView, Focus, Mode, Sort, unix_secs},
-    board::{Row, SPARK_SECS, pod_label},
+    board::{Row, SPARK_SECS},
 };
 
 /// Cells of the board's sparkline; each sums SPARK_SECS / SPARK_WIDTH seconds.
@@ -486,7 +486,7 @@ fn event_line(e: &Event) -> Line<'static> {
         text.push_str(extra);
     }
     let mut who = match (&e.pod, &e.netns_name) {
-        (Some(p), _) => format!("  {}", pod_label(p)),
+        (Some(p), _) => format!("  {p}"),
         (None, Some(n)) => format!("  netns {n}"),
         (None, None) => format!("  netns {}", e.netns),
     };
@@ -699,7 +699,7 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
 fn destination(dst: &crate::model::Endpoint) -> String {
     match (&dst.service, &dst.pod) {
         (Some(s), _) => format!("{dst} ({}/{})", s.namespace, s.name),
-        (None, Some(p)) => format!("{dst} ({})", pod_label(p)),
+        (None, Some(p)) => format!("{dst} ({p})"),
         (None, None) => dst.to_string(),
     }
 }
@@ -847,6 +847,8 @@ mod tests {
     fn lost_events_are_shown_in_red() {
         let mut app = App::new(header());
         app.handle(AppInput::Record(Record::Stats(crate::model::Stats {
+            node: None,
+            kernel: None,
             time: at(5_000),
             uptime_s: 5.0,
             seen: 1_000,

@@ -134,6 +134,8 @@ fn verdict(
 
 fn stats(ms: u64, seen: u64, lost: u64, last: bool) -> Stats {
     Stats {
+        node: Some("kind-worker".into()),
+        kernel: Some("6.18.0-cloud-amd64".into()),
         time: at(ms),
         uptime_s: ms as f64 / 1000.0 + 5.0,
         seen,

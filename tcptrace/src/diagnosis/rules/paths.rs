@@ -114,7 +114,7 @@ impl Diagnoser {
             place: d
                 .pod
                 .as_ref()
-                .map(|p| format!("pod {}/{}", p.namespace, p.name))
+                .map(|p| format!("pod {p}"))
                 .or_else(|| d.netns_name.as_ref().map(|n| format!("netns {n}"))),
             location: d.location.clone(),
             drops: 1,
@@ -178,7 +178,7 @@ impl Diagnoser {
         let place = ev
             .pod
             .as_ref()
-            .map(|p| format!("pod {}/{}", p.namespace, p.name))
+            .map(|p| format!("pod {p}"))
             .or_else(|| ev.netns_name.as_ref().map(|n| format!("netns {n}")));
         // A drop elsewhere, or for another reason, replaces what was noted.
         if self
