@@ -17,6 +17,9 @@
 //!   events the kernel delivered (as records, or counted in a storm) / lost
 //!   (ring buffer full), from stats records.
 //! - `tcptrace_malformed_records_total`: records that could not be decoded.
+//! - `tcptrace_unaccounted_failures_total{bound}`: failures in the stream no
+//!   verdict accounts for because a bound was reached (`ledger_full`,
+//!   `repeats`), from stats records.
 //! - `tcptrace_probe_attached{hook,tracepoint,tier}`: 1 when live, else 0.
 //!
 //! `pod` is `namespace/name`, or what is known of a pod whose name is not
@@ -68,6 +71,11 @@ struct HookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BoundLabels {
+    bound: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
     hook: String,
     tracepoint: String,
@@ -84,6 +92,7 @@ pub struct Metrics {
     kernel_events: Family<HookLabels, Counter>,
     lost: Family<HookLabels, Counter>,
     malformed: Counter,
+    unaccounted: Family<BoundLabels, Counter>,
     probes: Family<ProbeLabels, Gauge>,
     pods: HashSet<String>,
     resets: Family<CauseLabels, Counter>,
@@ -93,6 +102,7 @@ pub struct Metrics {
     /// Last cumulative kernel counters per hook, from stats records.
     hook_seen: HashMap<String, (u64, u64)>,
     last_malformed: u64,
+    last_unaccounted: crate::model::Unaccounted,
     /// The endpoint serving these counters, stopped when dropped.
     server: Option<MetricsServer>,
 }
@@ -125,6 +135,7 @@ impl Metrics {
         let kernel_events = Family::<HookLabels, Counter>::default();
         let lost = Family::<HookLabels, Counter>::default();
         let malformed = Counter::default();
+        let unaccounted = Family::<BoundLabels, Counter>::default();
         let probes = Family::<ProbeLabels, Gauge>::default();
         registry.register(
             "tcptrace_verdicts",
@@ -162,6 +173,11 @@ impl Metrics {
             malformed.clone(),
         );
         registry.register(
+            "tcptrace_unaccounted_failures",
+            "Failures in the stream no verdict accounts for, by the bound that was reached",
+            unaccounted.clone(),
+        );
+        registry.register(
             "tcptrace_probe_attached",
             "1 when the kernel hook is attached, 0 when disabled or unavailable",
             probes.clone(),
@@ -175,11 +191,13 @@ impl Metrics {
             kernel_events,
             lost,
             malformed,
+            unaccounted,
             probes,
             pods: HashSet::new(),
             verdict_counts: HashMap::new(),
             hook_seen: HashMap::new(),
             last_malformed: 0,
+            last_unaccounted: crate::model::Unaccounted::default(),
             server: None,
         }
     }
@@ -277,6 +295,19 @@ impl Metrics {
                 self.malformed
                     .inc_by(s.malformed.saturating_sub(self.last_malformed));
                 self.last_malformed = self.last_malformed.max(s.malformed);
+                let (now, last) = (s.unaccounted, self.last_unaccounted);
+                for (bound, now, last) in [
+                    ("ledger_full", now.ledger_full, last.ledger_full),
+                    ("repeats", now.repeats, last.repeats),
+                ] {
+                    self.unaccounted
+                        .get_or_create(&BoundLabels { bound })
+                        .inc_by(now.saturating_sub(last));
+                }
+                self.last_unaccounted = crate::model::Unaccounted {
+                    ledger_full: now.ledger_full.max(last.ledger_full),
+                    repeats: now.repeats.max(last.repeats),
+                };
             }
         }
     }
@@ -515,6 +546,10 @@ mod tests {
                 folded: 0,
                 fold_full: 0,
             }],
+            unaccounted: crate::model::Unaccounted {
+                ledger_full: lost,
+                repeats: seen / 5,
+            },
             r#final: false,
         })
     }
@@ -564,6 +599,8 @@ mod tests {
             r#"tcptrace_kernel_events_total{hook="retransmit"} 15"#,
             r#"tcptrace_lost_events_total{hook="retransmit"} 3"#,
             "tcptrace_malformed_records_total 2",
+            r#"tcptrace_unaccounted_failures_total{bound="ledger_full"} 3"#,
+            r#"tcptrace_unaccounted_failures_total{bound="repeats"} 3"#,
             r#"tcptrace_probe_attached{hook="retransmit",tracepoint="tcp/tcp_retransmit_skb",tier="tracepoint"} 1"#,
             r#"tcptrace_probe_attached{hook="bind_error",tracepoint="syscalls/sys_exit_bind",tier="tracepoint"} 0"#,
             "# EOF",

@@ -318,6 +318,11 @@ impl Pipeline {
         verdict_records(self.diagnoser.finish(now, &self.facts)).collect()
     }
 
+    /// Failures in the stream that no verdict accounts for (bounds reached).
+    pub fn unaccounted(&self) -> crate::model::Unaccounted {
+        self.diagnoser.unaccounted()
+    }
+
     /// Time-based diagnosis: verdicts for the stream, and counts that
     /// moved for the live sinks.
     pub fn tick(&mut self, now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {

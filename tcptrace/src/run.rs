@@ -325,7 +325,14 @@ impl Session {
                     sink.flush()?;
                 }
                 _ = stats_tick.tick() => {
-                    let record = stats(&self.stages.tracer, &self.stages.tally, sink.dropped(), started, false)?;
+                    let record = stats(
+                        &self.stages.tracer,
+                        &self.stages.tally,
+                        sink.dropped(),
+                        self.stages.pipeline.unaccounted(),
+                        started,
+                        false,
+                    )?;
                     sink.write(&record)?;
                     sink.flush()?;
                 }
@@ -345,6 +352,7 @@ impl Session {
             &self.stages.tracer,
             &self.stages.tally,
             sink.dropped(),
+            self.stages.pipeline.unaccounted(),
             started,
             true,
         )?;
@@ -457,6 +465,7 @@ fn stats(
     tracer: &Tracer,
     tally: &Tally,
     sink_dropped: u64,
+    unaccounted: crate::model::Unaccounted,
     started: Instant,
     last: bool,
 ) -> Result<Record> {
@@ -471,6 +480,7 @@ fn stats(
         malformed: tally.malformed,
         sink_dropped,
         hooks,
+        unaccounted,
         r#final: last,
     }))
 }

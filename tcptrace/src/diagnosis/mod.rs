@@ -10,4 +10,4 @@ mod tests;
 mod window;
 
 pub use audit::{Finding, audit, render_table};
-pub use rules::{Diagnosed, Diagnoser, DiagnoserConfig, Unaccounted};
+pub use rules::{Diagnosed, Diagnoser, DiagnoserConfig};

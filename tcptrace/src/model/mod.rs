@@ -386,9 +386,24 @@ pub struct Stats {
     #[serde(default)]
     pub sink_dropped: u64,
     pub hooks: Vec<HookStats>,
+    /// Failures in the stream that no verdict accounts for, because a
+    /// bound of the diagnosis was reached.
+    #[serde(default)]
+    pub unaccounted: Unaccounted,
     /// True on the last stats record, written at exit.
     #[serde(default)]
     pub r#final: bool,
+}
+
+/// What the diagnosis's memory bounds cost, since tracing started:
+/// failures written as records that no verdict accounts for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unaccounted {
+    /// Resets and errors that found the ledger of waiting events full.
+    pub ledger_full: u64,
+    /// Kernel-counted repeats whose first record's verdict never came, or
+    /// that waited past the bound.
+    pub repeats: u64,
 }
 
 #[cfg(test)]

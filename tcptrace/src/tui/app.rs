@@ -696,6 +696,7 @@ mod tests {
                 malformed: 0,
                 sink_dropped: 0,
                 hooks: Vec::new(),
+                unaccounted: crate::model::Unaccounted::default(),
                 r#final: false,
             }))
         };

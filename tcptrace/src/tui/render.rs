@@ -856,6 +856,7 @@ mod tests {
             malformed: 0,
             sink_dropped: 0,
             hooks: Vec::new(),
+            unaccounted: crate::model::Unaccounted::default(),
             r#final: false,
         })));
         let terminal = draw(&app);

@@ -158,6 +158,7 @@ fn stats(ms: u64, seen: u64, lost: u64, last: bool) -> Stats {
                 fold_full: 0,
             },
         ],
+        unaccounted: crate::model::Unaccounted::default(),
         r#final: last,
     }
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PodRef, TcpDetail,
-    TcpFlags, TcpState, Verdict,
+    TcpFlags, TcpState, Unaccounted, Verdict,
     facts::{
         ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
     },
@@ -97,16 +97,6 @@ pub struct Diagnoser {
     /// Failures the kernel counted whose first record's verdict never
     /// came (or that waited past the bound): in the stream, in no verdict.
     repeats_unattributed: u64,
-}
-
-/// What the diagnoser's bounds cost: failures in the stream that no
-/// verdict accounts for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Unaccounted {
-    /// Resets and errors that found the ledger full.
-    pub ledger_full: u64,
-    /// Kernel-counted repeats whose verdict never came.
-    pub repeats: u64,
 }
 
 /// What feeding the diagnoser produced.
