@@ -40,7 +40,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    model::{PodRef, ProbeState, ProbeStatus, Record, Verdict},
+    model::{PodRef, ProbeState, ProbeStatus, Record, Verdict, VerdictKey},
     output::Sink,
 };
 
@@ -98,7 +98,7 @@ pub struct Metrics {
     resets: Family<CauseLabels, Counter>,
     /// Last cumulative (count, resets) per verdict key (cause, pod, netns,
     /// destination, unexplained kind).
-    verdict_counts: HashMap<String, (u64, u64)>,
+    verdict_counts: HashMap<VerdictKey, (u64, u64)>,
     /// Last cumulative kernel counters per hook, from stats records.
     hook_seen: HashMap<String, (u64, u64)>,
     last_malformed: u64,
@@ -228,15 +228,7 @@ impl Metrics {
             cause: v.cause.as_str().to_string(),
             pod: self.pod_label(v.pod.as_ref()),
         };
-        let kind = v
-            .evidence
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("");
-        let key = format!(
-            "{}|{}|{}|{}|{kind}",
-            labels.cause, labels.pod, v.netns, v.dst
-        );
+        let key = v.key();
         if self.verdict_counts.len() >= MAX_VERDICT_KEYS && !self.verdict_counts.contains_key(&key)
         {
             self.verdict_counts.clear();

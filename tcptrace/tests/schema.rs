@@ -32,7 +32,7 @@ fn every_record_type_in_the_sample_matches_the_schema_and_the_model() {
             Record::Stats(s) => finals.insert(s.r#final),
         };
     }
-    let all_kinds: BTreeSet<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    let all_kinds: BTreeSet<&str> = EventKind::all().map(EventKind::as_str).collect();
     let all_causes: BTreeSet<&str> = Cause::all().map(Cause::as_str).collect();
     assert_eq!(kinds, all_kinds, "the sample has every event kind");
     assert_eq!(causes, all_causes, "the sample has every cause");
@@ -55,7 +55,7 @@ fn the_schema_lists_exactly_the_model_s_kinds_causes_and_states() {
             .map(|v| v.as_str().expect("enum of strings").to_string())
             .collect()
     };
-    let kinds = EventKind::ALL.iter().map(|k| k.as_str().to_string());
+    let kinds = EventKind::all().map(|k| k.as_str().to_string());
     assert_eq!(names("/$defs/event/properties/kind/enum"), kinds.collect());
     let causes = Cause::all().map(|c| c.as_str().to_string());
     assert_eq!(

@@ -16,7 +16,7 @@ mod verdict;
 pub use kernel::{Errno, PortRange, SockPtr, TcpFlags, TcpState};
 pub use probe::{ProbeState, ProbeStatus, Tier};
 pub use text::rfc3339;
-pub use verdict::{Cause, Confidence, Severity, Verdict};
+pub use verdict::{Cause, Confidence, Owner, Severity, Verdict, VerdictKey};
 
 /// One NDJSON line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,8 +27,23 @@ pub enum Record {
     Stats(Stats),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum EventKind {
     Retransmit,
     SynackRetransmit,
@@ -45,32 +60,13 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 10] = [
-        EventKind::Retransmit,
-        EventKind::SynackRetransmit,
-        EventKind::ResetSent,
-        EventKind::ResetReceived,
-        EventKind::StateChange,
-        EventKind::Drop,
-        EventKind::ConnectError,
-        EventKind::BindError,
-        EventKind::SocketError,
-        EventKind::ConntrackInvalid,
-    ];
+    /// Every kind, in the schema's order.
+    pub fn all() -> impl Iterator<Item = EventKind> {
+        <EventKind as strum::IntoEnumIterator>::iter()
+    }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Retransmit => "retransmit",
-            EventKind::SynackRetransmit => "synack_retransmit",
-            EventKind::ResetSent => "reset_sent",
-            EventKind::ResetReceived => "reset_received",
-            EventKind::StateChange => "state_change",
-            EventKind::Drop => "drop",
-            EventKind::ConnectError => "connect_error",
-            EventKind::BindError => "bind_error",
-            EventKind::SocketError => "socket_error",
-            EventKind::ConntrackInvalid => "conntrack_invalid",
-        }
+        self.into()
     }
 }
 

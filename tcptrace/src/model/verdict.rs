@@ -1,9 +1,9 @@
 //! What diagnosis concludes: a cause, how sure, the evidence and the fix.
-use std::time::SystemTime;
+use std::{net::IpAddr, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, IdentityLevel, PodRef};
+use super::{Endpoint, EventKind, IdentityLevel, PodRef};
 
 /// Stable cause codes (documented in the schema and the README), in the
 /// order of the README's table.
@@ -175,5 +175,56 @@ impl Confidence {
     /// The serialized confidence name.
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+}
+
+/// Who an aggregated verdict is about: the pod (by uid: attribution may
+/// know no more of it), else the network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    Pod(String),
+    Netns(u32),
+}
+
+/// What makes two verdicts the same verdict: owner, cause, destination
+/// and, for `unexplained`, the kind of event. The diagnosis aggregates by
+/// it and every sink counts by it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerdictKey {
+    pub owner: Owner,
+    pub cause: Cause,
+    pub dst: (IpAddr, u16),
+    pub kind: Option<EventKind>,
+}
+
+impl VerdictKey {
+    /// The key of a verdict about a subject (`pod`, else `netns`).
+    pub fn new(pod: Option<&PodRef>, netns: u32, cause: Cause, dst: &Endpoint) -> Self {
+        Self {
+            owner: match pod {
+                Some(p) => Owner::Pod(p.uid.clone()),
+                None => Owner::Netns(netns),
+            },
+            cause,
+            dst: (dst.ip, dst.port),
+            kind: None,
+        }
+    }
+}
+
+impl Verdict {
+    /// The kind of event an `unexplained` verdict is about (its evidence's
+    /// `kind`, the only place it is read back).
+    pub fn unexplained_kind(&self) -> Option<EventKind> {
+        (self.cause == Cause::Unexplained)
+            .then(|| self.evidence.get("kind")?.as_str()?.parse().ok())
+            .flatten()
+    }
+
+    pub fn key(&self) -> VerdictKey {
+        VerdictKey {
+            kind: self.unexplained_kind(),
+            ..VerdictKey::new(self.pod.as_ref(), self.netns, self.cause, &self.dst)
+        }
     }
 }

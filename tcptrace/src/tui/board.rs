@@ -27,13 +27,9 @@ pub struct Label {
 
 impl Label {
     pub fn of(v: &Verdict) -> Self {
-        let kind = (v.cause == Cause::Unexplained)
-            .then(|| v.evidence.get("kind").and_then(|k| k.as_str()))
-            .flatten()
-            .and_then(|k| EventKind::ALL.into_iter().find(|e| e.as_str() == k));
         Self {
             cause: v.cause,
-            kind,
+            kind: v.unexplained_kind(),
         }
     }
 

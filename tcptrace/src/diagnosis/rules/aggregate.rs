@@ -4,49 +4,6 @@
 
 use super::*;
 
-/// Who a verdict is about: the pod when known, else the namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(super) enum AggOwner {
-    Pod(String),
-    Netns(u32),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(super) struct AggKey {
-    pub(super) owner: AggOwner,
-    pub(super) cause: Cause,
-    pub(super) dst: (IpAddr, u16),
-    /// For `unexplained`: the kind of event no rule explained.
-    pub(super) kind: Option<EventKind>,
-}
-
-impl AggKey {
-    /// The key of a verdict about `ev` (verdicts copy these fields from it).
-    pub(super) fn of(ev_pod: Option<&PodRef>, netns: u32, cause: Cause, dst: &Endpoint) -> Self {
-        Self {
-            owner: match ev_pod {
-                Some(p) => AggOwner::Pod(p.uid.clone()),
-                None => AggOwner::Netns(netns),
-            },
-            cause,
-            dst: (dst.ip, dst.port),
-            kind: None,
-        }
-    }
-
-    pub(super) fn of_verdict(v: &Verdict) -> Self {
-        let mut key = Self::of(v.pod.as_ref(), v.netns, v.cause, &v.dst);
-        if v.cause == Cause::Unexplained {
-            key.kind = v
-                .evidence
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .and_then(|k| EventKind::ALL.into_iter().find(|e| e.as_str() == k));
-        }
-        key
-    }
-}
-
 pub(super) struct Agg {
     pub(super) v: Verdict,
     pub(super) last_emitted: SystemTime,
@@ -90,7 +47,7 @@ impl Diagnoser {
     }
 
     /// Adds resets that belong to an accounted connection to its verdict.
-    pub(super) fn add_resets(&mut self, key: &AggKey, n: u64, time: SystemTime) {
+    pub(super) fn add_resets(&mut self, key: &VerdictKey, n: u64, time: SystemTime) {
         let live_interval = self.cfg.live_interval;
         if let Some(a) = self.aggs.get_mut(key) {
             a.v.resets += n;
@@ -110,7 +67,7 @@ impl Diagnoser {
         cause: Cause,
         confidence: Confidence,
     ) -> bool {
-        let key = AggKey::of(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
+        let key = VerdictKey::new(ev.pod.as_ref(), ev.netns, cause, &ev.dst);
         if self
             .aggs
             .get(&key)
@@ -144,7 +101,7 @@ impl Diagnoser {
     pub(super) fn submit(&mut self, c: Candidate, origin: Option<Origin>) -> Option<Verdict> {
         let Candidate { mut v, occurrence } = c;
         let now = v.time;
-        let key = AggKey::of_verdict(&v);
+        let key = v.key();
         if let Some(origin) = origin {
             v.resets += self.ledger.account(origin, key.clone(), now);
         }

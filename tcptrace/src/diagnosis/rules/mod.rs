@@ -21,8 +21,8 @@ use super::{
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PodRef, TcpDetail,
-    TcpFlags, TcpState, Unaccounted, Verdict,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, TcpDetail, TcpFlags,
+    TcpState, Unaccounted, Verdict, VerdictKey,
     facts::{
         ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
     },
@@ -38,7 +38,7 @@ mod storms;
 use super::window::{
     MAX_RECENT, elapsed, evict_oldest, is_bare_syn, prune, push_bounded, same_conn, within,
 };
-use aggregate::{Agg, AggKey, event_of};
+use aggregate::{Agg, event_of};
 pub use config::DiagnoserConfig;
 use paths::{REJECT_RULES_WAIT, RULES_WAIT_RETRANSMITS, is_icmp_error};
 use socket::{SockKey, SockState};
@@ -51,7 +51,7 @@ const BLACK_HOLE_RETRANSMITS: u32 = 3;
 pub struct Diagnoser {
     cfg: DiagnoserConfig,
     socks: HashMap<SockKey, SockState>,
-    aggs: HashMap<AggKey, Agg>,
+    aggs: HashMap<VerdictKey, Agg>,
     /// RSTs sent for segments that had no socket (NO_SOCKET).
     resets_sent: VecDeque<Event>,
     /// RSTs received on ESTABLISHED sockets, not explained by an idle path,
@@ -76,13 +76,13 @@ pub struct Diagnoser {
     storm_resets: Vec<(Fold, End, u32)>,
     /// Where each storm's first reset sent went: the verdict, and whether
     /// it was made from that reset (an occurrence) or took it as a reset.
-    storm_accounts: HashMap<Fold, (AggKey, bool)>,
+    storm_accounts: HashMap<Fold, (VerdictKey, bool)>,
     /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
     due: Vec<Verdict>,
     /// Aggregated verdicts whose counts changed, for the live sinks.
     live: Vec<Verdict>,
     /// Resets and errors waiting for a cause.
-    ledger: Ledger<AggKey>,
+    ledger: Ledger<VerdictKey>,
     /// Packets of a connection (by its client's end) a netfilter rule
     /// dropped, and where.
     path_drops: HashMap<End, (SystemTime, PathDrop)>,
@@ -260,7 +260,7 @@ impl Diagnoser {
             out.push(a.v.clone());
         }
         out.sort_by_key(|v| v.first_seen);
-        out.dedup_by(|a, b| AggKey::of_verdict(a) == AggKey::of_verdict(b) && a.count <= b.count);
+        out.dedup_by(|a, b| a.key() == b.key() && a.count <= b.count);
         out
     }
 

@@ -55,7 +55,7 @@ impl Diagnoser {
     /// Adds `first`'s repeats to its verdict; false when that is not known
     /// yet.
     pub(super) fn add_repeats(&mut self, first: &Event, n: u64, now: SystemTime) -> bool {
-        let of = |cause| AggKey::of(first.pod.as_ref(), first.netns, cause, &first.dst);
+        let of = |cause| VerdictKey::new(first.pod.as_ref(), first.netns, cause, &first.dst);
         let (key, count, resets) = match first.kind {
             EventKind::ResetReceived => {
                 let went = first
@@ -103,8 +103,7 @@ impl Diagnoser {
         if let Some(fold) = ev.fold
             && self.storm_accounts.len() < self.cfg.max_keys
         {
-            self.storm_accounts
-                .insert(fold, (AggKey::of_verdict(&c.v), true));
+            self.storm_accounts.insert(fold, (c.v.key(), true));
         }
     }
 }
