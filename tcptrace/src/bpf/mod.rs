@@ -26,7 +26,7 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, HookStats, ProbeState, ProbeStatus, Tier};
+use crate::model::{Event, Fold, HookStats, ProbeState, ProbeStatus, Tier};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -450,7 +450,7 @@ impl Tracer {
     /// counting in the old one (an RCU grace period), so every repeat is in
     /// what it returns, once. Read the ring buffer after this call, before
     /// using the counts: the first records are there.
-    pub fn fold(&mut self) -> Result<Vec<Folded>> {
+    pub fn fold(&mut self) -> Result<Vec<StormRepeats>> {
         if !self.aggregate {
             return Ok(Vec::new());
         }
@@ -497,12 +497,14 @@ impl Tracer {
                 .enumerate()
                 .max_by_key(|(_, c)| c.first_ns)
                 .map_or((0, 0), |(cpu, c)| (cpu, c.first_ns));
-            folded.push(Folded {
-                generation: key.generation,
-                first_ns,
-                cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
+            folded.push(StormRepeats {
+                storm: Fold {
+                    generation: key.generation,
+                    first_ns,
+                    cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
+                },
                 count: per_cpu.iter().map(|c| c.count).sum(),
-                key,
+                failure: self.decoder.decode_storm_key(&key, first_ns),
             });
         }
         Ok(folded)
@@ -539,17 +541,19 @@ impl Tracer {
     }
 }
 
+/// Most storms the kernel counts in one generation (its count map's keys).
+pub const MAX_STORMS: usize = AGG_ENTRIES as usize;
+
 /// Repeats of one storm in one generation.
-#[derive(Clone, Copy, Debug)]
-pub struct Folded {
-    pub generation: u32,
-    /// The `ts_ns` of the storm's first record in that generation, and the
-    /// CPU that took it.
-    pub first_ns: u64,
-    pub cpu: u16,
+#[derive(Debug)]
+pub struct StormRepeats {
+    /// The storm, as its first record's `Event::fold` names it.
+    pub storm: Fold,
     /// Repeats after the first record.
     pub count: u64,
-    pub key: AggKey,
+    /// The failure as the kernel's count key names it, for when the first
+    /// record is not at hand; an error when the key does not decode.
+    pub failure: Result<Event, decode::DecodeError>,
 }
 
 /// Waits until every BPF program run that started before now has ended:
