@@ -285,20 +285,14 @@ fn bpf_objects_of(pid: u32) -> Vec<String> {
 
 /// Which of `objects` the kernel still has loaded.
 fn still_loaded(objects: &[String]) -> Vec<String> {
-    let mut loaded: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| format!("program {}", p.id()))
+    let now = tcptrace::bpf::inspect::loaded();
+    let mut loaded: Vec<String> = now
+        .programs
+        .keys()
+        .map(|id| format!("program {id}"))
         .collect();
-    loaded.extend(
-        aya::maps::loaded_maps()
-            .filter_map(Result::ok)
-            .map(|m| format!("map {}", m.id())),
-    );
-    loaded.extend(
-        aya::programs::loaded_links()
-            .filter_map(Result::ok)
-            .map(|l| format!("link {}", l.id())),
-    );
+    loaded.extend(now.maps.keys().map(|id| format!("map {id}")));
+    loaded.extend(now.links.iter().map(|id| format!("link {id}")));
     objects
         .iter()
         .filter(|o| loaded.contains(o))

@@ -1,6 +1,8 @@
 //! The only module that talks to aya: loads the BPF object, attaches the
-//! hooks, drains the ring buffer and decodes records into model events.
+//! hooks, drains the ring buffer and decodes records into model events;
+//! [`inspect`] lists what the kernel has loaded, for tests and benchmarks.
 pub mod decode;
+pub mod inspect;
 pub mod offsets;
 pub mod tracefs;
 
