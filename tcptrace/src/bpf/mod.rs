@@ -559,8 +559,8 @@ pub struct StormRepeats {
 }
 
 /// Waits until every BPF program run that started before now has ended:
-/// tracepoint programs run under RCU, and a global membarrier waits for an
-/// RCU grace period.
+/// the programs (tracepoints, kprobes, non-sleepable fexit) run under
+/// RCU, and a global membarrier waits for an RCU grace period.
 fn wait_for_running_programs() -> Result<()> {
     let r = membarrier(MEMBARRIER_CMD_GLOBAL);
     if r != 0 {
