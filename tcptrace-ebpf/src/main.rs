@@ -7,10 +7,10 @@
 // aya's program macros hand every program its context by value.
 #![allow(clippy::needless_pass_by_value)]
 
-mod agg;
 mod kernel;
 mod maps;
 mod probes;
+mod storm;
 
 #[cfg(not(test))]
 #[panic_handler]

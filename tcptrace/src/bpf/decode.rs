@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tcptrace_common::{AF_INET, AF_INET6, AggKey, Event as RawEvent, ct_invalid, flag, kind};
+use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, StormKey, ct_invalid, flag, kind};
 use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
@@ -227,11 +227,11 @@ impl Decoder {
                 idle_before_ms: self.jiffies_ms(raw.fin_idle_jiffies),
             });
         }
-        if raw.flags & flag::AGG_FIRST != 0 {
+        if raw.flags & flag::STORM_FIRST != 0 {
             ev.fold = Some(Fold {
-                generation: raw.agg_generation,
+                generation: raw.storm_generation,
                 first_ns: raw.ts_ns,
-                cpu: raw.agg_cpu,
+                cpu: raw.storm_cpu,
             });
         }
         if raw.flags & flag::PORT_RANGE != 0 {
@@ -263,7 +263,7 @@ impl Decoder {
     /// its first record: kind, errno, namespace, cgroup and the stable end
     /// (a reset's closed port and the refused client's address, a bind's
     /// address, else the destination); ephemeral ports are not kept.
-    pub fn decode_storm_key(&self, key: &AggKey, first_ns: u64) -> Result<Event, DecodeError> {
+    pub fn decode_storm_key(&self, key: &StormKey, first_ns: u64) -> Result<Event, DecodeError> {
         let kind = event_kind(key.kind)?;
         let end = endpoint(key.family, key.addr, key.port)?;
         let (src, dst) = match kind {
@@ -380,14 +380,14 @@ mod tests {
             total_retrans: 3,
             tcp_flags: 0x02,
             _pad: 0,
-            agg_cpu: 0,
+            storm_cpu: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,
             connect_ms: 0,
             port_lo: 0,
             port_hi: 0,
-            agg_generation: 0,
+            storm_generation: 0,
         }
     }
 
@@ -566,7 +566,7 @@ mod tests {
             a[12..].copy_from_slice(&v4);
             a
         };
-        let reset = AggKey {
+        let reset = StormKey {
             addr: mapped([10, 244, 1, 2]),
             peer: mapped([10, 244, 3, 4]),
             cgroup_id: 0,
@@ -590,7 +590,7 @@ mod tests {
                 "identity_level": "netns"
             })
         );
-        let connect = AggKey {
+        let connect = StormKey {
             kind: kind::CONNECT_ERROR,
             family: AF_INET,
             addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -604,7 +604,7 @@ mod tests {
         assert_eq!(ev.dst.to_string(), "10.96.0.1:8080");
         assert_eq!(ev.errno, Some(Errno::EADDRNOTAVAIL));
         assert_eq!(ev.cgroup_id, Some(42));
-        let bind = AggKey {
+        let bind = StormKey {
             kind: kind::BIND_ERROR,
             errno: -98,
             ..connect
@@ -612,7 +612,7 @@ mod tests {
         let ev = d.decode_storm_key(&bind, 0).unwrap();
         assert_eq!(ev.src.to_string(), "10.96.0.1:8080");
         assert_eq!(ev.dst, Endpoint::unspecified());
-        let received = AggKey {
+        let received = StormKey {
             kind: kind::RESET_RECEIVED,
             errno: 0,
             ..connect
@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn rejects_storm_keys_it_cannot_name() {
         let d = Decoder::new(names(), UNIX_EPOCH);
-        let key = AggKey {
+        let key = StormKey {
             addr: [0; 16],
             peer: [0; 16],
             cgroup_id: 0,
@@ -638,7 +638,7 @@ mod tests {
             errno: 0,
         };
         assert_eq!(d.decode_storm_key(&key, 0), Err(DecodeError::Kind(99)));
-        let key = AggKey {
+        let key = StormKey {
             kind: kind::RESET_SENT,
             family: 7,
             ..key
