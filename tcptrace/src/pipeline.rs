@@ -12,7 +12,7 @@ use crate::{
     attribution::{Attributor, ServiceMap},
     bpf::StormRepeats,
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Event, EventKind, Fold, Record, Verdict, facts::NodeFacts},
+    model::{Event, EventKind, Record, StormId, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
@@ -49,9 +49,9 @@ pub struct Pipeline {
     node_nodeports: HashMap<u32, BTreeMap<u16, String>>,
     /// First records of the storms the kernel counts, as processed, by
     /// their counting generation and stamp.
-    storms: HashMap<Fold, Event>,
+    storms: HashMap<StormId, Event>,
     /// Storms of other nodes (`--node-scope`): their counts are not ours.
-    out_of_scope_storms: HashSet<Fold>,
+    out_of_scope_storms: HashSet<StormId>,
 }
 
 /// What processing one event produced.
@@ -90,12 +90,12 @@ impl Pipeline {
     /// `count`, and their share of the verdicts.
     pub fn repeats(
         &mut self,
-        folded: &[StormRepeats],
+        counted: &[StormRepeats],
         now: SystemTime,
     ) -> (Vec<Record>, Vec<Verdict>) {
         let mut records = Vec::new();
         let mut live = Vec::new();
-        for f in folded {
+        for f in counted {
             let key = f.storm;
             if self.out_of_scope_storms.remove(&key) || f.count == 0 {
                 self.storms.remove(&key);
@@ -114,7 +114,7 @@ impl Pipeline {
                 (None, Ok(failure)) => {
                     let mut ev = failure.clone();
                     ev.time = now;
-                    ev.fold = Some(key);
+                    ev.storm = Some(key);
                     self.attributor.attribute(&mut ev);
                     if !self.attributor.in_scope(&ev) {
                         self.diagnoser.storm_done(&key);
@@ -126,7 +126,7 @@ impl Pipeline {
             let mut ev = first.clone();
             ev.time = now;
             ev.count = Some(f.count);
-            ev.fold = None;
+            ev.storm = None;
             ev.sock = None;
             ev.tcp = None;
             // The repeats' ephemeral ports are not kept.
@@ -140,9 +140,9 @@ impl Pipeline {
             records.extend(verdict_records(diagnosed.verdicts));
             live.extend(diagnosed.live);
         }
-        // First records of the folded generations are done with.
-        if let Some(done) = folded.iter().map(|f| f.storm.generation).max() {
-            let newer = |k: &Fold| k.generation.wrapping_sub(done) as i32 > 0;
+        // First records of the counted generations are done with.
+        if let Some(done) = counted.iter().map(|f| f.storm.generation).max() {
+            let newer = |k: &StormId| k.generation.wrapping_sub(done) as i32 > 0;
             self.storms.retain(|k, _| newer(k));
             self.out_of_scope_storms.retain(newer);
         }
@@ -270,10 +270,10 @@ impl Pipeline {
     pub fn event(&mut self, mut ev: Event) -> Processed {
         self.attributor.attribute(&mut ev);
         if !self.attributor.in_scope(&ev) {
-            if let Some(fold) = ev.fold
+            if let Some(storm) = ev.storm
                 && self.out_of_scope_storms.len() < MAX_STORMS
             {
-                self.out_of_scope_storms.insert(fold);
+                self.out_of_scope_storms.insert(storm);
             }
             return Processed {
                 records: Vec::new(),
@@ -294,10 +294,10 @@ impl Pipeline {
             && self.firewall_netns.len() < crate::node::MAX_FIREWALL_NETNS
             && self.firewall_netns.insert(ev.netns))
         .then_some(ev.netns);
-        if let Some(fold) = ev.fold
+        if let Some(storm) = ev.storm
             && self.storms.len() < MAX_STORMS
         {
-            self.storms.insert(fold, ev.clone());
+            self.storms.insert(storm, ev.clone());
         }
         let diagnosed = self.diagnoser.observe(&ev, &self.facts);
         let mut records = Vec::with_capacity(1 + diagnosed.verdicts.len());
@@ -415,7 +415,7 @@ mod tests {
             Attributor::new(AttributionConfig::default()),
             DiagnoserConfig::default(),
         );
-        let storm = |generation| Fold {
+        let storm = |generation| StormId {
             generation,
             first_ns: 5,
             cpu: 1,
@@ -440,6 +440,6 @@ mod tests {
         assert_eq!(ev.time, now);
         assert_eq!(ev.dst.to_string(), "10.96.0.10:80");
         assert_eq!(ev.errno, Some(Errno::EADDRNOTAVAIL));
-        assert_eq!(ev.fold, None);
+        assert_eq!(ev.storm, None);
     }
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
-    Endpoint, Errno, Event, EventKind, Fold, Handshake, PeerFin, PortRange, Role, SockPtr,
+    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, StormId,
     TcpDetail, TcpFlags, TcpState,
 };
 
@@ -228,7 +228,7 @@ impl Decoder {
             });
         }
         if raw.flags & flag::STORM_FIRST != 0 {
-            ev.fold = Some(Fold {
+            ev.storm = Some(StormId {
                 generation: raw.storm_generation,
                 first_ns: raw.ts_ns,
                 cpu: raw.storm_cpu,

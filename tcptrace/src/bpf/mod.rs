@@ -28,7 +28,7 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, Fold, HookStats, ProbeState, ProbeStatus, Tier};
+use crate::model::{Event, HookStats, ProbeState, ProbeStatus, StormId, Tier};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -446,7 +446,7 @@ impl Tracer {
     }
 
     /// Ends the current counting generation and returns its counts: the
-    /// repeats of each storm whose first record (see `Event::fold`) went
+    /// repeats of each storm whose first record (see `Event::storm`) went
     /// out in it (and any older one a walk missed). The programs count in
     /// the next generation from now on; this waits until none can still be
     /// counting in the old one (an RCU grace period), so every repeat is in
@@ -500,7 +500,7 @@ impl Tracer {
                 .max_by_key(|(_, c)| c.first_ns)
                 .map_or((0, 0), |(cpu, c)| (cpu, c.first_ns));
             repeats.push(StormRepeats {
-                storm: Fold {
+                storm: StormId {
                     generation: key.generation,
                     first_ns,
                     cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
@@ -549,8 +549,8 @@ pub const MAX_STORMS: usize = STORM_ENTRIES as usize;
 /// Repeats of one storm in one generation.
 #[derive(Debug)]
 pub struct StormRepeats {
-    /// The storm, as its first record's `Event::fold` names it.
-    pub storm: Fold,
+    /// The storm, as its first record's `Event::storm` names it.
+    pub storm: StormId,
     /// Repeats after the first record.
     pub count: u64,
     /// The failure as the kernel's count key names it, for when the first

@@ -170,10 +170,10 @@ pub struct PeerFin {
     pub idle_before_ms: u64,
 }
 
-/// Where the kernel counts a storm's repeats: the generation of its first
+/// A storm the kernel counts: the counting generation of its first
 /// record, that record's boot-time stamp and the CPU that took it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Fold {
+pub struct StormId {
     pub generation: u32,
     pub first_ns: u64,
     pub cpu: u16,
@@ -271,7 +271,7 @@ pub struct Event {
     pub count: Option<u64>,
     /// The first record of a storm: its repeats arrive as a count.
     #[serde(skip)]
-    pub fold: Option<Fold>,
+    pub storm: Option<StormId>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     #[serde(default)]
@@ -312,7 +312,7 @@ impl Event {
             handshake: None,
             port_range: None,
             count: None,
-            fold: None,
+            storm: None,
             pod: None,
             identity_level: IdentityLevel::Netns,
         }
