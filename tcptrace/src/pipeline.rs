@@ -10,9 +10,8 @@ use std::{
 
 use crate::{
     attribution::{Attributor, ServiceMap},
-    bpf::StormRepeats,
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Event, EventKind, Record, StormId, Verdict, facts::NodeFacts},
+    model::{Event, EventKind, Record, StormId, StormRepeats, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
@@ -107,11 +106,11 @@ impl Pipeline {
             // unless that does not decode either (like a malformed record).
             let first = match (self.storms.remove(&key), &f.failure) {
                 (Some(first), _) => first,
-                (None, Err(_)) => {
+                (None, None) => {
                     self.diagnoser.storm_done(&key);
                     continue;
                 }
-                (None, Ok(failure)) => {
+                (None, Some(failure)) => {
                     let mut ev = failure.clone();
                     ev.time = now;
                     ev.storm = Some(key);
@@ -353,7 +352,6 @@ mod tests {
     use super::*;
     use crate::{
         attribution::AttributionConfig,
-        bpf::decode::DecodeError,
         model::{Cause, facts::NetnsFacts},
         model::{Endpoint, Errno, EventKind, IdentityLevel, TcpState},
     };
@@ -423,12 +421,12 @@ mod tests {
         let named = StormRepeats {
             storm: storm(1),
             count: 41,
-            failure: Ok(connect_error(0)),
+            failure: Some(connect_error(0)),
         };
         let unnamed = StormRepeats {
             storm: storm(2),
             count: 9,
-            failure: Err(DecodeError::Kind(99)),
+            failure: None,
         };
         let now = UNIX_EPOCH + Duration::from_secs(200);
         let (records, _) = p.repeats(&[named, unnamed], now);

@@ -28,7 +28,7 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, HookStats, ProbeState, ProbeStatus, StormId, Tier};
+use crate::model::{Event, HookStats, ProbeState, ProbeStatus, StormId, StormRepeats, Tier};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -506,7 +506,7 @@ impl Tracer {
                     cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
                 },
                 count: per_cpu.iter().map(|c| c.count).sum(),
-                failure: self.decoder.decode_storm_key(&key, first_ns),
+                failure: self.decoder.decode_storm_key(&key, first_ns).ok(),
             });
         }
         Ok(repeats)
@@ -545,18 +545,6 @@ impl Tracer {
 
 /// Most storms the kernel counts in one generation (its count map's keys).
 pub const MAX_STORMS: usize = STORM_ENTRIES as usize;
-
-/// Repeats of one storm in one generation.
-#[derive(Debug)]
-pub struct StormRepeats {
-    /// The storm, as its first record's `Event::storm` names it.
-    pub storm: StormId,
-    /// Repeats after the first record.
-    pub count: u64,
-    /// The failure as the kernel's count key names it, for when the first
-    /// record is not at hand; an error when the key does not decode.
-    pub failure: Result<Event, decode::DecodeError>,
-}
 
 /// Waits until every BPF program run that started before now has ended:
 /// the programs (tracepoints, kprobes, non-sleepable fexit) run under

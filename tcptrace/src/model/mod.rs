@@ -179,6 +179,18 @@ pub struct StormId {
     pub cpu: u16,
 }
 
+/// Repeats of one storm the kernel counted in one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StormRepeats {
+    /// The storm, as its first record's `Event::storm` names it.
+    pub storm: StormId,
+    /// Repeats after the first record.
+    pub count: u64,
+    /// The failure as the kernel's count key names it, for when the first
+    /// record is not at hand; `None` when the key did not decode.
+    pub failure: Option<Event>,
+}
+
 /// A handshake that completed only after retransmits (of the SYN on the
 /// connecting side, of the SYN-ACK on the accepting side).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
