@@ -627,8 +627,7 @@ fn flood(ctx: &mut Ctx, ring: u32, count: u64, tag: &str, extra: &[&str]) -> Res
 /// statistics, enabled only while this process holds the fd.
 fn bpf_cost(ctx: &mut Ctx) -> Result<Value> {
     let t = start_tcptrace(ctx, &[], Stdio::null())?;
-    let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    let stats = tcptrace::bpf::inspect::run_time_stats()?;
     let before = sys::bpf_fds(t.pid)?;
     let mut storms = Vec::new();
     for s in [Storm::Accept, Storm::Refused] {
@@ -636,9 +635,10 @@ fn bpf_cost(ctx: &mut Ctx) -> Result<Value> {
         storms.push(json!({"storm": s.name(), "connections": out.ok}));
     }
     let after = sys::bpf_fds(t.pid)?;
-    drop(stats_fd);
-    let maps = map_memory(&after);
-    let names = program_names();
+    drop(stats);
+    let loaded = tcptrace::bpf::inspect::loaded();
+    let maps = map_memory(&after, &loaded.maps);
+    let names = loaded.programs;
     t.stop(Signal::SIGTERM, Duration::from_secs(30))?;
     let mut rows = Vec::new();
     let (mut total_ns, mut total_cnt) = (0u64, 0u64);
@@ -662,41 +662,8 @@ fn bpf_cost(ctx: &mut Ctx) -> Result<Value> {
     }))
 }
 
-/// Program names by id. The kernel keeps 15 characters; the full name is
-/// found in tcptrace's program table, and where several names share the
-/// prefix, by load order (tcptrace loads them in table order, ids ascend).
-fn program_names() -> BTreeMap<u32, String> {
-    let mut by_short: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for p in aya::programs::loaded_programs().flatten() {
-        let short = p.name_as_str().unwrap_or("?").to_string();
-        by_short.entry(short).or_default().push(p.id());
-    }
-    let mut names = BTreeMap::new();
-    for (short, mut ids) in by_short {
-        ids.sort_unstable();
-        let full: Vec<&str> = tcptrace_common::hook::PROGRAMS
-            .iter()
-            .map(|(name, _, _)| *name)
-            .filter(|name| name.starts_with(short.as_str()))
-            .collect();
-        for (i, id) in ids.iter().enumerate() {
-            let name = if full.len() == ids.len() {
-                full[i].to_string()
-            } else {
-                short.clone()
-            };
-            names.insert(*id, name);
-        }
-    }
-    names
-}
-
 /// Memory the kernel charges for each of tcptrace's maps (fdinfo memlock).
-fn map_memory(fds: &sys::BpfFds) -> Value {
-    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
-        .flatten()
-        .map(|m| (m.id(), m.name_as_str().unwrap_or("?").to_string()))
-        .collect();
+fn map_memory(fds: &sys::BpfFds, names: &BTreeMap<u32, String>) -> Value {
     let mut total = 0u64;
     let rows: Vec<Value> = fds
         .maps

@@ -413,10 +413,7 @@ fn burst(n: u32, refused: u32, namespaces: &Mutex<HashSet<u64>>) -> Result<Made>
 /// Entries and capacity of each hash map tcptrace holds (`bpftool map
 /// dump`), by name.
 fn map_fill(pid: u32) -> Result<Vec<Value>> {
-    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
-        .flatten()
-        .map(|m| (m.id(), m.name_as_str().unwrap_or("?").to_string()))
-        .collect();
+    let names = tcptrace::bpf::inspect::loaded().maps;
     let mut rows = Vec::new();
     for (id, fields) in sys::bpf_fds(pid)?.maps {
         let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());

@@ -27,6 +27,27 @@ pub const CONN_SOCKS_ENTRIES: u32 = 65_536;
 /// Array of one u32: which direct-tier hooks are live ([`direct`] bits),
 /// written by userspace after attaching so fallbacks do not double-report.
 pub const DIRECT_MAP: &str = "DIRECT";
+/// LRU map: [`EndKey`] -> when the flow was last watched (boot ns).
+pub const WATCHED_MAP: &str = "WATCHED";
+/// Array of one u64: when some flow was last watched (boot ns).
+pub const WATCH_LAST_MAP: &str = "WATCH_LAST";
+
+/// Every map of the BPF object, by name.
+pub const MAPS: [&str; 13] = [
+    EVENTS_MAP,
+    COUNTERS_MAP,
+    OWNERS_MAP,
+    LISTENERS_MAP,
+    BIND_ARGS_MAP,
+    HASH_CONNECT_ARGS_MAP,
+    CT_ALLOC_ARGS_MAP,
+    CONN_SOCKS_MAP,
+    DIRECT_MAP,
+    WATCHED_MAP,
+    WATCH_LAST_MAP,
+    STORMS_MAP,
+    STORM_GEN_MAP,
+];
 
 /// Bits of the [`DIRECT_MAP`] value.
 pub mod direct {
@@ -98,11 +119,11 @@ pub mod hook {
 /// Counter slots per hook: events emitted, events lost (ring buffer full).
 pub const COUNTER_SEEN: u32 = 0;
 pub const COUNTER_LOST: u32 = 1;
-/// Repeats counted in [`AGG_MAP`] instead of sent as records.
-pub const COUNTER_FOLDED: u32 = 2;
-/// Failures (first ones included) sent as records because [`AGG_MAP`] was
+/// Repeats counted in [`STORMS_MAP`] instead of sent as records.
+pub const COUNTER_REPEATS: u32 = 2;
+/// Failures (first ones included) sent as records because [`STORMS_MAP`] was
 /// full.
-pub const COUNTER_AGG_FULL: u32 = 3;
+pub const COUNTER_STORMS_FULL: u32 = 3;
 pub const COUNTERS_PER_HOOK: u32 = 4;
 pub const COUNTERS_LEN: u32 = hook::COUNT * COUNTERS_PER_HOOK;
 
@@ -213,9 +234,9 @@ pub mod flag {
     /// `port_lo`..=`port_hi` is the namespace's ephemeral port range.
     pub const PORT_RANGE: u32 = 1 << 11;
     /// The first record of a storm: its repeats in this generation are
-    /// counted in [`crate::AGG_MAP`] under its key, with this record's
+    /// counted in [`crate::STORMS_MAP`] under its key, with this record's
     /// `ts_ns` as the count's `first_ns`.
-    pub const AGG_FIRST: u32 = 1 << 12;
+    pub const STORM_FIRST: u32 = 1 << 12;
 }
 
 /// `Owner::role` values.
@@ -266,9 +287,9 @@ pub struct Event {
     pub total_retrans: u32,
     pub tcp_flags: u8,
     pub _pad: u8,
-    /// With `flag::AGG_FIRST`: the CPU whose slot of the count holds this
+    /// With `flag::STORM_FIRST`: the CPU whose slot of the count holds this
     /// record's `ts_ns` (two storms may start in the same nanosecond).
-    pub agg_cpu: u16,
+    pub storm_cpu: u16,
     pub comm: [u8; 16],
     /// When the peer's FIN arrived (boot ns, with `flag::PEER_FIN`).
     pub fin_ns: u64,
@@ -281,8 +302,8 @@ pub struct Event {
     /// failure (the namespace may be gone by the time userspace looks).
     pub port_lo: u16,
     pub port_hi: u16,
-    /// With `flag::AGG_FIRST`: the generation its repeats are counted in.
-    pub agg_generation: u32,
+    /// With `flag::STORM_FIRST`: the generation its repeats are counted in.
+    pub storm_generation: u32,
 }
 
 const _: () = assert!(size_of::<Event>() == 160);
@@ -359,14 +380,14 @@ pub struct ConnKey {
 
 const _: () = assert!(size_of::<ConnKey>() == 40);
 
-/// Hash of [`AggKey`] -> [`AggCount`]: repeats of one failure counted in the
+/// Hash of [`StormKey`] -> [`StormCount`]: repeats of one failure counted in the
 /// kernel instead of sent as records.
-pub const AGG_MAP: &str = "AGG";
+pub const STORMS_MAP: &str = "STORMS";
 /// Array of one u32: the generation new keys are counted in. Userspace
 /// moves it on, waits until no program can still use the old one, then
 /// reads and deletes the old generation's keys: no count is lost.
-pub const AGG_GEN_MAP: &str = "AGG_GEN";
-pub const AGG_ENTRIES: u32 = 16_384;
+pub const STORM_GEN_MAP: &str = "STORM_GEN";
+pub const STORM_ENTRIES: u32 = 16_384;
 
 /// One failure repeated: the same kind and errno, in the same namespace
 /// and cgroup, with the same stable end (the server's for a client; a
@@ -374,7 +395,7 @@ pub const AGG_ENTRIES: u32 = 16_384;
 /// one generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AggKey {
+pub struct StormKey {
     pub addr: [u8; 16],
     pub peer: [u8; 16],
     pub cgroup_id: u64,
@@ -387,12 +408,12 @@ pub struct AggKey {
     pub errno: i32,
 }
 
-const _: () = assert!(size_of::<AggKey>() == 56);
+const _: () = assert!(size_of::<StormKey>() == 56);
 
-/// Repeats of an [`AggKey`]'s failure, and the `ts_ns` of its first record.
+/// Repeats of a [`StormKey`]'s failure, and the `ts_ns` of its first record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AggCount {
+pub struct StormCount {
     pub count: u64,
     pub first_ns: u64,
 }
@@ -665,8 +686,8 @@ pub struct Config {
     /// Drop reasons that are no loss (a closing socket's queue, a duplicate
     /// segment), not reported even for watched flows.
     pub quiet_reasons: [u64; 4],
-    /// 1: count repeats of storm-prone failures in [`AGG_MAP`].
-    pub aggregate: u32,
+    /// 1: count repeats of storm-prone failures in [`STORMS_MAP`].
+    pub count_storms: u32,
     pub _pad2: u32,
     pub kernel: KernelOffsets,
     pub args: RawTpArgs,
@@ -694,7 +715,7 @@ impl Config {
         },
         drop_reasons: [0; 4],
         quiet_reasons: [0; 4],
-        aggregate: 0,
+        count_storms: 0,
         _pad2: 0,
         kernel: KernelOffsets::NONE,
         args: RawTpArgs::NONE,
@@ -717,9 +738,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::StormKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::AggCount {}
+    unsafe impl aya::Pod for super::StormCount {}
 }
 
 #[cfg(test)]

@@ -10,13 +10,13 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tcptrace_common::{
-    ABSENT, AF_INET, AF_INET6, AggKey, ArgIndex, ConnKey, EndKey, Event, FieldOffset,
-    KERNEL_ABSENT, KernelOffsets, Owner, flag, role,
+    ABSENT, AF_INET, AF_INET6, ArgIndex, ConnKey, EndKey, Event, FieldOffset, KERNEL_ABSENT,
+    KernelOffsets, Owner, StormKey, flag, role,
 };
 
 use crate::{
-    agg,
     maps::{self, EVENTS, OWNERS},
+    storm,
 };
 
 /// Reads a `T` at `base + offset`, or `None` when the offset is unknown or
@@ -131,14 +131,14 @@ pub fn submit(hook: u32, entry: RingBufEntry<Event>) {
 
 /// Submits `entry`, or counts it as a repeat of `key`'s failure.
 #[inline(always)]
-pub fn submit_or_fold(hook: u32, mut entry: RingBufEntry<Event>, key: &AggKey) {
-    if agg::count_repeat(hook, key) {
+pub fn submit_or_count(hook: u32, mut entry: RingBufEntry<Event>, key: &StormKey) {
+    if storm::count_repeat(hook, key) {
         entry.discard(0);
         return;
     }
     // SAFETY: reserve() initialised the entry.
     let ev = unsafe { entry.assume_init_mut() };
-    if agg::open(hook, key, ev) {
+    if storm::open(hook, key, ev) {
         submit(hook, entry);
     } else {
         entry.discard(0);
@@ -148,15 +148,15 @@ pub fn submit_or_fold(hook: u32, mut entry: RingBufEntry<Event>, key: &AggKey) {
 /// The storm key of a filled record: its destination (a bind's address)
 /// and its error.
 #[inline(always)]
-pub fn dst_key(ev: &Event) -> AggKey {
+pub fn dst_key(ev: &Event) -> StormKey {
     let (addr, port) = if ev.kind == tcptrace_common::kind::BIND_ERROR {
         (ev.saddr, ev.sport)
     } else {
         (ev.daddr, ev.dport)
     };
-    AggKey {
+    StormKey {
         errno: ev.errno,
-        ..agg::key(
+        ..storm::key(
             ev.kind,
             ev.netns,
             ev.cgroup_id,
@@ -208,7 +208,7 @@ pub fn refused_key(
     head: &SockHead,
     k: &KernelOffsets,
     kind: u8,
-) -> (AggKey, Option<*mut Owner>) {
+) -> (StormKey, Option<*mut Owner>) {
     let owner = OWNERS.get_ptr_mut(sk);
     let (cgroup, netns) = match owner {
         // SAFETY: a map value of the right type, read at once.
@@ -223,7 +223,7 @@ pub fn refused_key(
         addr[..4].copy_from_slice(&head.daddr);
     }
     (
-        agg::key(kind, netns, cgroup, family, addr, head.dport, [0; 16]),
+        storm::key(kind, netns, cgroup, family, addr, head.dport, [0; 16]),
         owner,
     )
 }
@@ -408,8 +408,8 @@ impl Segment {
     /// The storm key of the reset refusing this segment: the closed end,
     /// and the address of the client refused.
     #[inline(always)]
-    pub fn refused_key(&self, netns: u32, kind: u8) -> AggKey {
-        agg::key(
+    pub fn refused_key(&self, netns: u32, kind: u8) -> StormKey {
+        storm::key(
             kind,
             netns,
             0,

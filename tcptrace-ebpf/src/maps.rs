@@ -3,8 +3,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tcptrace_common::{
-    AggCount, AggKey, BindArgs, COUNTERS_LEN, Config, ConnKey, ConnSock, CtAllocArgs, EndKey,
-    ListenKey, Owner,
+    BindArgs, COUNTERS_LEN, Config, ConnKey, ConnSock, CtAllocArgs, EndKey, ListenKey, Owner,
+    StormCount, StormKey,
 };
 
 /// Failure events for userspace. Its size is set at load time.
@@ -25,17 +25,17 @@ pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(65536, 
 pub static CONN_SOCKS: LruHashMap<ConnKey, ConnSock> =
     LruHashMap::with_max_entries(tcptrace_common::CONN_SOCKS_ENTRIES, 0);
 
-/// Repeats of storm-prone failures, counted instead of sent (`AggKey`),
+/// Repeats of storm-prone failures, counted instead of sent (`StormKey`),
 /// per CPU: a key's kind is counted by one program, which does not nest
 /// with itself on a CPU, so no increment races. Sized by userspace to the
 /// number of CPUs.
-#[map(name = "AGG")]
-pub static AGG: PerCpuHashMap<AggKey, AggCount> =
-    PerCpuHashMap::with_max_entries(tcptrace_common::AGG_ENTRIES, 0);
+#[map(name = "STORMS")]
+pub static STORMS: PerCpuHashMap<StormKey, StormCount> =
+    PerCpuHashMap::with_max_entries(tcptrace_common::STORM_ENTRIES, 0);
 
-/// The generation new aggregation keys are counted in (one u32).
-#[map(name = "AGG_GEN")]
-pub static AGG_GEN: Array<u32> = Array::with_max_entries(1, 0);
+/// The generation new storm keys are counted in (one u32).
+#[map(name = "STORM_GEN")]
+pub static STORM_GEN: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Client ends of flows whose handshake needed retransmits -> when they
 /// were last watched (boot ns): drops of their packets are reported

@@ -167,14 +167,14 @@ fn raw_records(sockets: usize, addressing: impl Fn(usize) -> Addressing) -> Vec<
             total_retrans: 0,
             tcp_flags: 0,
             _pad: 0,
-            agg_cpu: 0,
+            storm_cpu: 0,
             comm: *b"storm\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,
             connect_ms: 0,
             port_lo: 0,
             port_hi: 0,
-            agg_generation: 0,
+            storm_generation: 0,
         };
         let owned = RawEvent {
             flags: flag::OWNER_KNOWN | flag::TCP_DETAIL,

@@ -4,26 +4,22 @@
 //! failure when they are missing or older than it.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
-use tcptrace_common::{AggKey, kind};
-
 use crate::{
     attribution::{Attributor, ServiceMap},
-    bpf::Folded,
     diagnosis::{Diagnoser, DiagnoserConfig},
-    model::{Endpoint, Errno, Event, EventKind, Fold, Record, Verdict, facts::NodeFacts},
+    model::{Event, EventKind, Record, StormId, StormRepeats, Verdict, facts::NodeFacts},
 };
 
 /// Unknown namespaces remembered to avoid waking the refresher per event.
 const MAX_PENDING_NETNS: usize = 4096;
-/// Storm first records kept for their counts: the kernel's map holds at
-/// most AGG_ENTRIES keys, some of a generation being read while the next
-/// fills.
-const MAX_STORMS: usize = 2 * tcptrace_common::AGG_ENTRIES as usize;
+/// Storm first records kept for their counts: the kernel counts at most
+/// [`crate::bpf::MAX_STORMS`], some of a generation being read while the
+/// next fills.
+const MAX_STORMS: usize = 2 * crate::bpf::MAX_STORMS;
 /// Facts older than this when a namespace fails are read again then.
 const FACTS_FRESH: Duration = Duration::from_secs(1);
 /// Reads at failures per second, at most (each enters a namespace).
@@ -52,9 +48,9 @@ pub struct Pipeline {
     node_nodeports: HashMap<u32, BTreeMap<u16, String>>,
     /// First records of the storms the kernel counts, as processed, by
     /// their counting generation and stamp.
-    storms: HashMap<Fold, Event>,
+    storms: HashMap<StormId, Event>,
     /// Storms of other nodes (`--node-scope`): their counts are not ours.
-    out_of_scope_storms: HashSet<Fold>,
+    out_of_scope_storms: HashSet<StormId>,
 }
 
 /// What processing one event produced.
@@ -91,27 +87,33 @@ impl Pipeline {
     /// The kernel's counts of a finished generation (after its records
     /// were processed): each storm's repeats as one record with a
     /// `count`, and their share of the verdicts.
-    pub fn repeats(&mut self, folded: &[Folded], now: SystemTime) -> (Vec<Record>, Vec<Verdict>) {
+    pub fn repeats(
+        &mut self,
+        counted: &[StormRepeats],
+        now: SystemTime,
+    ) -> (Vec<Record>, Vec<Verdict>) {
         let mut records = Vec::new();
         let mut live = Vec::new();
-        for f in folded {
-            let key = Fold {
-                generation: f.generation,
-                first_ns: f.first_ns,
-                cpu: f.cpu,
-            };
+        for f in counted {
+            let key = f.storm;
             if self.out_of_scope_storms.remove(&key) || f.count == 0 {
                 self.storms.remove(&key);
                 self.diagnoser.storm_done(&key);
                 continue;
             }
             // Its first record was not kept (too many storms at once, or
-            // it did not decode): the repeats are still named by their key.
-            let first = match self.storms.remove(&key) {
-                Some(first) => first,
-                None => {
-                    let mut ev = storm_event(&f.key, now);
-                    ev.fold = Some(key);
+            // it did not decode): the repeats are still named by their key,
+            // unless that does not decode either (like a malformed record).
+            let first = match (self.storms.remove(&key), &f.failure) {
+                (Some(first), _) => first,
+                (None, None) => {
+                    self.diagnoser.storm_done(&key);
+                    continue;
+                }
+                (None, Some(failure)) => {
+                    let mut ev = failure.clone();
+                    ev.time = now;
+                    ev.storm = Some(key);
                     self.attributor.attribute(&mut ev);
                     if !self.attributor.in_scope(&ev) {
                         self.diagnoser.storm_done(&key);
@@ -123,7 +125,7 @@ impl Pipeline {
             let mut ev = first.clone();
             ev.time = now;
             ev.count = Some(f.count);
-            ev.fold = None;
+            ev.storm = None;
             ev.sock = None;
             ev.tcp = None;
             // The repeats' ephemeral ports are not kept.
@@ -137,9 +139,9 @@ impl Pipeline {
             records.extend(verdict_records(diagnosed.verdicts));
             live.extend(diagnosed.live);
         }
-        // First records of the folded generations are done with.
-        if let Some(done) = folded.iter().map(|f| f.generation).max() {
-            let newer = |k: &Fold| k.generation.wrapping_sub(done) as i32 > 0;
+        // First records of the counted generations are done with.
+        if let Some(done) = counted.iter().map(|f| f.storm.generation).max() {
+            let newer = |k: &StormId| k.generation.wrapping_sub(done) as i32 > 0;
             self.storms.retain(|k, _| newer(k));
             self.out_of_scope_storms.retain(newer);
         }
@@ -267,10 +269,10 @@ impl Pipeline {
     pub fn event(&mut self, mut ev: Event) -> Processed {
         self.attributor.attribute(&mut ev);
         if !self.attributor.in_scope(&ev) {
-            if let Some(fold) = ev.fold
+            if let Some(storm) = ev.storm
                 && self.out_of_scope_storms.len() < MAX_STORMS
             {
-                self.out_of_scope_storms.insert(fold);
+                self.out_of_scope_storms.insert(storm);
             }
             return Processed {
                 records: Vec::new(),
@@ -291,10 +293,10 @@ impl Pipeline {
             && self.firewall_netns.len() < crate::node::MAX_FIREWALL_NETNS
             && self.firewall_netns.insert(ev.netns))
         .then_some(ev.netns);
-        if let Some(fold) = ev.fold
+        if let Some(storm) = ev.storm
             && self.storms.len() < MAX_STORMS
         {
-            self.storms.insert(fold, ev.clone());
+            self.storms.insert(storm, ev.clone());
         }
         let diagnosed = self.diagnoser.observe(&ev, &self.facts);
         let mut records = Vec::with_capacity(1 + diagnosed.verdicts.len());
@@ -341,36 +343,6 @@ impl Pipeline {
 
 fn verdict_records(verdicts: Vec<Verdict>) -> impl Iterator<Item = Record> {
     verdicts.into_iter().map(|v| Record::Verdict(Box::new(v)))
-}
-
-/// A storm's event from its kernel key alone (its first record was not kept).
-fn storm_event(key: &AggKey, now: SystemTime) -> Event {
-    // IPv4 peers of dual-stack sockets as IPv4, as in every record.
-    let ip = |addr: [u8; 16]| {
-        if key.family == tcptrace_common::AF_INET6 {
-            IpAddr::V6(Ipv6Addr::from(addr)).to_canonical()
-        } else {
-            IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
-        }
-    };
-    let end = Endpoint::new(ip(key.addr), key.port);
-    let kind = match key.kind {
-        k if k == kind::RESET_SENT => EventKind::ResetSent,
-        k if k == kind::CONNECT_ERROR => EventKind::ConnectError,
-        k if k == kind::BIND_ERROR => EventKind::BindError,
-        _ => EventKind::ResetReceived,
-    };
-    // The key holds the stable end: a reset's closed port (and the
-    // refused client's address), a bind's address, else the destination.
-    let (src, dst) = match kind {
-        EventKind::ResetSent => (end, Endpoint::new(ip(key.peer), 0)),
-        EventKind::BindError => (end, Endpoint::unspecified()),
-        _ => (Endpoint::unspecified(), end),
-    };
-    let mut ev = Event::new(now, kind, src, dst, key.netns);
-    ev.cgroup_id = (key.cgroup_id != 0).then_some(key.cgroup_id);
-    ev.errno = (key.errno != 0).then(|| Errno::from_raw(key.errno));
-    ev
 }
 
 #[cfg(test)]
@@ -442,42 +414,35 @@ mod tests {
 
     #[test]
     fn a_storm_without_its_first_record_is_named_by_its_key() {
-        let mapped = |v4: [u8; 4]| {
-            let mut a = [0u8; 16];
-            a[10..12].copy_from_slice(&[0xff, 0xff]);
-            a[12..].copy_from_slice(&v4);
-            a
-        };
-        let reset = AggKey {
-            addr: mapped([10, 244, 1, 2]),
-            peer: mapped([10, 244, 3, 4]),
-            cgroup_id: 0,
-            netns: 7,
-            generation: 1,
-            port: 8080,
-            kind: kind::RESET_SENT,
-            family: tcptrace_common::AF_INET6,
-            errno: 0,
-        };
-        let ev = storm_event(&reset, UNIX_EPOCH);
-        assert_eq!(ev.kind, EventKind::ResetSent);
-        assert_eq!(ev.src.to_string(), "10.244.1.2:8080");
-        assert_eq!(ev.dst.ip, IpAddr::V4(Ipv4Addr::new(10, 244, 3, 4)));
-        assert_eq!(ev.netns, 7);
-        let connect = AggKey {
-            kind: kind::CONNECT_ERROR,
-            family: tcptrace_common::AF_INET,
-            addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            errno: -99,
-            cgroup_id: 42,
-            ..reset
-        };
-        let ev = storm_event(&connect, UNIX_EPOCH);
-        assert_eq!(ev.dst.to_string(), "10.96.0.1:8080");
-        assert_eq!(
-            ev.errno.map(|e| e.to_string()).as_deref(),
-            Some("EADDRNOTAVAIL")
+        let mut p = Pipeline::new(
+            Attributor::new(AttributionConfig::default()),
+            DiagnoserConfig::default(),
         );
-        assert_eq!(ev.cgroup_id, Some(42));
+        let storm = |generation| StormId {
+            generation,
+            first_ns: 5,
+            cpu: 1,
+        };
+        let named = StormRepeats {
+            storm: storm(1),
+            count: 41,
+            failure: Some(connect_error(0)),
+        };
+        let unnamed = StormRepeats {
+            storm: storm(2),
+            count: 9,
+            failure: None,
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(200);
+        let (records, _) = p.repeats(&[named, unnamed], now);
+        let [Record::Event(ev)] = records.as_slice() else {
+            panic!("one record: {records:?}")
+        };
+        assert_eq!(ev.kind, EventKind::ConnectError);
+        assert_eq!(ev.count, Some(41));
+        assert_eq!(ev.time, now);
+        assert_eq!(ev.dst.to_string(), "10.96.0.10:80");
+        assert_eq!(ev.errno, Some(Errno::EADDRNOTAVAIL));
+        assert_eq!(ev.storm, None);
     }
 }

@@ -14,11 +14,11 @@ use crate::{
     attribution::{AttributionConfig, Attributor, NodeScope, ServiceMap},
     bpf::{Tracer, TracerOptions},
     cli::{Cli, Command, NodeArgs, OutputFormat, TableFormat, TraceArgs},
-    diagnosis::{DiagnoserConfig, audit, render_table},
+    diagnosis::{DiagnoserConfig, audit},
     metrics::MeteredSink,
     model::{ProbeState, ProbeStatus, Record, Stats, Tier},
     node::{self, FactsConfig, Refresher},
-    output::{ChannelSink, NdjsonWriter, Sink},
+    output::{ChannelSink, NdjsonWriter, Sink, findings_table},
     pipeline::Pipeline,
 };
 
@@ -82,7 +82,7 @@ fn audit_node(node: &NodeArgs, format: TableFormat) -> Result<()> {
             }
             out.flush()
         }
-        TableFormat::Table => crate::output::print(&render_table(&findings)),
+        TableFormat::Table => crate::output::print(&findings_table(&findings)),
     }
 }
 

@@ -186,7 +186,7 @@ fn storms_counted_in_the_kernel_say_what_every_record_says() {
     const REFUSED: usize = 2000;
     const EXHAUSTED: usize = 300;
     const IN_USE: usize = 200;
-    let folding = start_tcptrace(&["--format", "json"]);
+    let counting = start_tcptrace(&["--format", "json"]);
     let every = start_tcptrace(&["--format", "json", "--no-kernel-aggregation"]);
     let ns = Netns::new("storm").unwrap();
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"])
@@ -216,16 +216,16 @@ fn storms_counted_in_the_kernel_say_what_every_record_says() {
     assert_eq!(failed, (REFUSED, EXHAUSTED, IN_USE));
     // A count of the last generation arrives within a second.
     thread::sleep(Duration::from_millis(1500));
-    folding.signal(Signal::SIGINT);
+    counting.signal(Signal::SIGINT);
     every.signal(Signal::SIGINT);
-    let (code_f, lines_f) = folding.finish();
+    let (code_c, lines_c) = counting.finish();
     let (code_e, lines_e) = every.finish();
-    assert_eq!((code_f, code_e), (0, 0));
+    assert_eq!((code_c, code_e), (0, 0));
     let Said {
-        kinds: kinds_f,
-        verdicts: verdicts_f,
-        records: records_f,
-    } = said(&lines_f, ns.inode());
+        kinds: kinds_c,
+        verdicts: verdicts_c,
+        records: records_c,
+    } = said(&lines_c, ns.inode());
     let Said {
         kinds: kinds_e,
         verdicts: verdicts_e,
@@ -247,14 +247,14 @@ fn storms_counted_in_the_kernel_say_what_every_record_says() {
         Some(&want(IN_USE)),
         "{kinds_e:?}"
     );
-    assert_eq!(kinds_f, kinds_e, "failures per kind");
-    assert_eq!(verdicts_f, verdicts_e, "verdicts, their counts and resets");
+    assert_eq!(kinds_c, kinds_e, "failures per kind");
+    assert_eq!(verdicts_c, verdicts_e, "verdicts, their counts and resets");
     eprintln!(
-        "records: {records_f} counting in the kernel, {records_e} one by one; {verdicts_f:?}"
+        "records: {records_c} counting in the kernel, {records_e} one by one; {verdicts_c:?}"
     );
     assert!(
-        records_f * 20 < records_e,
-        "{records_f} records vs {records_e}"
+        records_c * 20 < records_e,
+        "{records_c} records vs {records_e}"
     );
 }
 
@@ -285,20 +285,14 @@ fn bpf_objects_of(pid: u32) -> Vec<String> {
 
 /// Which of `objects` the kernel still has loaded.
 fn still_loaded(objects: &[String]) -> Vec<String> {
-    let mut loaded: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| format!("program {}", p.id()))
+    let now = tcptrace::bpf::inspect::loaded();
+    let mut loaded: Vec<String> = now
+        .programs
+        .keys()
+        .map(|id| format!("program {id}"))
         .collect();
-    loaded.extend(
-        aya::maps::loaded_maps()
-            .filter_map(Result::ok)
-            .map(|m| format!("map {}", m.id())),
-    );
-    loaded.extend(
-        aya::programs::loaded_links()
-            .filter_map(Result::ok)
-            .map(|l| format!("link {}", l.id())),
-    );
+    loaded.extend(now.maps.keys().map(|id| format!("map {id}")));
+    loaded.extend(now.links.iter().map(|id| format!("link {id}")));
     objects
         .iter()
         .filter(|o| loaded.contains(o))

@@ -93,6 +93,6 @@ pub fn sys_exit_bind(ctx: TracePointContext) -> u32 {
     ev.netns = kernel::net_inum(net, &config().kernel);
     kernel::port_range(net, &config().kernel, ev);
     let key = kernel::dst_key(ev);
-    kernel::submit_or_fold(hook::EXIT_BIND, entry, &key);
+    kernel::submit_or_count(hook::EXIT_BIND, entry, &key);
     0
 }

@@ -74,7 +74,7 @@ fn report(hook: u32, sk: u64, ret: i32) {
     let owner = kernel::current_owner(ev.netns, role::CLIENT);
     kernel::set_owner(ev, &owner);
     let key = kernel::dst_key(ev);
-    kernel::submit_or_fold(hook, entry, &key);
+    kernel::submit_or_count(hook, entry, &key);
 }
 
 /// struct nf_conn *__nf_conntrack_alloc(struct net *, zone, orig, repl, gfp, ...)

@@ -4,9 +4,9 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, NO_ARG, flag, hook, kind};
 
 use crate::{
-    agg,
     kernel::{self, Segment, read},
     maps::{self, CONN_SOCKS, config},
+    storm,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -118,7 +118,7 @@ fn report_reset(skb: u64, seg: &Segment) {
     let key = (seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK == 0)
         .then(|| seg.refused_key(netns, kind::RESET_SENT));
     if let Some(key) = &key
-        && agg::count_repeat(hook::KFREE_SKB, key)
+        && storm::count_repeat(hook::KFREE_SKB, key)
     {
         return;
     }
@@ -133,7 +133,7 @@ fn report_reset(skb: u64, seg: &Segment) {
     ev.flags |= flag::RESET_FROM_DROP;
     ev.netns = netns;
     match &key {
-        Some(key) => kernel::submit_or_fold(hook::KFREE_SKB, entry, key),
+        Some(key) => kernel::submit_or_count(hook::KFREE_SKB, entry, key),
         None => kernel::submit(hook::KFREE_SKB, entry),
     }
 }

@@ -158,7 +158,7 @@ fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool, slow_han
     }
     if ev.kind == kind::CONNECT_ERROR {
         let key = kernel::dst_key(ev);
-        kernel::submit_or_fold(hook::SET_STATE, entry, &key);
+        kernel::submit_or_count(hook::SET_STATE, entry, &key);
     } else {
         kernel::submit(hook::SET_STATE, entry);
     }

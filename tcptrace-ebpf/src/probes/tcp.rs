@@ -5,9 +5,9 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tcptrace_common::{Event, flag, hook, kind};
 
 use crate::{
-    agg,
     kernel::{self, read},
     maps::{self, config, mark_owner_reset, mark_reset},
+    storm,
 };
 
 /// Netns, owner and TCP detail of an event about socket `sk`; false when
@@ -102,7 +102,7 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
         .filter(|s| sk == 0 && s.flags & TCP_SYN != 0 && s.flags & TCP_ACK == 0)
         .map(|s| s.refused_key(dev_netns(), kind::RESET_SENT));
     if let Some(key) = &key
-        && agg::count_repeat(hook::SEND_RESET, key)
+        && storm::count_repeat(hook::SEND_RESET, key)
     {
         return 0;
     }
@@ -142,7 +142,7 @@ pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     }
     let at_ns = ev.ts_ns;
     match &key {
-        Some(key) => kernel::submit_or_fold(hook::SEND_RESET, entry, key),
+        Some(key) => kernel::submit_or_count(hook::SEND_RESET, entry, key),
         None => kernel::submit(hook::SEND_RESET, entry),
     }
     if active {
@@ -168,7 +168,7 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
         // SAFETY: a map value of the right type, read at once.
         let own = owner.is_some_and(|o| kernel::is_self(unsafe { (*o).tgid }));
         // tcptrace's own sockets are not counted (describe_sock drops them).
-        if !own && agg::count_repeat(hook::RECEIVE_RESET, &key) {
+        if !own && storm::count_repeat(hook::RECEIVE_RESET, &key) {
             if let Some(owner) = owner {
                 // SAFETY: a helper without preconditions.
                 let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() };
@@ -201,7 +201,7 @@ pub fn tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     };
     let at_ns = ev.ts_ns;
     match &key {
-        Some(key) => kernel::submit_or_fold(hook::RECEIVE_RESET, entry, key),
+        Some(key) => kernel::submit_or_count(hook::RECEIVE_RESET, entry, key),
         None => kernel::submit(hook::RECEIVE_RESET, entry),
     }
     mark_reset(sk, at_ns, errno);

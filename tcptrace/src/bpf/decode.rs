@@ -8,12 +8,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, ct_invalid, flag, kind};
+use tcptrace_common::{AF_INET, AF_INET6, Event as RawEvent, StormKey, ct_invalid, flag, kind};
 use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
-    Endpoint, Errno, Event, EventKind, Fold, Handshake, PeerFin, PortRange, Role, SockPtr,
+    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, StormId,
     TcpDetail, TcpFlags, TcpState,
 };
 
@@ -150,24 +150,9 @@ impl Decoder {
         }
         // Unaligned copy out of the ring buffer.
         let raw: RawEvent = bytemuck_read(bytes);
-        let kind = match raw.kind {
-            kind::RETRANSMIT => EventKind::Retransmit,
-            kind::SYNACK_RETRANSMIT => EventKind::SynackRetransmit,
-            kind::RESET_SENT => EventKind::ResetSent,
-            kind::RESET_RECEIVED => EventKind::ResetReceived,
-            kind::STATE_CHANGE => EventKind::StateChange,
-            kind::DROP => EventKind::Drop,
-            kind::CONNECT_ERROR => EventKind::ConnectError,
-            kind::BIND_ERROR => EventKind::BindError,
-            kind::SOCKET_ERROR => EventKind::SocketError,
-            kind::CONNTRACK_INVALID => EventKind::ConntrackInvalid,
-            other => return Err(DecodeError::Kind(other)),
-        };
-        let (src, dst) = match raw.family {
-            AF_INET => (ip4(&raw.saddr, raw.sport), ip4(&raw.daddr, raw.dport)),
-            AF_INET6 => (ip6(raw.saddr, raw.sport), ip6(raw.daddr, raw.dport)),
-            other => return Err(DecodeError::Family(other)),
-        };
+        let kind = event_kind(raw.kind)?;
+        let src = endpoint(raw.family, raw.saddr, raw.sport)?;
+        let dst = endpoint(raw.family, raw.daddr, raw.dport)?;
         let time = self.boot_wall + Duration::from_nanos(raw.ts_ns);
         let mut ev = Event::new(time, kind, src, dst, raw.netns);
         if raw.flags & flag::OWNER_KNOWN != 0 {
@@ -242,11 +227,11 @@ impl Decoder {
                 idle_before_ms: self.jiffies_ms(raw.fin_idle_jiffies),
             });
         }
-        if raw.flags & flag::AGG_FIRST != 0 {
-            ev.fold = Some(Fold {
-                generation: raw.agg_generation,
+        if raw.flags & flag::STORM_FIRST != 0 {
+            ev.storm = Some(StormId {
+                generation: raw.storm_generation,
                 first_ns: raw.ts_ns,
-                cpu: raw.agg_cpu,
+                cpu: raw.storm_cpu,
             });
         }
         if raw.flags & flag::PORT_RANGE != 0 {
@@ -272,6 +257,49 @@ impl Decoder {
             });
         }
         Ok(ev)
+    }
+
+    /// A storm's failure as the kernel's count key names it, at the time of
+    /// its first record: kind, errno, namespace, cgroup and the stable end
+    /// (a reset's closed port and the refused client's address, a bind's
+    /// address, else the destination); ephemeral ports are not kept.
+    pub fn decode_storm_key(&self, key: &StormKey, first_ns: u64) -> Result<Event, DecodeError> {
+        let kind = event_kind(key.kind)?;
+        let end = endpoint(key.family, key.addr, key.port)?;
+        let (src, dst) = match kind {
+            EventKind::ResetSent => (end, endpoint(key.family, key.peer, 0)?),
+            EventKind::BindError => (end, Endpoint::unspecified()),
+            _ => (Endpoint::unspecified(), end),
+        };
+        let time = self.boot_wall + Duration::from_nanos(first_ns);
+        let mut ev = Event::new(time, kind, src, dst, key.netns);
+        ev.cgroup_id = (key.cgroup_id != 0).then_some(key.cgroup_id);
+        ev.errno = (key.errno != 0).then(|| Errno::from_raw(key.errno));
+        Ok(ev)
+    }
+}
+
+fn event_kind(raw: u8) -> Result<EventKind, DecodeError> {
+    Ok(match raw {
+        kind::RETRANSMIT => EventKind::Retransmit,
+        kind::SYNACK_RETRANSMIT => EventKind::SynackRetransmit,
+        kind::RESET_SENT => EventKind::ResetSent,
+        kind::RESET_RECEIVED => EventKind::ResetReceived,
+        kind::STATE_CHANGE => EventKind::StateChange,
+        kind::DROP => EventKind::Drop,
+        kind::CONNECT_ERROR => EventKind::ConnectError,
+        kind::BIND_ERROR => EventKind::BindError,
+        kind::SOCKET_ERROR => EventKind::SocketError,
+        kind::CONNTRACK_INVALID => EventKind::ConntrackInvalid,
+        other => return Err(DecodeError::Kind(other)),
+    })
+}
+
+fn endpoint(family: u8, addr: [u8; 16], port: u16) -> Result<Endpoint, DecodeError> {
+    match family {
+        AF_INET => Ok(ip4(&addr, port)),
+        AF_INET6 => Ok(ip6(addr, port)),
+        other => Err(DecodeError::Family(other)),
     }
 }
 
@@ -352,14 +380,14 @@ mod tests {
             total_retrans: 3,
             tcp_flags: 0x02,
             _pad: 0,
-            agg_cpu: 0,
+            storm_cpu: 0,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             fin_ns: 0,
             fin_idle_jiffies: 0,
             connect_ms: 0,
             port_lo: 0,
             port_hi: 0,
-            agg_generation: 0,
+            storm_generation: 0,
         }
     }
 
@@ -527,6 +555,95 @@ mod tests {
             d.decode(&bytes(&r)).unwrap().reason.as_deref(),
             Some("CLASS_77")
         );
+    }
+
+    #[test]
+    fn a_storm_key_names_its_failure_by_its_stable_end() {
+        let d = Decoder::new(names(), UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let mapped = |v4: [u8; 4]| {
+            let mut a = [0u8; 16];
+            a[10..12].copy_from_slice(&[0xff, 0xff]);
+            a[12..].copy_from_slice(&v4);
+            a
+        };
+        let reset = StormKey {
+            addr: mapped([10, 244, 1, 2]),
+            peer: mapped([10, 244, 3, 4]),
+            cgroup_id: 0,
+            netns: 7,
+            generation: 1,
+            port: 8080,
+            kind: kind::RESET_SENT,
+            family: AF_INET6,
+            errno: 0,
+        };
+        let ev = d.decode_storm_key(&reset, 2_000_000_000).unwrap();
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            serde_json::json!({
+                "time": "2023-11-14T22:13:22.000000Z",
+                "kind": "reset_sent",
+                "src": {"ip": "10.244.1.2", "port": 8080},
+                "dst": {"ip": "10.244.3.4", "port": 0},
+                "netns": 7,
+                "pod": null,
+                "identity_level": "netns"
+            })
+        );
+        let connect = StormKey {
+            kind: kind::CONNECT_ERROR,
+            family: AF_INET,
+            addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            errno: -99,
+            cgroup_id: 42,
+            ..reset
+        };
+        let ev = d.decode_storm_key(&connect, 0).unwrap();
+        assert_eq!(ev.kind, EventKind::ConnectError);
+        assert_eq!(ev.src, Endpoint::unspecified());
+        assert_eq!(ev.dst.to_string(), "10.96.0.1:8080");
+        assert_eq!(ev.errno, Some(Errno::EADDRNOTAVAIL));
+        assert_eq!(ev.cgroup_id, Some(42));
+        let bind = StormKey {
+            kind: kind::BIND_ERROR,
+            errno: -98,
+            ..connect
+        };
+        let ev = d.decode_storm_key(&bind, 0).unwrap();
+        assert_eq!(ev.src.to_string(), "10.96.0.1:8080");
+        assert_eq!(ev.dst, Endpoint::unspecified());
+        let received = StormKey {
+            kind: kind::RESET_RECEIVED,
+            errno: 0,
+            ..connect
+        };
+        let ev = d.decode_storm_key(&received, 0).unwrap();
+        assert_eq!(ev.kind, EventKind::ResetReceived);
+        assert_eq!(ev.dst.to_string(), "10.96.0.1:8080");
+        assert_eq!(ev.errno, None);
+    }
+
+    #[test]
+    fn rejects_storm_keys_it_cannot_name() {
+        let d = Decoder::new(names(), UNIX_EPOCH);
+        let key = StormKey {
+            addr: [0; 16],
+            peer: [0; 16],
+            cgroup_id: 0,
+            netns: 1,
+            generation: 0,
+            port: 80,
+            kind: 99,
+            family: AF_INET,
+            errno: 0,
+        };
+        assert_eq!(d.decode_storm_key(&key, 0), Err(DecodeError::Kind(99)));
+        let key = StormKey {
+            kind: kind::RESET_SENT,
+            family: 7,
+            ..key
+        };
+        assert_eq!(d.decode_storm_key(&key, 0), Err(DecodeError::Family(7)));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The only module that talks to aya: loads the BPF object, attaches the
-//! hooks, drains the ring buffer and decodes records into model events.
+//! hooks, drains the ring buffer and decodes records into model events;
+//! [`inspect`] lists what the kernel has loaded, for tests and benchmarks.
 pub mod decode;
+pub mod inspect;
 pub mod offsets;
 pub mod tracefs;
 
@@ -16,9 +18,9 @@ use aya::{
     programs::{FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use tcptrace_common::{
-    AGG_ENTRIES, AGG_GEN_MAP, AGG_MAP, AggCount, AggKey, CONFIG_GLOBAL, CONN_SOCKS_ENTRIES,
-    CONN_SOCKS_MAP, COUNTER_AGG_FULL, COUNTER_FOLDED, COUNTER_LOST, COUNTER_SEEN, COUNTERS_MAP,
-    Config, DIRECT_MAP, EVENTS_MAP, NO_ARG, counter_index, direct, hook,
+    CONFIG_GLOBAL, CONN_SOCKS_ENTRIES, CONN_SOCKS_MAP, COUNTER_LOST, COUNTER_REPEATS, COUNTER_SEEN,
+    COUNTER_STORMS_FULL, COUNTERS_MAP, Config, DIRECT_MAP, EVENTS_MAP, NO_ARG, STORM_ENTRIES,
+    STORM_GEN_MAP, STORMS_MAP, StormCount, StormKey, counter_index, direct, hook,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -26,7 +28,7 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, HookStats, ProbeState, ProbeStatus, Tier};
+use crate::model::{Event, HookStats, ProbeState, ProbeStatus, StormId, StormRepeats, Tier};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -112,7 +114,7 @@ pub struct Tracer {
     /// The last drain stopped at its limit: records are waiting.
     backlog: bool,
     /// The programs count storms' repeats ([`Tracer::fold`]).
-    aggregate: bool,
+    count_storms: bool,
 }
 
 /// The ring buffer, polled, or registered with tokio for readiness.
@@ -236,7 +238,7 @@ pub fn kernel_config(btf: &KernelBtf, names: &KernelNames, opts: &TracerOptions)
         drop_reasons: reason_bits(DROP_REASONS),
         quiet_reasons: reason_bits(QUIET_REASONS),
         // Set by Tracer::load, which knows whether counting can work here.
-        aggregate: 0,
+        count_storms: 0,
         _pad2: 0,
         kernel: offsets::kernel_offsets(btf),
         args,
@@ -267,13 +269,13 @@ impl Tracer {
         } else {
             None
         };
-        let aggregate = opts.aggregate && why_not.is_none();
+        let count_storms = opts.aggregate && why_not.is_none();
         if let (true, Some(why)) = (opts.aggregate, why_not) {
             eprintln!(
                 "tcptrace: {why}: storms are sent as one record per failure, not counted in the kernel"
             );
         }
-        cfg.aggregate = u32::from(aggregate);
+        cfg.count_storms = u32::from(count_storms);
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
         // to the cgroup. A refusal only matters if loading then fails.
         let memlock = nix::sys::resource::setrlimit(
@@ -294,7 +296,7 @@ impl Tracer {
                     1
                 },
             )
-            .map_max_entries(AGG_MAP, agg_entries(aggregate, cpus))
+            .map_max_entries(STORMS_MAP, storm_keys(count_storms, cpus))
             .load(BPF_OBJECT)
             .map_err(|e| {
                 let text = e.to_string();
@@ -382,7 +384,7 @@ impl Tracer {
             decoder: Decoder::new(names, boot_wall_time()?),
             ring: Ring::Polled(ring),
             backlog: false,
-            aggregate,
+            count_storms,
         })
     }
 
@@ -444,20 +446,20 @@ impl Tracer {
     }
 
     /// Ends the current counting generation and returns its counts: the
-    /// repeats of each storm whose first record (see `Event::fold`) went
+    /// repeats of each storm whose first record (see `Event::storm`) went
     /// out in it (and any older one a walk missed). The programs count in
     /// the next generation from now on; this waits until none can still be
     /// counting in the old one (an RCU grace period), so every repeat is in
     /// what it returns, once. Read the ring buffer after this call, before
     /// using the counts: the first records are there.
-    pub fn fold(&mut self) -> Result<Vec<Folded>> {
-        if !self.aggregate {
+    pub fn fold(&mut self) -> Result<Vec<StormRepeats>> {
+        if !self.count_storms {
             return Ok(Vec::new());
         }
         let mut generation = Array::<_, u32>::try_from(
             self.ebpf
-                .map_mut(AGG_GEN_MAP)
-                .ok_or_else(|| anyhow!("BPF object has no {AGG_GEN_MAP} map"))?,
+                .map_mut(STORM_GEN_MAP)
+                .ok_or_else(|| anyhow!("BPF object has no {STORM_GEN_MAP} map"))?,
         )
         .context("opening the generation")?;
         let current = generation
@@ -468,20 +470,20 @@ impl Tracer {
             .set(0, current, 0)
             .context("moving the generation on")?;
         wait_for_running_programs()?;
-        let mut counts = PerCpuHashMap::<_, AggKey, AggCount>::try_from(
+        let mut counts = PerCpuHashMap::<_, StormKey, StormCount>::try_from(
             self.ebpf
-                .map_mut(AGG_MAP)
-                .ok_or_else(|| anyhow!("BPF object has no {AGG_MAP} map"))?,
+                .map_mut(STORMS_MAP)
+                .ok_or_else(|| anyhow!("BPF object has no {STORMS_MAP} map"))?,
         )
         .context("opening the storm counts")?;
         // Every older generation: a key a walk of the changing map missed
         // is found by the next one.
-        let keys: Vec<AggKey> = counts
+        let keys: Vec<StormKey> = counts
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.generation != current)
             .collect();
-        let mut folded = Vec::with_capacity(keys.len());
+        let mut repeats = Vec::with_capacity(keys.len());
         for key in keys {
             // A key that cannot be read and deleted now stays for the next
             // fold, which reads it whole.
@@ -497,15 +499,17 @@ impl Tracer {
                 .enumerate()
                 .max_by_key(|(_, c)| c.first_ns)
                 .map_or((0, 0), |(cpu, c)| (cpu, c.first_ns));
-            folded.push(Folded {
-                generation: key.generation,
-                first_ns,
-                cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
+            repeats.push(StormRepeats {
+                storm: StormId {
+                    generation: key.generation,
+                    first_ns,
+                    cpu: u16::try_from(cpu).unwrap_or(u16::MAX),
+                },
                 count: per_cpu.iter().map(|c| c.count).sum(),
-                key,
+                failure: self.decoder.decode_storm_key(&key, first_ns).ok(),
             });
         }
-        Ok(folded)
+        Ok(repeats)
     }
 
     /// Cumulative per-hook counters summed over CPUs.
@@ -531,30 +535,20 @@ impl Tracer {
                     hook: (*prog).to_string(),
                     seen: read(counter_index(i, COUNTER_SEEN))?,
                     lost: read(counter_index(i, COUNTER_LOST))?,
-                    folded: read(counter_index(i, COUNTER_FOLDED))?,
-                    fold_full: read(counter_index(i, COUNTER_AGG_FULL))?,
+                    folded: read(counter_index(i, COUNTER_REPEATS))?,
+                    fold_full: read(counter_index(i, COUNTER_STORMS_FULL))?,
                 })
             })
             .collect()
     }
 }
 
-/// Repeats of one storm in one generation.
-#[derive(Clone, Copy, Debug)]
-pub struct Folded {
-    pub generation: u32,
-    /// The `ts_ns` of the storm's first record in that generation, and the
-    /// CPU that took it.
-    pub first_ns: u64,
-    pub cpu: u16,
-    /// Repeats after the first record.
-    pub count: u64,
-    pub key: AggKey,
-}
+/// Most storms the kernel counts in one generation (its count map's keys).
+pub const MAX_STORMS: usize = STORM_ENTRIES as usize;
 
 /// Waits until every BPF program run that started before now has ended:
-/// tracepoint programs run under RCU, and a global membarrier waits for an
-/// RCU grace period.
+/// the programs (tracepoints, kprobes, non-sleepable fexit) run under
+/// RCU, and a global membarrier waits for an RCU grace period.
 fn wait_for_running_programs() -> Result<()> {
     let r = membarrier(MEMBARRIER_CMD_GLOBAL);
     if r != 0 {
@@ -567,19 +561,19 @@ fn wait_for_running_programs() -> Result<()> {
 }
 
 /// Kernel memory the per-CPU storm counts may take, preallocated.
-const AGG_MEMORY_BYTES: usize = 8 << 20;
+const STORM_MEMORY_BYTES: usize = 8 << 20;
 
 /// Keys of the per-CPU storm map: a value per possible CPU each, so fewer
 /// on large machines (16,384 up to 32 CPUs, 2,048 on 256); one when
 /// counting is off.
-fn agg_entries(aggregate: bool, cpus: usize) -> u32 {
-    if !aggregate {
+fn storm_keys(count_storms: bool, cpus: usize) -> u32 {
+    if !count_storms {
         return 1;
     }
-    let per_key = size_of::<AggCount>() * cpus;
-    u32::try_from(AGG_MEMORY_BYTES / per_key)
-        .unwrap_or(AGG_ENTRIES)
-        .clamp(1, AGG_ENTRIES)
+    let per_key = size_of::<StormCount>() * cpus;
+    u32::try_from(STORM_MEMORY_BYTES / per_key)
+        .unwrap_or(STORM_ENTRIES)
+        .clamp(1, STORM_ENTRIES)
 }
 
 /// Hands the pages of the parsed BTF, freed by now, back to the system

@@ -175,25 +175,6 @@ pub fn audit(facts: &NodeFacts, names: &HashMap<u32, String>) -> Vec<Finding> {
     out
 }
 
-/// Findings as aligned plain-text columns, one per line.
-pub fn render_table(findings: &[Finding]) -> String {
-    if findings.is_empty() {
-        return "no findings\n".into();
-    }
-    crate::output::table(
-        &["NETNS", "CAUSE", "CONFIDENCE", "DETAIL", "FIX"],
-        findings.iter().map(|f| {
-            [
-                f.netns_name.clone().unwrap_or_else(|| f.netns.to_string()),
-                f.cause.as_str().into(),
-                f.confidence.as_str().into(),
-                f.detail.clone(),
-                f.fix.clone(),
-            ]
-        }),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +269,6 @@ mod tests {
         }
         f.netns.get_mut(&2).expect("pod").port_range = (32768, 60999);
         assert_eq!(audit(&f, &HashMap::new()), vec![]);
-        assert_eq!(render_table(&[]), "no findings\n");
         // Reserving the NodePort range or dropping INVALID removes those findings.
         let mut f = facts();
         let n = f.netns.get_mut(&1).expect("node");
@@ -302,40 +282,5 @@ mod tests {
             .map(|x| x.cause)
             .collect();
         assert_eq!(causes, vec![Cause::IdleTimeout, Cause::ConntrackTableFull]);
-    }
-
-    #[test]
-    fn table_is_aligned() {
-        let finding = |netns, name: Option<&str>, cause, confidence, detail: &str| Finding {
-            netns,
-            netns_name: name.map(String::from),
-            cause,
-            confidence,
-            detail: detail.into(),
-            fix: "fix it".into(),
-            evidence: Map::new(),
-        };
-        let t = render_table(&[
-            finding(
-                4026531840,
-                None,
-                Cause::IdleTimeout,
-                Confidence::Possible,
-                "long detail here",
-            ),
-            finding(
-                7,
-                Some("default/client"),
-                Cause::PortExhaustion,
-                Confidence::Likely,
-                "short",
-            ),
-        ]);
-        let expected = "\
-NETNS           CAUSE            CONFIDENCE  DETAIL            FIX
-4026531840      idle_timeout     possible    long detail here  fix it
-default/client  port_exhaustion  likely      short             fix it
-";
-        assert_eq!(t, expected);
     }
 }

@@ -9,5 +9,5 @@ pub mod rules;
 mod tests;
 mod window;
 
-pub use audit::{Finding, audit, render_table};
+pub use audit::{Finding, audit};
 pub use rules::{Diagnosed, Diagnoser, DiagnoserConfig};

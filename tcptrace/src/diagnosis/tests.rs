@@ -10,8 +10,8 @@ use super::{Diagnoser, DiagnoserConfig};
 use crate::model::{
     Cause::{self, *},
     Confidence::{self, *},
-    Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, PeerFin, PodRef, Role, Severity,
-    SockPtr, TcpDetail, TcpFlags, TcpState, Verdict,
+    Endpoint, Errno, Event, EventKind, IdentityLevel, PeerFin, PodRef, Role, Severity, SockPtr,
+    StormId, TcpDetail, TcpFlags, TcpState, Verdict,
     facts::{ConntrackFacts, DropRule, NetnsFacts, NodeFacts},
 };
 
@@ -1467,7 +1467,7 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
     for (generation, step) in (0..).zip(first) {
         if let Ev(mut e) = step {
             // The kernel's mark: this record starts a storm it counts.
-            e.0.fold = Some(Fold {
+            e.0.storm = Some(StormId {
                 generation,
                 first_ns: 1_000_000_000,
                 cpu: 0,
@@ -1500,7 +1500,7 @@ fn a_refusal_storm_seen_only_by_the_server_counts_each_reset_once() {
     let mut first = ev(1_000, ResetSent, SERVER, B, "10.244.9.9:40000")
         .reason("NO_SOCKET")
         .flags(TcpFlags::SYN);
-    first.0.fold = Some(Fold {
+    first.0.storm = Some(StormId {
         generation: 0,
         first_ns: 1_000_000_000,
         cpu: 0,

@@ -146,10 +146,6 @@ impl NodeFacts {
             .min_by_key(|c| c.secs)
     }
 
-    pub fn is_nodeport(&self, port: u16) -> bool {
-        self.nodeports.contains_key(&port)
-    }
-
     pub fn in_nodeport_range(&self, port: u16) -> bool {
         (self.nodeport_range.0..=self.nodeport_range.1).contains(&port)
     }

@@ -196,13 +196,25 @@ pub struct PeerFin {
     pub idle_before_ms: u64,
 }
 
-/// Where the kernel counts a storm's repeats: the generation of its first
+/// A storm the kernel counts: the counting generation of its first
 /// record, that record's boot-time stamp and the CPU that took it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Fold {
+pub struct StormId {
     pub generation: u32,
     pub first_ns: u64,
     pub cpu: u16,
+}
+
+/// Repeats of one storm the kernel counted in one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StormRepeats {
+    /// The storm, as its first record's `Event::storm` names it.
+    pub storm: StormId,
+    /// Repeats after the first record.
+    pub count: u64,
+    /// The failure as the kernel's count key names it, for when the first
+    /// record is not at hand; `None` when the key did not decode.
+    pub failure: Option<Event>,
 }
 
 /// A handshake that completed only after retransmits (of the SYN on the
@@ -297,7 +309,7 @@ pub struct Event {
     pub count: Option<u64>,
     /// The first record of a storm: its repeats arrive as a count.
     #[serde(skip)]
-    pub fold: Option<Fold>,
+    pub storm: Option<StormId>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     #[serde(default)]
@@ -338,7 +350,7 @@ impl Event {
             handshake: None,
             port_range: None,
             count: None,
-            fold: None,
+            storm: None,
             pod: None,
             identity_level: IdentityLevel::Netns,
         }

@@ -4,7 +4,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::model::{Record, Verdict};
+use crate::{
+    diagnosis::Finding,
+    model::{Record, Verdict},
+};
 
 /// Prints text to stdout; a closed pipe (`tcptrace probes | head`) is
 /// [`SinkClosed`], not a panic.
@@ -40,6 +43,25 @@ pub fn table<R: IntoIterator<Item = String>>(
         out.push('\n');
     }
     out
+}
+
+/// Audit findings as aligned plain-text columns, one per line.
+pub fn findings_table(findings: &[Finding]) -> String {
+    if findings.is_empty() {
+        return "no findings\n".into();
+    }
+    table(
+        &["NETNS", "CAUSE", "CONFIDENCE", "DETAIL", "FIX"],
+        findings.iter().map(|f| {
+            [
+                f.netns_name.clone().unwrap_or_else(|| f.netns.to_string()),
+                f.cause.as_str().into(),
+                f.confidence.as_str().into(),
+                f.detail.clone(),
+                f.fix.clone(),
+            ]
+        }),
+    )
 }
 
 /// Where records go: stdout as NDJSON, or the live TUI.
@@ -151,8 +173,10 @@ fn map_io(e: io::Error) -> anyhow::Error {
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
+    use serde_json::Map;
+
     use super::*;
-    use crate::model::Stats;
+    use crate::model::{Cause, Confidence, Stats};
 
     struct ClosedPipe;
     impl Write for ClosedPipe {
@@ -216,5 +240,41 @@ mod tests {
         w.write(&stats()).unwrap();
         let err = w.flush().unwrap_err();
         assert!(err.is::<SinkClosed>());
+    }
+
+    #[test]
+    fn findings_table_is_aligned() {
+        assert_eq!(findings_table(&[]), "no findings\n");
+        let finding = |netns, name: Option<&str>, cause, confidence, detail: &str| Finding {
+            netns,
+            netns_name: name.map(String::from),
+            cause,
+            confidence,
+            detail: detail.into(),
+            fix: "fix it".into(),
+            evidence: Map::new(),
+        };
+        let t = findings_table(&[
+            finding(
+                4026531840,
+                None,
+                Cause::IdleTimeout,
+                Confidence::Possible,
+                "long detail here",
+            ),
+            finding(
+                7,
+                Some("default/client"),
+                Cause::PortExhaustion,
+                Confidence::Likely,
+                "short",
+            ),
+        ]);
+        let expected = "\
+NETNS           CAUSE            CONFIDENCE  DETAIL            FIX
+4026531840      idle_timeout     possible    long detail here  fix it
+default/client  port_exhaustion  likely      short             fix it
+";
+        assert_eq!(t, expected);
     }
 }

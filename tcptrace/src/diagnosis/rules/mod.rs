@@ -21,8 +21,8 @@ use super::{
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, Fold, IdentityLevel, TcpDetail, TcpFlags,
-    TcpState, Unaccounted, Verdict, VerdictKey,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, StormId, TcpDetail,
+    TcpFlags, TcpState, Unaccounted, Verdict, VerdictKey,
     facts::{
         ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
     },
@@ -73,10 +73,10 @@ pub struct Diagnoser {
     repeats_waiting: VecDeque<(Event, u64, SystemTime)>,
     /// Storms' first resets sent (their client end and namespace), until
     /// their connection is accounted.
-    storm_resets: Vec<(Fold, End, u32)>,
+    storm_resets: Vec<(StormId, End, u32)>,
     /// Where each storm's first reset sent went: the verdict, and whether
     /// it was made from that reset (an occurrence) or took it as a reset.
-    storm_accounts: HashMap<Fold, (VerdictKey, bool)>,
+    storm_accounts: HashMap<StormId, (VerdictKey, bool)>,
     /// Re-emissions of repeated verdicts counted by [`Self::repeat`].
     due: Vec<Verdict>,
     /// Aggregated verdicts whose counts changed, for the live sinks.
@@ -152,11 +152,11 @@ impl Diagnoser {
             }
             out.extend(self.submit(c, Some(origin)));
         }
-        if let Some(fold) = ev.fold
+        if let Some(storm) = ev.storm
             && ev.kind == EventKind::ResetSent
             && self.storm_resets.len() < self.cfg.max_keys
         {
-            self.storm_resets.push((fold, ends.client, ev.netns));
+            self.storm_resets.push((storm, ends.client, ev.netns));
         }
         self.note_storm_accounts();
         self.take_output(out)

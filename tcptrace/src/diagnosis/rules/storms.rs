@@ -13,10 +13,10 @@ impl Diagnoser {
         }
         let mut waiting = std::mem::take(&mut self.storm_resets);
         waiting.retain(
-            |(fold, client, netns)| match self.ledger.accounted(*client, *netns) {
+            |(storm, client, netns)| match self.ledger.accounted(*client, *netns) {
                 Some(account) => {
                     if self.storm_accounts.len() < self.cfg.max_keys {
-                        self.storm_accounts.insert(*fold, account);
+                        self.storm_accounts.insert(*storm, account);
                     }
                     false
                 }
@@ -47,9 +47,9 @@ impl Diagnoser {
 
     /// A storm whose first record had no repeats: nothing will ask where
     /// it went.
-    pub fn storm_done(&mut self, fold: &Fold) {
-        self.storm_accounts.remove(fold);
-        self.storm_resets.retain(|(f, _, _)| f != fold);
+    pub fn storm_done(&mut self, storm: &StormId) {
+        self.storm_accounts.remove(storm);
+        self.storm_resets.retain(|(f, _, _)| f != storm);
     }
 
     /// Adds `first`'s repeats to its verdict; false when that is not known
@@ -59,7 +59,7 @@ impl Diagnoser {
         let (key, count, resets) = match first.kind {
             EventKind::ResetReceived => {
                 let went = first
-                    .fold
+                    .storm
                     .and_then(|f| self.storm_accounts.get(&f))
                     .map(|(key, _)| key.clone());
                 (went.unwrap_or_else(|| of(Cause::ConnectionRefused)), n, n)
@@ -69,7 +69,7 @@ impl Diagnoser {
             EventKind::BindError => (of(Cause::BindConflict), n, 0),
             EventKind::ResetSent => {
                 let Some((key, from_this_reset)) = first
-                    .fold
+                    .storm
                     .and_then(|f| self.storm_accounts.get(&f).cloned())
                 else {
                     return false;
@@ -85,8 +85,8 @@ impl Diagnoser {
         let Some(a) = self.aggs.get_mut(&key) else {
             return false;
         };
-        if let Some(fold) = first.fold {
-            self.storm_accounts.remove(&fold);
+        if let Some(storm) = first.storm {
+            self.storm_accounts.remove(&storm);
         }
         a.v.count += count;
         a.v.resets += resets;
@@ -100,10 +100,10 @@ impl Diagnoser {
 
     /// Where a storm's first record went, for its repeats.
     pub(super) fn note_storm_first(&mut self, ev: &Event, c: &Candidate) {
-        if let Some(fold) = ev.fold
+        if let Some(storm) = ev.storm
             && self.storm_accounts.len() < self.cfg.max_keys
         {
-            self.storm_accounts.insert(fold, (c.v.key(), true));
+            self.storm_accounts.insert(storm, (c.v.key(), true));
         }
     }
 }
