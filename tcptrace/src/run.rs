@@ -55,7 +55,7 @@ fn options(args: &TraceArgs) -> TracerOptions {
         syscall_hooks: !args.no_syscall_hooks,
         ignore_self: true,
         btf_path: args.btf.clone().unwrap_or(defaults.btf_path),
-        aggregate: !args.no_kernel_aggregation,
+        count_storms: !args.no_kernel_aggregation,
     }
 }
 
@@ -306,7 +306,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
-                    self.stages.fold(sink)?;
+                    self.stages.take_repeats(sink)?;
                     apply_updates(
                         &self.stages.refresher,
                         &mut self.stages.pipeline,
@@ -344,7 +344,7 @@ impl Session {
         // Whatever the kernel produced before we stopped is still delivered,
         // the last storm counts too.
         while self.stages.drain(sink)? == DRAIN_BATCH {}
-        self.stages.fold(sink)?;
+        self.stages.take_repeats(sink)?;
         for record in self.stages.pipeline.finish(SystemTime::now()) {
             sink.write(&record)?;
         }
@@ -402,13 +402,13 @@ struct Stages {
 impl Stages {
     /// Delivers the kernel's storm counts of the generation that just
     /// ended, after the first records it sent.
-    fn fold(&mut self, sink: &mut impl Sink) -> Result<()> {
-        let folded = self.tracer.fold()?;
-        if folded.is_empty() {
+    fn take_repeats(&mut self, sink: &mut impl Sink) -> Result<()> {
+        let repeats = self.tracer.take_repeats()?;
+        if repeats.is_empty() {
             return Ok(());
         }
         while self.drain(sink)? == DRAIN_BATCH {}
-        let (records, live) = self.pipeline.repeats(&folded, SystemTime::now());
+        let (records, live) = self.pipeline.repeats(&repeats, SystemTime::now());
         for record in &records {
             sink.write(record)?;
         }

@@ -87,8 +87,8 @@ pub struct TracerOptions {
     pub btf_path: PathBuf,
     /// Count repeats of storm-prone failures in the kernel instead of
     /// sending each as a record; the caller must then call
-    /// [`Tracer::fold`] every second or so. Off by default.
-    pub aggregate: bool,
+    /// [`Tracer::take_repeats`] every second or so. Off by default.
+    pub count_storms: bool,
 }
 
 impl Default for TracerOptions {
@@ -99,7 +99,7 @@ impl Default for TracerOptions {
             syscall_hooks: true,
             ignore_self: true,
             btf_path: PathBuf::from(BTF_PATH),
-            aggregate: false,
+            count_storms: false,
         }
     }
 }
@@ -269,8 +269,8 @@ impl Tracer {
         } else {
             None
         };
-        let count_storms = opts.aggregate && why_not.is_none();
-        if let (true, Some(why)) = (opts.aggregate, why_not) {
+        let count_storms = opts.count_storms && why_not.is_none();
+        if let (true, Some(why)) = (opts.count_storms, why_not) {
             eprintln!(
                 "tcptrace: {why}: storms are sent as one record per failure, not counted in the kernel"
             );
@@ -452,7 +452,7 @@ impl Tracer {
     /// counting in the old one (an RCU grace period), so every repeat is in
     /// what it returns, once. Read the ring buffer after this call, before
     /// using the counts: the first records are there.
-    pub fn fold(&mut self) -> Result<Vec<StormRepeats>> {
+    pub fn take_repeats(&mut self) -> Result<Vec<StormRepeats>> {
         if !self.count_storms {
             return Ok(Vec::new());
         }
