@@ -113,7 +113,7 @@ pub struct Tracer {
     ring: Ring,
     /// The last drain stopped at its limit: records are waiting.
     backlog: bool,
-    /// The programs count storms' repeats ([`Tracer::fold`]).
+    /// The programs count storms' repeats ([`Tracer::take_repeats`]).
     count_storms: bool,
 }
 

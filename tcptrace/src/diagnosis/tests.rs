@@ -1461,7 +1461,7 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
     // The first pair as records, the 49 others as the kernel's counts.
     let mut d = Diagnoser::new(DiagnoserConfig::default());
     let f = facts();
-    let mut folded = Vec::new();
+    let mut counted = Vec::new();
     let first = refused_pair(1_000, 40_000, 0x7000);
     let mut firsts = Vec::new();
     for (generation, step) in (0..).zip(first) {
@@ -1472,15 +1472,15 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
                 first_ns: 1_000_000_000,
                 cpu: 0,
             });
-            folded.extend(d.observe(&e.0, &f).verdicts);
+            counted.extend(d.observe(&e.0, &f).verdicts);
             firsts.push(e.0);
         }
     }
     for e in &firsts {
-        folded.extend(d.repeats(e, 49, at(1_500)).verdicts);
+        counted.extend(d.repeats(e, 49, at(1_500)).verdicts);
     }
-    folded.extend(d.tick(at(30_000), &f, &mut |_| {}).verdicts);
-    folded.extend(d.finish(at(31_000), &facts()));
+    counted.extend(d.tick(at(30_000), &f, &mut |_| {}).verdicts);
+    counted.extend(d.finish(at(31_000), &facts()));
 
     let last = |v: &[Verdict]| {
         v.iter()
@@ -1488,7 +1488,7 @@ fn a_storm_counted_in_the_kernel_gives_the_verdicts_of_every_record() {
             .map(|v| (v.count, v.resets))
     };
     assert_eq!(last(&one_by_one), Some((50, 100)));
-    assert_eq!(last(&folded), last(&one_by_one));
+    assert_eq!(last(&counted), last(&one_by_one));
 }
 
 #[test]
