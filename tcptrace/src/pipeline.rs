@@ -289,7 +289,7 @@ impl Pipeline {
             && self.unknown_netns.insert(ev.netns);
         let watch_firewall = (ev.kind == EventKind::Drop
             && ev.netns != 0
-            && ev.reason.as_deref() == Some("NETFILTER_DROP")
+            && ev.reason == Some(crate::model::Reason::NetfilterDrop)
             && self.firewall_netns.len() < crate::node::MAX_FIREWALL_NETNS
             && self.firewall_netns.insert(ev.netns))
         .then_some(ev.netns);

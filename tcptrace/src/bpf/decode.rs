@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
+    Reason,
     Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, StormId,
     TcpDetail, TcpFlags, TcpState,
 };
@@ -178,38 +179,32 @@ impl Decoder {
         }
         match kind {
             EventKind::Drop if raw.flags & flag::CT_ALLOC_FAILED != 0 => {
-                ev.reason = Some("CONNTRACK_TABLE_FULL".into());
+                ev.reason = Some(Reason::ConntrackTableFull);
                 ev.location = Some("__nf_conntrack_alloc".into());
             }
             EventKind::Drop => {
-                ev.reason = Some(
-                    self.names
-                        .drop_reasons
-                        .get(&raw.reason)
-                        .cloned()
-                        .unwrap_or_else(|| format!("REASON_{}", raw.reason)),
-                );
+                ev.reason = Some(match self.names.drop_reasons.get(&raw.reason) {
+                    Some(name) => Reason::from_name(name),
+                    None => Reason::Other(format!("REASON_{}", raw.reason)),
+                });
                 let sym = self.symbolizer.get_or_insert_with(Symbolizer::load);
                 ev.location = Some(sym.name(raw.location));
             }
             EventKind::ConntrackInvalid => {
-                ev.reason = Some(
+                ev.reason = Some(Reason::Other(
                     ct_invalid::name(raw.reason)
                         .map_or_else(|| format!("CLASS_{}", raw.reason), str::to_string),
-                );
+                ));
                 ev.location = Some("nf_ct_l4proto_log_invalid".into());
             }
             EventKind::ResetSent if raw.flags & flag::RESET_FROM_DROP != 0 => {
-                ev.reason = Some("NO_SOCKET".into());
+                ev.reason = Some(Reason::NoSocket);
             }
             EventKind::ResetSent if raw.flags & flag::REASON_KNOWN != 0 => {
-                ev.reason = Some(
-                    self.names
-                        .reset_reasons
-                        .get(&raw.reason)
-                        .cloned()
-                        .unwrap_or_else(|| format!("REASON_{}", raw.reason)),
-                );
+                ev.reason = Some(match self.names.reset_reasons.get(&raw.reason) {
+                    Some(name) => Reason::from_name(name),
+                    None => Reason::Other(format!("REASON_{}", raw.reason)),
+                });
             }
             _ => {}
         }
@@ -475,7 +470,7 @@ mod tests {
         r.reason = 12;
         r.location = 0;
         let ev = d.decode(&bytes(&r)).unwrap();
-        assert_eq!(ev.reason.as_deref(), Some("NETFILTER_DROP"));
+        assert_eq!(ev.reason, Some(Reason::NetfilterDrop));
         assert_eq!(ev.state, None);
     }
 
@@ -531,7 +526,7 @@ mod tests {
         r.flags = flag::CT_ALLOC_FAILED;
         r.errno = -12;
         let ev = d.decode(&bytes(&r)).unwrap();
-        assert_eq!(ev.reason.as_deref(), Some("CONNTRACK_TABLE_FULL"));
+        assert_eq!(ev.reason, Some(Reason::ConntrackTableFull));
         assert_eq!(ev.location.as_deref(), Some("__nf_conntrack_alloc"));
         assert_eq!(ev.errno, Some(Errno::ENOMEM));
     }
@@ -546,13 +541,13 @@ mod tests {
         r.reason = ct_invalid::SEQ_OVER;
         let ev = d.decode(&bytes(&r)).unwrap();
         assert_eq!(ev.kind, EventKind::ConntrackInvalid);
-        assert_eq!(ev.reason.as_deref(), Some("SEQ_OVER"));
+        assert_eq!(ev.reason, Some(Reason::Other("SEQ_OVER".into())));
         assert_eq!(ev.location.as_deref(), Some("nf_ct_l4proto_log_invalid"));
         assert_eq!(ev.tcp_flags, Some(TcpFlags::PSH | TcpFlags::ACK));
         assert_eq!(ev.state, None);
         r.reason = 77;
         assert_eq!(
-            d.decode(&bytes(&r)).unwrap().reason.as_deref(),
+            d.decode(&bytes(&r)).unwrap().reason.as_ref().map(Reason::as_str),
             Some("CLASS_77")
         );
     }

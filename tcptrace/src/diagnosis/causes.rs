@@ -9,7 +9,7 @@ use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, RuleTarget, format_port_list, wider_range,
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Reason, Role,
     TcpDetail, Verdict,
     facts::{DropRule, QueuedListener},
 };
@@ -800,7 +800,7 @@ pub(super) fn keepalive_race_server_side(ev: &Event) -> Candidate {
 #[derive(Clone, Debug)]
 pub(super) struct PathDrop {
     /// The kernel's drop reason (NETFILTER_DROP, IP_INNOROUTES, ...).
-    pub(super) reason: String,
+    pub(super) reason: Reason,
     pub(super) netns: u32,
     /// The namespace's pod (`namespace/name`) or `ip netns` name.
     pub(super) place: Option<String>,
@@ -866,7 +866,7 @@ impl PathDrop {
     /// A netfilter drop known only from its consequence.
     pub(super) fn unknown(ev: &Event) -> Self {
         Self {
-            reason: "NETFILTER_DROP".into(),
+            reason: Reason::NetfilterDrop,
             netns: 0,
             place: None,
             location: None,
@@ -986,12 +986,12 @@ pub(super) fn slow_connect(ev: &Event, h: &Handshake, drop: Option<&PathDrop>) -
 /// The application closed its connection abortively (unread data, or
 /// SO_LINGER 0): a reset by design, not a network failure.
 pub(super) fn application_abort(ev: &Event) -> Candidate {
-    let why = match ev.reason.as_deref() {
-        Some("TCP_ABORT_ON_CLOSE") => "closed it with unread data",
-        Some("TCP_ABORT_ON_LINGER") => "closed it with SO_LINGER 0",
-        Some("TCP_ABORT_ON_DATA") => "had closed it when more data arrived",
-        Some("TCP_DISCONNECT_WITH_DATA") => "disconnected it with data pending",
-        Some("TCP_STATE") => "disconnected it (or closed its listener before accepting it)",
+    let why = match &ev.reason {
+        Some(Reason::TcpAbortOnClose) => "closed it with unread data",
+        Some(Reason::TcpAbortOnLinger) => "closed it with SO_LINGER 0",
+        Some(Reason::TcpAbortOnData) => "had closed it when more data arrived",
+        Some(Reason::TcpDisconnectWithData) => "disconnected it with data pending",
+        Some(Reason::TcpState) => "disconnected it (or closed its listener before accepting it)",
         // Without a reason (before 6.10), a reset answering a segment.
         None if ev.tcp_flags.is_some() => "had closed it when more data arrived",
         _ => "aborted it",
@@ -1087,7 +1087,8 @@ pub(super) fn unexplained(
             who(ev),
             ev.kind.as_str(),
             ev.reason
-                .clone()
+                .as_ref()
+                .map(Reason::to_string)
                 .or_else(|| ev.errno.map(|e| e.to_string()))
                 .or_else(|| ev.state.map(|s| s.as_str().to_string()))
                 .unwrap_or_else(|| "no detail".into()),
@@ -1120,10 +1121,10 @@ pub(super) fn unexplained(
 
 /// Segments of a live connection the TCP stack dropped (`drops` so far),
 /// as `reason`: the connection is degraded, and the reason says why.
-pub(super) fn tcp_stack_drop(ev: &Event, reason: &str, drops: u32, first: bool) -> Candidate {
+pub(super) fn tcp_stack_drop(ev: &Event, reason: &Reason, drops: u32, first: bool) -> Candidate {
     // The dropped segment came from the peer to this socket.
     let (local, peer) = (&ev.dst, &ev.src);
-    let fix = match reason {
+    let fix = match reason.as_str() {
         r if r.starts_with("TCP_RFC7323") => format!(
             "segments from {peer} carry TCP timestamps older than earlier ones (PAWS): hosts behind one NAT address with different timestamp clocks; give them separate source addresses (no shared SNAT or masquerade address) or turn net.ipv4.tcp_timestamps off on them"
         ),
@@ -1371,7 +1372,8 @@ pub(super) fn unreachable(ev: &Event, errno: Errno, drop: Option<&PathDrop>) -> 
         .corroborate("where_its_syn_died", drop.is_some())
         .or(&[Cause::FirewallReject]);
     checks.record(&mut evidence);
-    let no_route = drop.filter(|d| d.reason.contains("NOROUTES") || d.reason.contains("NO_ROUTE"));
+    let no_route =
+        drop.filter(|d| d.reason == Reason::IpInnoroutes || d.reason.as_str().contains("NO_ROUTE"));
     let fix = match (no_route, drop) {
         (Some(d), _) => format!(
             "{} has no route to {}: add the route (the node's routes to the pod and Service ranges, or the CNI's)",

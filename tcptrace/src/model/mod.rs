@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 pub mod facts;
 mod kernel;
 mod probe;
+mod reason;
 mod text;
 mod verdict;
 
 pub use kernel::{Errno, PortRange, SockPtr, TcpFlags, TcpState};
+pub use reason::Reason;
 pub use probe::{ProbeState, ProbeStatus, Tier};
 pub use text::rfc3339;
 pub use verdict::{Cause, Confidence, Owner, Severity, Verdict, VerdictKey};
@@ -279,9 +281,10 @@ pub struct Event {
     /// errno ("ECONNREFUSED").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<Errno>,
-    /// Drop reason (drop) or reset reason (reset_sent).
+    /// Drop reason (drop), reset reason (reset_sent) or INVALID class
+    /// (conntrack_invalid), as the kernel names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// Kernel function that dropped the packet ("nf_hook_slow+0x4c").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,

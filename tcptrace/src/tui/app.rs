@@ -617,7 +617,8 @@ fn event_haystack(e: &Event) -> String {
     }
     let state = e.state.map(|x| x.as_str().to_string());
     let errno = e.errno.map(|x| x.to_string());
-    for extra in [&e.netns_name, &e.comm, &errno, &e.reason, &state]
+    let reason = e.reason.as_ref().map(ToString::to_string);
+    for extra in [&e.netns_name, &e.comm, &errno, &reason, &state]
         .into_iter()
         .flatten()
     {

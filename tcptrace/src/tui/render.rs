@@ -481,7 +481,8 @@ fn event_line(e: &Event) -> Line<'static> {
     let state = e.state.map(|x| x.as_str().to_string());
     let errno = e.errno.map(|x| x.to_string());
     let repeats = e.count.map(|n| format!("x{n}"));
-    for extra in [&state, &errno, &e.reason, &repeats].into_iter().flatten() {
+    let reason = e.reason.as_ref().map(ToString::to_string);
+    for extra in [&state, &errno, &reason, &repeats].into_iter().flatten() {
         text.push(' ');
         text.push_str(extra);
     }

@@ -5,7 +5,7 @@ use super::*;
 
 impl Diagnoser {
     pub(super) fn netfilter_drop(&mut self, ev: &Event, facts: &NodeFacts) -> Vec<Candidate> {
-        if ev.reason.as_deref() != Some("NETFILTER_DROP") || !is_bare_syn(ev.tcp_flags) {
+        if ev.reason != Some(Reason::NetfilterDrop) || !is_bare_syn(ev.tcp_flags) {
             return vec![];
         }
         let netns = if facts.netns.get(&ev.netns).is_some_and(|f| f.ct.is_some()) {

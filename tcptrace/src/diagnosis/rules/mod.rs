@@ -22,7 +22,7 @@ use super::{
 };
 use crate::model::{
     Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, StormId, TcpDetail,
-    TcpFlags, TcpState, Unaccounted, Verdict, VerdictKey,
+    Reason, TcpFlags, TcpState, Unaccounted, Verdict, VerdictKey,
     facts::{
         ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
     },
@@ -278,11 +278,11 @@ impl Diagnoser {
         };
         let mut c = if let Some(tw) = sent(&|e| {
             e.state == Some(TcpState::TimeWait)
-                || e.reason.as_deref() == Some("TCP_TIMEWAIT_SOCKET")
+                || e.reason == Some(Reason::TcpTimewaitSocket)
         }) {
             keepalive_race_server_side(tw)
         } else if let Some(no_socket) =
-            sent(&|e| e.reason.as_deref() == Some("NO_SOCKET") && is_bare_syn(e.tcp_flags))
+            sent(&|e| e.reason == Some(Reason::NoSocket) && is_bare_syn(e.tcp_flags))
         {
             refused_server_side(no_socket)
         } else {
@@ -348,7 +348,7 @@ impl Diagnoser {
                 Cause::ApplicationAbort,
                 format!(
                     "the reset's reason ({}) is not an abortive close",
-                    ev.reason.as_deref().unwrap_or("none")
+                    ev.reason.as_ref().map_or("none", Reason::as_str)
                 ),
             );
         }
@@ -470,7 +470,7 @@ impl Diagnoser {
             EventKind::ResetSent if is_application_abort(ev) || self.aborted_on_data(&key, ev) => {
                 vec![application_abort(ev)]
             }
-            EventKind::ResetSent if ev.reason.as_deref() == Some("NO_SOCKET") => {
+            EventKind::ResetSent if ev.reason == Some(Reason::NoSocket) => {
                 self.reset_sent(ev, facts)
             }
             // A received reset's error is implied by its record: an error
@@ -494,14 +494,14 @@ impl Diagnoser {
             EventKind::SocketError if errno == Some(Errno::ETIMEDOUT) => {
                 self.timed_out(&key, ev, facts)
             }
-            EventKind::Drop if ev.reason.as_deref().is_some_and(is_tcp_stack_drop) => {
+            EventKind::Drop if ev.reason.as_ref().is_some_and(Reason::is_tcp_stack) => {
                 if is_harmless_stack_drop(ev) {
                     return vec![];
                 }
                 self.tcp_stack_drop(&key, ev)
             }
             EventKind::Drop => {
-                if ev.reason.as_deref() == Some("NETFILTER_DROP") && is_bare_syn(ev.tcp_flags) {
+                if ev.reason == Some(Reason::NetfilterDrop) && is_bare_syn(ev.tcp_flags) {
                     prune(&mut self.syn_drops, ev.time, self.cfg.correlation_window);
                     push_bounded(&mut self.syn_drops, ev.clone());
                 }
@@ -774,7 +774,7 @@ impl Diagnoser {
                 .iter()
                 .rev()
                 .find(|m| same_conn(m, rr) && within(m.time, rr.time, window))
-                .map(|m| (m.reason.clone().unwrap_or_default(), m.netns)),
+                .map(|m| (m.reason.as_ref().map(Reason::to_string).unwrap_or_default(), m.netns)),
         }
     }
 
@@ -809,7 +809,7 @@ impl Diagnoser {
     /// A segment of a live connection the TCP stack dropped: one occurrence
     /// per connection, the drops counted in its evidence.
     fn tcp_stack_drop(&mut self, key: &SockKey, ev: &Event) -> Vec<Candidate> {
-        let reason = ev.reason.clone().unwrap_or_default();
+        let reason = ev.reason.clone().unwrap_or(Reason::Other(String::new()));
         let s = self.sock(key, ev.time, false);
         s.stack_drops += 1;
         let n = s.stack_drops;
@@ -873,11 +873,11 @@ fn lost_by_peer(
 /// so (6.10+), or, without a reason, an active reset (no segment answered)
 /// from a synchronized socket.
 fn is_application_abort(ev: &Event) -> bool {
-    match ev.reason.as_deref() {
+    match &ev.reason {
         // tcp_disconnect(), or a listener closed with connections it never
         // accepted: the application's doing, no segment answered.
-        Some("TCP_STATE") => ev.tcp_flags.is_none(),
-        Some(r) => APPLICATION_ABORTS.contains(&r),
+        Some(Reason::TcpState) => ev.tcp_flags.is_none(),
+        Some(r) => r.is_application_abort(),
         // Before 6.10 resets carry no reason: an active one (no segment
         // answered) from a synchronized socket, or one closing it (close()
         // with unread data moves it to CLOSE first).
@@ -907,17 +907,11 @@ fn is_harmless_stack_drop(ev: &Event) -> bool {
     let Some(flags) = ev.tcp_flags else {
         return false;
     };
-    match ev.reason.as_deref() {
-        Some("TCP_OLD_SEQUENCE") => flags == TcpFlags::ACK,
-        Some("TCP_INVALID_SYN") => flags.contains(TcpFlags::SYN | TcpFlags::ACK),
+    match ev.reason {
+        Some(Reason::TcpOldSequence) => flags == TcpFlags::ACK,
+        Some(Reason::TcpInvalidSyn) => flags.contains(TcpFlags::SYN | TcpFlags::ACK),
         _ => false,
     }
-}
-
-/// Drops by the TCP stack itself (not netfilter's, not a closed port's).
-fn is_tcp_stack_drop(reason: &str) -> bool {
-    (reason.starts_with("TCP_") && reason != "TCP_LISTEN_OVERFLOW")
-        || matches!(reason, "SOCKET_BACKLOG" | "SOCKET_RCVBUFF")
 }
 
 /// How close the kernel's own tcp_reset() and the reset it sends are.
@@ -926,14 +920,6 @@ const RESET_CONSEQUENCE: Duration = Duration::from_secs(1);
 /// Idle time before a peer's FIN below which its close was no idle timeout
 /// (servers time idle connections out after seconds).
 const MIN_PEER_IDLE_MS: u64 = 500;
-
-/// Reset reasons that mean the application closed abortively.
-const APPLICATION_ABORTS: [&str; 4] = [
-    "TCP_ABORT_ON_CLOSE",
-    "TCP_ABORT_ON_LINGER",
-    "TCP_ABORT_ON_DATA",
-    "TCP_DISCONNECT_WITH_DATA",
-];
 
 #[cfg(test)]
 mod tests {

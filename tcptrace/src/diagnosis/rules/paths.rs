@@ -109,7 +109,7 @@ impl Diagnoser {
                 && d.netns != ev.netns
         })?;
         Some(PathDrop {
-            reason: "NETFILTER_DROP".into(),
+            reason: Reason::NetfilterDrop,
             netns: d.netns,
             place: d
                 .pod
@@ -126,7 +126,7 @@ impl Diagnoser {
     /// A netfilter drop of this connection's packets near `time`.
     pub(super) fn rejecting_drop(&self, ends: Ends, time: SystemTime) -> Option<&PathDrop> {
         self.path_drop(ends, time)
-            .filter(|d| d.reason == "NETFILTER_DROP")
+            .filter(|d| d.reason == Reason::NetfilterDrop)
     }
 
     /// Whether a socket lookup on this node found no listener for this
@@ -153,7 +153,7 @@ impl Diagnoser {
     ) -> Option<Candidate> {
         let first = self.socks.get(key)?.streak_first_at?;
         let (at, drop) = self.path_drops.get(&ends.client)?;
-        if drop.reason != "PKT_TOO_BIG"
+        if drop.reason != Reason::PktTooBig
             || *at <= first
             || !within(*at, ev.time, self.cfg.correlation_window)
         {
@@ -166,7 +166,10 @@ impl Diagnoser {
     /// connection's client end (the same before and after NAT), with where
     /// and why.
     pub(super) fn note_path_drop(&mut self, ev: &Event, ends: Ends) {
-        let reason = ev.reason.clone().unwrap_or_default();
+        let reason = ev
+            .reason
+            .clone()
+            .unwrap_or_else(|| Reason::Other(String::new()));
         if self.path_drops.len() >= self.cfg.max_socks {
             let window = self.cfg.correlation_window;
             let now = ev.time;
