@@ -326,7 +326,7 @@ fn scenario(name: &str) -> &'static Scenario {
 /// The namespaces, processes and files of one scenario, removed when
 /// dropped (also when the test panics).
 struct Lab {
-    tag: &'static str,
+    tag: String,
     nets: Vec<Netns>,
     /// Inodes of every namespace made, also of the ones already deleted.
     inodes: Vec<u32>,
@@ -525,16 +525,19 @@ impl Drop for Lab {
     }
 }
 
-/// A short, unique-per-scenario tag for namespace names.
-fn short_tag(name: &str) -> &'static str {
+/// A short, unique-per-scenario tag for namespace names: a letter per
+/// scenario, "a" to "z", then "za", "zb", ...
+fn short_tag(name: &str) -> String {
     let i = SCENARIOS
         .iter()
         .position(|s| s.name == name)
         .expect("scenario listed");
-    [
-        "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r",
-        "s", "t", "u", "v", "w", "x", "y", "z",
-    ][i]
+    let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
+    if i < 25 {
+        letter(i).to_string()
+    } else {
+        format!("z{}", letter(i - 25))
+    }
 }
 
 fn on_path(tool: &str) -> bool {
