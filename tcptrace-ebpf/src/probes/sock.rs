@@ -142,6 +142,14 @@ fn emit_state_change(sk: u64, old: u32, new: u32, failed_connect: bool, slow_han
         ev.kind = kind::CONNECT_ERROR;
         ev.errno = -EADDRNOTAVAIL;
         kernel::port_range(kernel::sock_net(sk, k), k, ev);
+    } else if failed_connect {
+        // The error that ends the connect is set before the state changes
+        // (an ICMP error, or a timeout that kept the last soft ICMP error):
+        // its error report may not follow.
+        let err = kernel::read::<i32>(sk, k.sock_err).unwrap_or(0);
+        if err > 0 {
+            ev.errno = -err;
+        }
     }
     if !kernel::attach_owner(ev, sk) {
         entry.discard(0);

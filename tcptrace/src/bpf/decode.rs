@@ -13,9 +13,8 @@ use thiserror::Error;
 
 use super::offsets::{KernelBtf, TcpStateNames, enum_names};
 use crate::model::{
-    Reason,
-    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Role, SockPtr, StormId,
-    TcpDetail, TcpFlags, TcpState,
+    Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Reason, Role, SockPtr,
+    StormId, TcpDetail, TcpFlags, TcpState,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -547,7 +546,11 @@ mod tests {
         assert_eq!(ev.state, None);
         r.reason = 77;
         assert_eq!(
-            d.decode(&bytes(&r)).unwrap().reason.as_ref().map(Reason::as_str),
+            d.decode(&bytes(&r))
+                .unwrap()
+                .reason
+                .as_ref()
+                .map(Reason::as_str),
             Some("CLASS_77")
         );
     }

@@ -9,8 +9,8 @@ use crate::model::facts::{
     ConntrackFacts, NetnsFacts, NodeFacts, PathTimeout, RuleTarget, format_port_list, wider_range,
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Reason, Role,
-    TcpDetail, Verdict,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, Handshake, PeerFin, PortRange, Reason,
+    Role, TcpDetail, TcpFlags, Verdict,
     facts::{DropRule, QueuedListener},
 };
 
@@ -602,13 +602,40 @@ pub(super) fn syn_timeout(
     retrans: u32,
     drop: Option<&PathDrop>,
     overflow_near: bool,
+    answer_reset: Option<&Event>,
 ) -> Candidate {
     let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans }));
     let checks = Checks::new()
-        .require("syns_unanswered", true)
+        .require("syns_unanswered", answer_reset.is_none())
         .rule_out("a_listen_queue_overflowed_meanwhile", overflow_near)
+        .rule_out("an_answer_was_reset_by_this_node", answer_reset.is_some())
         .or(&[Cause::ListenOverflow]);
     checks.record(&mut evidence);
+    if let Some(r) = answer_reset {
+        evidence.insert("answered_from".into(), json!(r.dst.to_string()));
+        evidence.insert("answer_reset_in_netns".into(), json!(r.netns));
+        let fix = format!(
+            "the SYN-ACKs came back from {}, an address {} did not connect to, and its kernel reset them: the replies escaped the NAT that translated the SYNs (asymmetric routing, or a missing SNAT on the way back); make replies return through the node that translated the request",
+            r.dst,
+            who(ev)
+        );
+        return Candidate {
+            v: verdict(
+                ev,
+                Cause::SynTimeout,
+                checks.confidence(),
+                format!(
+                    "{}: connect to {} timed out after {retrans} SYN retransmits: its answers came from {} and were reset",
+                    who(ev),
+                    ev.dst,
+                    r.dst
+                ),
+                evidence,
+                fix,
+            ),
+            occurrence: true,
+        };
+    }
     let (lost, fix) = match drop {
         Some(d) => {
             evidence.insert("dropped".into(), d.evidence());
@@ -806,8 +833,11 @@ pub(super) struct PathDrop {
     pub(super) place: Option<String>,
     pub(super) location: Option<String>,
     pub(super) drops: u32,
-    /// The dropped segments' destination (after NAT).
+    /// The dropped segments' source and destination (after NAT), and the
+    /// last one's flags.
+    pub(super) src: Endpoint,
     pub(super) dst: Endpoint,
+    pub(super) flags: Option<TcpFlags>,
     pub(super) rule: Option<DropRule>,
 }
 
@@ -819,14 +849,20 @@ pub(super) fn netfilter_drop(ev: &Event, drop: &PathDrop, retransmits: u32) -> C
         .clone()
         .unwrap_or_else(|| format!("network namespace {}", drop.netns));
     let rule = drop.rule.as_ref().map(|r| r.text.clone());
+    // The connection's replies were dropped, not its requests.
+    let replies = if drop.dst.ip == ev.src.ip && drop.dst.port == ev.src.port {
+        " (the replies)"
+    } else {
+        ""
+    };
     let fix = match &rule {
         Some(r) => format!(
-            "the rule `{r}` in {place} drops these packets: allow {} to reach {} (a NetworkPolicy of that pod, or that namespace's firewall)",
-            ev.src.ip, drop.dst
+            "the rule `{r}` in {place} drops these packets: allow {} to reach {}{replies} (a NetworkPolicy of that pod, or that namespace's firewall)",
+            drop.src.ip, drop.dst
         ),
         None => format!(
-            "netfilter in {place} drops packets from {} to {} and no dropping rule of it was read: look at `iptables-save -c` / `nft list ruleset` there, and at `conntrack -S` (a full table or a NAT out of ports drops too)",
-            ev.src.ip, drop.dst
+            "netfilter in {place} drops packets from {} to {}{replies} and no dropping rule of it was read: look at `iptables-save -c` / `nft list ruleset` there, and at `conntrack -S` (a full table or a NAT out of ports drops too)",
+            drop.src.ip, drop.dst
         ),
     };
     let checks = Checks::new()
@@ -871,7 +907,9 @@ impl PathDrop {
             place: None,
             location: None,
             drops: 0,
+            src: ev.src.clone(),
             dst: ev.dst.clone(),
+            flags: None,
             rule: None,
         }
     }
@@ -1324,34 +1362,49 @@ pub(super) fn rejected(
             occurrence: true,
         };
     }
+    // A rule may reject an established connection's segments too.
+    let connecting = drop.flags.is_none_or(|f| f.contains(TcpFlags::SYN))
+        && ev.state != Some(crate::model::TcpState::Established);
     let checks = Checks::new()
-        .require("syn_dropped_by_netfilter", true)
+        .require(
+            if connecting {
+                "syn_dropped_by_netfilter"
+            } else {
+                "segments_dropped_by_netfilter"
+            },
+            true,
+        )
         .require("answered_without_a_listener", !listener_reset)
         .corroborate("reject_rule_in_that_namespace", reject_rule)
         .rule_out("listener_reset_for_this_syn", listener_reset)
         .or(&[Cause::ConnectionRefused]);
     checks.record(&mut evidence);
+    let reached = if connecting {
+        "; the server was never reached"
+    } else {
+        ""
+    };
     let fix = match drop.rule.as_ref().filter(|_| reject_rule) {
         Some(r) => format!(
-            "the rule `{}` in {place} rejects connections from {} to {}: allow that traffic (a NetworkPolicy of that pod, or that namespace's firewall); the server was never reached",
-            r.text, ev.src.ip, drop.dst
+            "the rule `{}` in {place} rejects packets from {} to {}: allow that traffic (a NetworkPolicy of that pod, or that namespace's firewall){reached}",
+            r.text, drop.src.ip, drop.dst
         ),
         None => format!(
-            "a netfilter rule in {place} rejects connections from {} to {}: find it with `iptables-save -c` or `nft list ruleset` there and allow that traffic; the server was never reached",
-            ev.src.ip, drop.dst
+            "a netfilter rule in {place} rejects packets from {} to {}: find it with `iptables-save -c` or `nft list ruleset` there and allow that traffic{reached}",
+            drop.src.ip, drop.dst
         ),
+    };
+    let what = if connecting {
+        format!("connect to {} rejected{}", ev.dst, how.describe())
+    } else {
+        format!("established connection to {} rejected", ev.dst)
     };
     Candidate {
         v: verdict(
             ev,
             Cause::FirewallReject,
             checks.confidence(),
-            format!(
-                "{}: connect to {} rejected{} by a netfilter rule in {place}",
-                who(ev),
-                ev.dst,
-                how.describe()
-            ),
+            format!("{}: {what} by a netfilter rule in {place}", who(ev)),
             evidence,
             fix,
         ),

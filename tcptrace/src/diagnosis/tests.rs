@@ -2168,3 +2168,136 @@ fn connects_a_full_accept_queue_starved_are_its_overflow_not_a_syn_timeout() {
         causes(&v)
     );
 }
+
+#[test]
+fn a_connect_ended_by_an_icmp_error_without_its_error_report_is_named() {
+    // The error reached the socket; only the state change reported it.
+    let steps = vec![
+        connecting(0, 0x5800, P, B),
+        Ev(ev(2, StateChange, CLIENT, P, B)
+            .sock(0x5800)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)
+            .errno(Errno::ENETUNREACH)),
+        Tick(20_000),
+    ];
+    let v = run(facts(), steps);
+    assert_eq!(causes(&v), vec![(Unreachable, Likely, 1)]);
+}
+
+#[test]
+fn dropped_replies_are_named_as_replies() {
+    let mut f = facts();
+    node_rules(&mut f, &[("-A FORWARD -s 10.244.2.9/32 -p tcp -j DROP", 4)]);
+    let steps = vec![
+        connecting(0, 0x5801, P, B),
+        // The server's SYN-ACK, dropped on its way back.
+        Ev(ev(1, Drop, NODE, B, P)
+            .reason("NETFILTER_DROP")
+            .location("nft_do_chain+0x46f")
+            .flags(TcpFlags::SYN | TcpFlags::ACK)),
+        syn_retransmit(1_000, 0x5801, P, B),
+        Tick(20_000),
+    ];
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(NetfilterDrop, Certain, 1)]);
+    assert!(
+        v[0].fix
+            .contains("allow 10.244.2.9 to reach 10.244.1.5:40000 (the replies)"),
+        "{}",
+        v[0].fix
+    );
+}
+
+#[test]
+fn a_rule_rejecting_an_established_connection_does_not_say_connect() {
+    let mut f = facts();
+    node_rules(
+        &mut f,
+        &[(
+            "-A FORWARD -d 10.244.2.9/32 -p tcp -m tcp --dport 8080 -j REJECT --reject-with icmp-port-unreachable",
+            3,
+        )],
+    );
+    let mut steps = connected(0x5802);
+    steps.extend([
+        Ev(ev(5_000, Drop, NODE, P, B)
+            .reason("NETFILTER_DROP")
+            .location("nft_do_chain+0x46f")
+            .flags(TcpFlags::PSH | TcpFlags::ACK)),
+        Ev(ev(5_200, Retransmit, CLIENT, P, SVC)
+            .sock(0x5802)
+            .state(TcpState::Established)
+            .tcp(200, false, 7_200_000)),
+        Tick(20_000),
+    ]);
+    let v = run(f, steps);
+    assert_eq!(causes(&v), vec![(FirewallReject, Certain, 1)]);
+    assert!(
+        v[0].summary.contains("established connection"),
+        "{}",
+        v[0].summary
+    );
+    assert!(!v[0].fix.contains("never reached"), "{}", v[0].fix);
+    assert_eq!(
+        v[0].evidence["checks"]["seen"][0],
+        json!("segments_dropped_by_netfilter")
+    );
+}
+
+#[test]
+fn answers_the_client_reset_make_a_syn_timeout_only_possible() {
+    // The SYN-ACKs come back from the pod's address, not the ClusterIP the
+    // client connected to: its kernel resets them.
+    let mut steps = vec![connecting(0, 0x5803, P, SVC)];
+    for ms in [1, 1_001, 3_001] {
+        steps.push(Ev(ev(ms, ResetSent, CLIENT, P, B)
+            .reason("NO_SOCKET")
+            .flags(TcpFlags::SYN | TcpFlags::ACK)));
+    }
+    steps.extend([
+        syn_retransmit(1_000, 0x5803, P, SVC),
+        syn_retransmit(3_000, 0x5803, P, SVC),
+        Ev(ev(7_000, StateChange, CLIENT, P, SVC)
+            .sock(0x5803)
+            .from(TcpState::SynSent)
+            .state(TcpState::Close)
+            .errno(Errno::ETIMEDOUT)),
+        Tick(30_000),
+    ]);
+    let v = run(facts(), steps);
+    assert!(
+        v.iter()
+            .any(|v| v.cause == SynTimeout && v.confidence == Possible),
+        "{:?}",
+        causes(&v)
+    );
+    never_sure_of(&v, SynTimeout);
+    let t = v.iter().find(|v| v.cause == SynTimeout).expect("timeout");
+    assert_eq!(t.evidence["answered_from"], json!(B));
+}
+
+#[test]
+fn a_storming_connection_that_then_times_out_is_a_failure() {
+    let mut steps = connected(0x5804);
+    for ms in [1_000u64, 1_400, 2_200, 3_800, 7_000] {
+        steps.push(Ev(ev(ms, Retransmit, CLIENT, P, SVC)
+            .sock(0x5804)
+            .state(TcpState::Established)
+            .tcp(100, false, 7_200_000)));
+    }
+    steps.extend([
+        Ev(ev(20_000, SocketError, CLIENT, P, SVC)
+            .sock(0x5804)
+            .state(TcpState::Close)
+            .errno(Errno::ETIMEDOUT)),
+        Tick(40_000),
+    ]);
+    let v = run(facts(), steps);
+    assert!(
+        v.iter()
+            .any(|v| v.severity == Severity::Failure && v.cause == Unexplained),
+        "{:?}",
+        causes(&v)
+    );
+}

@@ -15,8 +15,8 @@ mod text;
 mod verdict;
 
 pub use kernel::{Errno, PortRange, SockPtr, TcpFlags, TcpState};
-pub use reason::Reason;
 pub use probe::{ProbeState, ProbeStatus, Tier};
+pub use reason::Reason;
 pub use text::rfc3339;
 pub use verdict::{Cause, Confidence, Owner, Severity, Verdict, VerdictKey};
 

@@ -95,7 +95,12 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_ones_are_kept() {
-        for name in ["NETFILTER_DROP", "PKT_TOO_BIG", "TCP_TIMEWAIT_SOCKET", "NO_SOCKET"] {
+        for name in [
+            "NETFILTER_DROP",
+            "PKT_TOO_BIG",
+            "TCP_TIMEWAIT_SOCKET",
+            "NO_SOCKET",
+        ] {
             assert_eq!(Reason::from_name(name).as_str(), name);
             assert!(!matches!(Reason::from_name(name), Reason::Other(_)));
         }

@@ -102,7 +102,11 @@ impl Diagnoser {
         let Candidate { mut v, occurrence } = c;
         let now = v.time;
         let key = v.key();
-        if let Some(origin) = origin {
+        // A degraded connection may still fail: its verdict accounts for
+        // none of its resets and errors.
+        if let Some(origin) = origin
+            && v.severity != Severity::Degraded
+        {
             v.resets += self.ledger.account(origin, key.clone(), now);
         }
         if !self.aggs.contains_key(&key) {

@@ -21,8 +21,8 @@ use super::{
     ledger::{End, Ends, Ledger, Open, Origin, is_reset, is_terminal},
 };
 use crate::model::{
-    Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, StormId, TcpDetail,
-    Reason, TcpFlags, TcpState, Unaccounted, Verdict, VerdictKey,
+    Cause, Confidence, Endpoint, Errno, Event, EventKind, IdentityLevel, Reason, Severity, StormId,
+    TcpDetail, TcpFlags, TcpState, Unaccounted, Verdict, VerdictKey,
     facts::{
         ConntrackFacts, ConntrackStats, DropRule, ListenStats, NetnsFacts, NodeFacts, RuleTarget,
     },
@@ -277,8 +277,7 @@ impl Diagnoser {
                 .find(|e| e.kind == EventKind::ResetSent && pred(e))
         };
         let mut c = if let Some(tw) = sent(&|e| {
-            e.state == Some(TcpState::TimeWait)
-                || e.reason == Some(Reason::TcpTimewaitSocket)
+            e.state == Some(TcpState::TimeWait) || e.reason == Some(Reason::TcpTimewaitSocket)
         }) {
             keepalive_race_server_side(tw)
         } else if let Some(no_socket) =
@@ -383,6 +382,11 @@ impl Diagnoser {
                     && state == Some(TcpState::Close)
                     && s.concluded.is_none()
                 {
+                    // The error that ended it (an ICMP error, reported
+                    // with the state change when its error report is not).
+                    if let Some(errno) = ev.errno.filter(|e| is_icmp_error(*e)) {
+                        return self.refused(&key, ev, facts, Refusal::Icmp(errno));
+                    }
                     if s.syn_retrans > 0 {
                         return self.syn_failed(&key, ev, facts);
                     }
@@ -569,7 +573,14 @@ impl Diagnoser {
                 Some(c) => c,
                 None => match overflow {
                     Some((true, v)) => listen_overflow_seen_by_client(ev, retrans, &v),
-                    o => syn_timeout(ev, retrans, self.path_drop(ends, ev.time), o.is_some()),
+                    o => {
+                        // Only drops of its SYNs say where they died.
+                        let drop = self
+                            .path_drop(ends, ev.time)
+                            .filter(|d| is_bare_syn(d.flags));
+                        let answered = self.answer_reset_here(ends, ev.time);
+                        syn_timeout(ev, retrans, drop, o.is_some(), answered.as_ref())
+                    }
                 },
             }
         };
@@ -656,12 +667,13 @@ impl Diagnoser {
                 c.occurrence = false;
                 vec![c]
             }
-            Some(_) => vec![],
-            None if (s.syn_sent && !s.established) || state_is(ev, TcpState::SynSent) => {
+            // A degraded connection that now failed is a failure of its own.
+            Some((cause, _)) if cause.severity() != Severity::Degraded => vec![],
+            _ if (s.syn_sent && !s.established) || state_is(ev, TcpState::SynSent) => {
                 self.syn_failed(key, ev, facts)
             }
-            None if !s.established && !state_is(ev, TcpState::Established) => vec![],
-            None => {
+            _ if !s.established && !state_is(ev, TcpState::Established) => vec![],
+            _ => {
                 // Without the retransmits, the idle time at the error also
                 // counts the retransmission period: only possible.
                 let (start, confidence) = match &s.streak_start {
@@ -774,7 +786,12 @@ impl Diagnoser {
                 .iter()
                 .rev()
                 .find(|m| same_conn(m, rr) && within(m.time, rr.time, window))
-                .map(|m| (m.reason.as_ref().map(Reason::to_string).unwrap_or_default(), m.netns)),
+                .map(|m| {
+                    (
+                        m.reason.as_ref().map(Reason::to_string).unwrap_or_default(),
+                        m.netns,
+                    )
+                }),
         }
     }
 

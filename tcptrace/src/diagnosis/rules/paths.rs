@@ -118,7 +118,9 @@ impl Diagnoser {
                 .or_else(|| d.netns_name.as_ref().map(|n| format!("netns {n}"))),
             location: d.location.clone(),
             drops: 1,
+            src: d.src.clone(),
             dst: d.dst.clone(),
+            flags: d.tcp_flags,
             rule: None,
         })
     }
@@ -127,6 +129,23 @@ impl Diagnoser {
     pub(super) fn rejecting_drop(&self, ends: Ends, time: SystemTime) -> Option<&PathDrop> {
         self.path_drop(ends, time)
             .filter(|d| d.reason == Reason::NetfilterDrop)
+    }
+
+    /// A SYN-ACK for this connection that this node's kernel answered
+    /// with a reset (no socket for it): the SYN was answered, but the
+    /// answer came from an address the client did not connect to.
+    pub(super) fn answer_reset_here(&self, ends: Ends, time: SystemTime) -> Option<Event> {
+        let window = self.cfg.correlation_window;
+        self.resets_sent
+            .iter()
+            .rev()
+            .find(|r| {
+                r.tcp_flags
+                    .is_some_and(|f| f.contains(TcpFlags::SYN | TcpFlags::ACK))
+                    && within(r.time, time, window)
+                    && Ends::of(r, None).client == ends.client
+            })
+            .cloned()
     }
 
     /// Whether a socket lookup on this node found no listener for this
@@ -200,13 +219,16 @@ impl Diagnoser {
                     place,
                     location: ev.location.clone(),
                     drops: 0,
+                    src: ev.src.clone(),
                     dst: ev.dst.clone(),
+                    flags: ev.tcp_flags,
                     rule: None,
                 },
             )
         });
         entry.0 = ev.time;
         entry.1.drops += 1;
+        entry.1.flags = ev.tcp_flags;
     }
 
     /// A retransmit of a connection whose segments netfilter dropped: by
