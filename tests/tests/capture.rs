@@ -8,7 +8,7 @@ use std::{
 };
 
 use nix::sys::socket::{setsockopt, sockopt};
-use tcptrace::model::{Errno, Event, EventKind, TcpFlags, TcpState};
+use tcptrace::model::{Errno, Event, EventKind, Reason, TcpFlags, TcpState};
 use tcptrace_tests::{Netns, capture, show};
 
 fn addr(port: u16) -> SocketAddr {
@@ -68,7 +68,7 @@ fn syn_retransmit_and_netfilter_drop_are_recorded_exactly() {
     let drops = of_kind(&events, EventKind::Drop);
     assert_eq!(drops.len(), 2, "{}", show(&events));
     for d in drops {
-        assert_eq!(d.reason.as_deref(), Some("NETFILTER_DROP"));
+        assert_eq!(d.reason, Some(Reason::NetfilterDrop));
         assert_eq!(d.tcp_flags, Some(TcpFlags::SYN));
         assert_eq!((d.src.port, d.dst.port), (r.src.port, 81));
         // iptables-legacy drops in nf_hook_slow, iptables-nft in nft_do_chain.
@@ -105,7 +105,7 @@ fn refused_connect_gives_exactly_the_reset_pair() {
 
     let sent = of_kind(&events, EventKind::ResetSent);
     assert_eq!(sent.len(), 1, "{}", show(&events));
-    assert_eq!(sent[0].reason.as_deref(), Some("NO_SOCKET"));
+    assert_eq!(sent[0].reason, Some(Reason::NoSocket));
     assert_eq!(sent[0].sock, None, "no listening socket answered");
     let ports = [sent[0].src.port, sent[0].dst.port];
     assert!(

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tcptrace::{
     bpf::{Tracer, TracerOptions},
-    model::EventKind,
+    model::{EventKind, Reason},
 };
 use tcptrace_tests::{Netns, records, start_tcptrace};
 
@@ -130,10 +130,7 @@ fn own_sockets_are_ignored() {
             kinds.push((ev.kind, ev.reason.clone()));
         }
     });
-    assert_eq!(
-        kinds,
-        vec![(EventKind::ResetSent, Some("NO_SOCKET".to_string()))]
-    );
+    assert_eq!(kinds, vec![(EventKind::ResetSent, Some(Reason::NoSocket))]);
 }
 
 /// What one tcptrace said about a namespace.

@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcptrace::model::{Cause, Event, EventKind, Severity, Verdict};
+use tcptrace::model::{Cause, Event, EventKind, Reason, Severity, Verdict};
 use tcptrace_lab::{
     self as lab,
     observer::Observer,
@@ -449,7 +449,7 @@ fn a_segment_below_the_window_is_a_tcp_stack_drop_of_the_client_pod() {
     assert_eq!(drops.len(), 1, "{drops:#?}");
     let d = drops[0];
     assert_eq!(d.netns, o.subject.netns);
-    assert_eq!(d.reason.as_deref(), Some(reason.as_str()));
+    assert_eq!(d.reason.as_ref().map(Reason::as_str), Some(reason.as_str()));
     assert_eq!(d.pid, Some(std::process::id()));
     assert_eq!(d.comm.as_deref(), Some("lab-client"));
     assert_eq!(d.src.to_string(), "10.96.0.10:80");

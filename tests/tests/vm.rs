@@ -10,7 +10,7 @@ use std::{
 };
 
 use nix::sys::socket::{SockaddrIn, bind, connect, socket};
-use tcptrace::model::{Cause, Confidence, Errno, Event, EventKind, ProbeState, Tier};
+use tcptrace::model::{Cause, Confidence, Errno, Event, EventKind, ProbeState, Reason, Tier};
 use tcptrace_lab::{observer::Observer, scenarios};
 use tcptrace_tests::{Netns, capture, show};
 
@@ -179,11 +179,11 @@ fn full_conntrack_table_is_reported_by_the_allocation_hook() {
 
     let events = cap.wait_for(ns.inode(), WAIT, |ev| {
         ev.iter()
-            .any(|e| e.reason.as_deref() == Some("CONNTRACK_TABLE_FULL"))
+            .any(|e| e.reason == Some(Reason::ConntrackTableFull))
     });
     let full: Vec<&Event> = events
         .iter()
-        .filter(|e| e.reason.as_deref() == Some("CONNTRACK_TABLE_FULL"))
+        .filter(|e| e.reason == Some(Reason::ConntrackTableFull))
         .collect();
     assert!(!full.is_empty(), "no table-full drop: {}", show(&events));
     for d in &full {
@@ -228,7 +228,7 @@ fn invalid_segment_is_named_by_the_direct_hook() {
     let beyond = marks("beyond_window");
     let seq_over: Vec<&Event> = beyond
         .iter()
-        .filter(|e| e.reason.as_deref() == Some("SEQ_OVER"))
+        .filter(|e| e.reason.as_ref().map(Reason::as_str) == Some("SEQ_OVER"))
         .collect();
     assert_eq!(seq_over.len(), 1, "{}", show(&beyond));
     let m = seq_over[0];
