@@ -706,26 +706,40 @@ pub(super) fn listen_overflow_seen_by_client(
 }
 
 /// `n` data retransmits within `window` on one established connection.
-pub(super) fn retransmit_storm(ev: &Event, n: usize, window: std::time::Duration) -> Candidate {
+/// `heard`: the peer answered between them.
+pub(super) fn retransmit_storm(
+    ev: &Event,
+    n: usize,
+    window: std::time::Duration,
+    heard: bool,
+) -> Candidate {
     let tcp = ev.tcp.as_ref();
+    let checks = Checks::new()
+        .require("retransmits_within_the_window", true)
+        .require("the_peer_answered_between_them", heard)
+        .or(&[Cause::Unexplained]);
+    let mut evidence = obj(json!({
+        "dst": ev.dst.to_string(),
+        "retransmits": n,
+        "window_s": window.as_secs(),
+        "srtt_us": tcp.map(|t| t.srtt_us),
+        "total_retrans": tcp.map(|t| t.total_retrans),
+    }));
+    checks.record(&mut evidence);
+    // A lossy path is at most likely: nothing here saw the losses.
+    let confidence = checks.confidence().min(Confidence::Likely);
     Candidate {
         v: verdict(
             ev,
             Cause::RetransmitStorm,
-            Confidence::Likely,
+            confidence,
             format!(
                 "{}: {n} retransmits within {} s on the connection to {}",
                 who(ev),
                 window.as_secs(),
                 ev.dst
             ),
-            obj(json!({
-                "dst": ev.dst.to_string(),
-                "retransmits": n,
-                "window_s": window.as_secs(),
-                "srtt_us": tcp.map(|t| t.srtt_us),
-                "total_retrans": tcp.map(|t| t.total_retrans),
-            })),
+            evidence,
             format!(
                 "packets to or from {} are being lost: check interface drops and errors (ip -s link), MTU mismatches and congestion on the path",
                 ev.dst

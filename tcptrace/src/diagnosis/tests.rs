@@ -929,15 +929,28 @@ fn reused_sock_address_starts_a_new_connection() {
 
 #[test]
 fn retransmit_storm_on_a_busy_connection() {
+    // The peer answers in between (its idle time restarts): a lossy path.
     let mut steps = connected(0x1007);
     for i in 0..6u64 {
         steps.push(Ev(ev(10_000 + i * 500, Retransmit, CLIENT, P, SVC)
             .sock(0x1007)
             .state(TcpState::Established)
-            .tcp(30 + i, false, 7_200_000)));
+            .tcp(if i % 2 == 0 { 30 } else { 5 }, false, 7_200_000)));
     }
     let v = run(facts(), steps);
     assert_eq!(causes(&v), vec![(RetransmitStorm, Likely, 1)]);
+    // A peer silent since the first retransmit may be gone: only possible.
+    let mut silent = connected(0x1008);
+    for i in 0..6u64 {
+        silent.push(Ev(ev(10_000 + i * 500, Retransmit, CLIENT, P, SVC)
+            .sock(0x1008)
+            .state(TcpState::Established)
+            .tcp(30 + i * 500, false, 7_200_000)));
+    }
+    assert_eq!(
+        causes(&run(facts(), silent)),
+        vec![(RetransmitStorm, Possible, 1)]
+    );
     assert_eq!(v[0].evidence["retransmits"], json!(5));
     assert_eq!(v[0].evidence["window_s"], json!(10));
     // Four retransmits, or five spread over more than 10 s, are not a storm.

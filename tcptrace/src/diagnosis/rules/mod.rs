@@ -396,6 +396,15 @@ impl Diagnoser {
                     if self.rejecting_drop(ends, ev.time).is_some() {
                         return self.refused(&key, ev, facts, Refusal::Unseen);
                     }
+                    // Ended before any retransmit, without a reset, an error
+                    // or a drop seen: what ended it is unknown here (an ICMP
+                    // error handled where no hook sees it, or its own close).
+                    let (ruled_out, mut not_checked) = self.ruled_out(ev, ends, facts);
+                    not_checked.push(Cause::Unreachable.as_str());
+                    let server = ev.dst.clone();
+                    let c = unexplained(ev, &server, 0, &ruled_out, &not_checked);
+                    self.conclude(&key, &c);
+                    return vec![c];
                 }
                 vec![]
             }
@@ -636,7 +645,10 @@ impl Diagnoser {
         if s.recent_retrans.len() >= storm_n && !s.storm_flagged {
             s.storm_flagged = true;
             let n = s.recent_retrans.len();
-            return vec![retransmit_storm(ev, n, window)];
+            // The peer answered in between (the streak restarted): a lossy
+            // path; a peer silent since the first of them may be gone.
+            let heard = (s.streak as usize) < n;
+            return vec![retransmit_storm(ev, n, window, heard)];
         }
         vec![]
     }
