@@ -19,7 +19,7 @@
 //! - `tcptrace_malformed_records_total`: records that could not be decoded.
 //! - `tcptrace_unaccounted_failures_total{bound}`: failures in the stream no
 //!   verdict accounts for because a bound was reached (`ledger_full`,
-//!   `repeats`), from stats records.
+//!   `repeats`, `evicted_resets`), from stats records.
 //! - `tcptrace_probe_attached{hook,tracepoint,tier}`: 1 when live, else 0.
 //!
 //! `pod` is `namespace/name`, or what is known of a pod whose name is not
@@ -291,6 +291,7 @@ impl Metrics {
                 for (bound, now, last) in [
                     ("ledger_full", now.ledger_full, last.ledger_full),
                     ("repeats", now.repeats, last.repeats),
+                    ("evicted_resets", now.evicted_resets, last.evicted_resets),
                 ] {
                     self.unaccounted
                         .get_or_create(&BoundLabels { bound })
@@ -299,6 +300,7 @@ impl Metrics {
                 self.last_unaccounted = crate::model::Unaccounted {
                     ledger_full: now.ledger_full.max(last.ledger_full),
                     repeats: now.repeats.max(last.repeats),
+                    evicted_resets: now.evicted_resets.max(last.evicted_resets),
                 };
             }
         }
@@ -541,6 +543,7 @@ mod tests {
             unaccounted: crate::model::Unaccounted {
                 ledger_full: lost,
                 repeats: seen / 5,
+                evicted_resets: 0,
             },
             r#final: false,
         })

@@ -279,9 +279,21 @@ pub(super) fn table_full(
     if !full && t.early_drop == 0 {
         return None;
     }
+    // A rule's drop (nft_do_chain, ipt_do_table) is the rule's, not the
+    // table's, however full the table is.
+    let by_a_rule = ev
+        .location
+        .as_deref()
+        .is_some_and(|l| l.starts_with("nft_do_chain") || l.starts_with("ipt_do_table"));
+    if by_a_rule {
+        return None;
+    }
     let checks = Checks::new()
         .require("count_near_max_or_early_drop", true)
-        .corroborate("drop_counter_rising_or_count_at_max", full || t.drop > 0);
+        .corroborate(
+            "drop_counter_rising_or_count_at_max",
+            t.drop > 0 || ct.count >= ct.max,
+        );
     let target = ct.max.max(ct.count).saturating_mul(2);
     let place = if facts.is_node(ns) {
         "on the node".to_string()
@@ -544,7 +556,6 @@ pub(super) fn connection_refused(ev: &Event, listener_reset: bool) -> Candidate 
     let checks = Checks::new()
         .require("reset_answering_the_syn", true)
         .require("listener_reset_for_this_syn", listener_reset)
-        .rule_out("syn_dropped_by_netfilter", false)
         .or(&[Cause::FirewallReject]);
     let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "via": "reset" }));
     checks.record(&mut evidence);
@@ -606,7 +617,7 @@ pub(super) fn syn_timeout(
 ) -> Candidate {
     let mut evidence = obj(json!({ "dst": ev.dst.to_string(), "syn_retransmits": retrans }));
     let checks = Checks::new()
-        .require("syns_unanswered", answer_reset.is_none())
+        .require("syns_retransmitted", true)
         .rule_out("a_listen_queue_overflowed_meanwhile", overflow_near)
         .rule_out("an_answer_was_reset_by_this_node", answer_reset.is_some())
         .or(&[Cause::ListenOverflow]);
@@ -680,10 +691,15 @@ pub(super) fn listen_overflow_seen_by_client(
     ev: &Event,
     retrans: u32,
     overflow: &Verdict,
+    same_address: bool,
 ) -> Candidate {
+    // A listener on that port overflowed; that it is this destination's
+    // is known when it listens on the very address (not on 0.0.0.0).
     let checks = Checks::new()
         .require("syns_unanswered", true)
-        .require("the_listener_on_its_port_overflowed_meanwhile", true);
+        .require("a_listener_on_its_port_overflowed_meanwhile", true)
+        .corroborate("that_listener_has_its_address", same_address)
+        .or(&[Cause::SynTimeout]);
     let mut evidence = overflow.evidence.clone();
     evidence.insert("syn_retransmits".into(), json!(retrans));
     evidence.insert("listener_netns".into(), json!(overflow.netns));
@@ -1388,7 +1404,6 @@ pub(super) fn rejected(
             },
             true,
         )
-        .require("answered_without_a_listener", !listener_reset)
         .corroborate("reject_rule_in_that_namespace", reject_rule)
         .rule_out("listener_reset_for_this_syn", listener_reset)
         .or(&[Cause::ConnectionRefused]);
@@ -1434,10 +1449,15 @@ pub(super) fn unreachable(ev: &Event, errno: Errno, drop: Option<&PathDrop>) -> 
     if let Some(d) = drop {
         evidence.insert("dropped".into(), d.evidence());
     }
+    // A port unreachable comes from a REJECT rule beyond this node (a
+    // firewall's, or kube-proxy's for a Service without endpoints): what
+    // rejected is not known here.
+    let port_unreachable = errno == Errno::ECONNREFUSED;
     let checks = Checks::new()
         .require("icmp_or_route_error", true)
+        .require("a_host_or_network_error", !port_unreachable)
         .corroborate("where_its_syn_died", drop.is_some())
-        .or(&[Cause::FirewallReject]);
+        .or(&[Cause::FirewallReject, Cause::ServiceNoEndpoints]);
     checks.record(&mut evidence);
     let no_route =
         drop.filter(|d| d.reason == Reason::IpInnoroutes || d.reason.as_str().contains("NO_ROUTE"));
@@ -1451,6 +1471,10 @@ pub(super) fn unreachable(ev: &Event, errno: Errno, drop: Option<&PathDrop>) -> 
             "the SYNs to {} die on the way ({}) and an ICMP error ({errno}) came back: fix that hop",
             ev.dst,
             d.describe()
+        ),
+        (None, None) if port_unreachable => format!(
+            "an ICMP port unreachable came back for {}: a REJECT rule beyond this node turned it away (a firewall, or kube-proxy's rule for a Service without endpoints on the node that forwarded it); look at that hop's rules",
+            ev.dst
         ),
         (None, None) => format!(
             "an ICMP error ({errno}) came back for {}: the host or its network is unreachable from here, or a router prohibits it; check the routes to {} and whether the pod or host behind it still exists",
@@ -1489,11 +1513,16 @@ pub(super) fn snat_port_exhaustion(
 ) -> Candidate {
     let place = drop.place_or_netns();
     let near_full = ct.is_some_and(|c| c.max > 0 && c.count * 100 >= c.max * 95);
-    let rising = trend.is_some_and(|t| t.insert_failed + t.drop > 0);
+    // The NAT found no free tuple: conntrack's insert failed.
+    let rising = trend.is_some_and(|t| t.insert_failed > 0);
+    let by_a_rule = drop
+        .location
+        .as_deref()
+        .is_some_and(|l| l.starts_with("nft_do_chain") || l.starts_with("ipt_do_table"));
     let checks = Checks::new()
-        .require("syn_dropped_by_netfilter_outside_a_rule", true)
+        .require("syn_dropped_by_netfilter_outside_a_rule", !by_a_rule)
         .require("snat_rule_in_that_namespace", rule.is_some())
-        .corroborate("insert_failed_or_drop_rising", rising)
+        .require("insert_failed_rising", rising)
         .rule_out("conntrack_table_near_full", near_full)
         .or(&[Cause::ConntrackTableFull, Cause::NetfilterDrop]);
     let ports = rule.and_then(|r| r.snat_ports());
@@ -1555,7 +1584,7 @@ pub(super) fn pmtu_black_hole(ev: &Event, drop: &PathDrop, retransmits: u32) -> 
     let place = drop.place_or_netns();
     let checks = Checks::new()
         .require("segments_dropped_as_too_big", true)
-        .require("retransmitted_at_the_same_size", retransmits >= 1);
+        .require("dropped_again_after_a_retransmit", retransmits >= 1);
     let mut evidence = obj(json!({
         "dst": ev.dst.to_string(),
         "dropped": drop.evidence(),

@@ -9,7 +9,7 @@ use std::{
 
 use foldhash::HashMap;
 
-use super::window::{elapsed, within};
+use super::window::{elapsed, evict_oldest, within};
 use crate::model::{Event, EventKind, Role, SockPtr, TcpFlags, facts::NodeFacts};
 
 /// The ephemeral range assumed for a namespace whose facts are unknown.
@@ -191,6 +191,11 @@ impl<K: Clone> Ledger<K> {
         if self.accounted.len() >= self.cap {
             let window = self.window;
             self.accounted.retain(|_, a| within(a.at, now, window));
+            // Still full within the window: the oldest accounts go (their
+            // late resets will wait for a cause of their own).
+            if self.accounted.len() >= self.cap {
+                evict_oldest(&mut self.accounted, |a| Some(a.at));
+            }
         }
         self.accounted.insert(
             origin.client,

@@ -581,8 +581,9 @@ fn conntrack_table_full_drops_syns_and_the_client_times_out() {
         .collect();
     assert_eq!(
         who,
+        // 995 of 1000 is near the max; the drop counter confirms it.
         vec![
-            (ConntrackTableFull, Certain, 1, NODE, SVC.to_string()),
+            (ConntrackTableFull, Likely, 1, NODE, SVC.to_string()),
             (
                 ConntrackTableFull,
                 Certain,
@@ -590,8 +591,8 @@ fn conntrack_table_full_drops_syns_and_the_client_times_out() {
                 NODE,
                 "0.0.0.0:0".to_string()
             ),
-            (ConntrackTableFull, Certain, 1, CLIENT, SVC.to_string()),
-            (ConntrackTableFull, Certain, 2, NODE, SVC.to_string()),
+            (ConntrackTableFull, Likely, 1, CLIENT, SVC.to_string()),
+            (ConntrackTableFull, Likely, 2, NODE, SVC.to_string()),
         ]
     );
     let e = &v[2].evidence;
@@ -834,8 +835,9 @@ fn refused_connect_is_only_connection_refused() {
         v[0].evidence["checks"]["alternatives"],
         json!(["firewall_reject"])
     );
-    // ECONNREFUSED without a reset came from an ICMP error: not a refusal
-    // by a listener.
+    // ECONNREFUSED without a reset came from an ICMP port unreachable: a
+    // REJECT rule beyond this node, not a listener; what rejected is not
+    // known here.
     let v = run(
         facts(),
         vec![Ev(ev(0, SocketError, CLIENT, s, SVC)
@@ -843,7 +845,7 @@ fn refused_connect_is_only_connection_refused() {
             .state(TcpState::SynSent)
             .errno(Errno::ECONNREFUSED))],
     );
-    assert_eq!(causes(&v), vec![(Unreachable, Likely, 1)]);
+    assert_eq!(causes(&v), vec![(Unreachable, Possible, 1)]);
 }
 
 #[test]
@@ -2164,9 +2166,10 @@ fn connects_a_full_accept_queue_starved_are_its_overflow_not_a_syn_timeout() {
     let v = run(f.clone(), steps);
     let client: Vec<_> = v.iter().filter(|v| v.netns == CLIENT).collect();
     assert_eq!(client.len(), 1, "{:?}", causes(&v));
+    // The listener is on 0.0.0.0: that it is this destination's is likely.
     assert_eq!(
         (client[0].cause, client[0].confidence),
-        (ListenOverflow, Certain)
+        (ListenOverflow, Likely)
     );
     assert_eq!(client[0].evidence["listener_netns"], json!(SERVER));
     never_sure_of(&v, SynTimeout);

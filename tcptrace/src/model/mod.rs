@@ -415,6 +415,10 @@ pub struct Unaccounted {
     /// Kernel-counted repeats whose first record's verdict never came, or
     /// that waited past the bound.
     pub repeats: u64,
+    /// Resets that came after their connection's verdict was evicted (it
+    /// was written with the counts it had).
+    #[serde(default)]
+    pub evicted_resets: u64,
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::model::facts::DropRule;
 /// At most this many rules are kept per namespace.
 const MAX_RULES: usize = 256;
 
-/// The drop and reject rules of the namespace behind `netns_file`; the
+/// The drop, reject and source-NAT rules of the namespace behind `netns_file`; the
 /// tools that cannot run add nothing.
 pub fn read_drop_rules(netns_file: &Path) -> Vec<DropRule> {
     let mut rules = Vec::new();

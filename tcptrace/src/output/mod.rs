@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(
             lines[0],
-            r#"{"type":"stats","time":"1970-01-01T00:00:01.000000Z","uptime_s":1.5,"seen":3,"lost":0,"malformed":0,"sink_dropped":0,"hooks":[],"unaccounted":{"ledger_full":0,"repeats":0},"final":true}"#
+            r#"{"type":"stats","time":"1970-01-01T00:00:01.000000Z","uptime_s":1.5,"seen":3,"lost":0,"malformed":0,"sink_dropped":0,"hooks":[],"unaccounted":{"ledger_full":0,"repeats":0,"evicted_resets":0},"final":true}"#
         );
     }
 

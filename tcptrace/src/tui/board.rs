@@ -184,7 +184,7 @@ pub struct Row {
     pub id: u64,
     subject_key: OwnedSubject,
     pub label: Label,
-    /// "namespace/pod", "pod <uid>", "netns <name>" or "netns <inode>".
+    /// "namespace/pod", "uid <uid> container <id>", "netns <name>" or "netns <inode>".
     pub subject: String,
     pub src: Endpoint,
     pub dst: Endpoint,

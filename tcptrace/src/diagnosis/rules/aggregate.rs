@@ -49,10 +49,14 @@ impl Diagnoser {
     /// Adds resets that belong to an accounted connection to its verdict.
     pub(super) fn add_resets(&mut self, key: &VerdictKey, n: u64, time: SystemTime) {
         let live_interval = self.cfg.live_interval;
-        if let Some(a) = self.aggs.get_mut(key) {
-            a.v.resets += n;
-            a.pending = true;
-            note_live(a, time, live_interval, &mut self.live);
+        match self.aggs.get_mut(key) {
+            Some(a) => {
+                a.v.resets += n;
+                a.pending = true;
+                note_live(a, time, live_interval, &mut self.live);
+            }
+            // Its verdict was evicted and written already.
+            None => self.resets_unaccounted += n,
         }
     }
 

@@ -144,7 +144,7 @@ impl Diagnoser {
                 Overflow {
                     at: now,
                     verdict: c.v.clone(),
-                    ports: f.queued_listeners.iter().map(|l| l.port).collect(),
+                    listeners: f.queued_listeners.iter().map(|l| (l.ip, l.port)).collect(),
                 },
             );
             out.push(c);
@@ -154,11 +154,11 @@ impl Diagnoser {
 }
 
 /// A namespace's listeners overflowed: when it was seen, its verdict and
-/// the ports of the listeners that had connections waiting.
+/// the addresses of the listeners that had connections waiting.
 pub(super) struct Overflow {
     pub(super) at: SystemTime,
     pub(super) verdict: Verdict,
-    pub(super) ports: Vec<u16>,
+    pub(super) listeners: Vec<(std::net::IpAddr, u16)>,
 }
 
 /// A stand-in event for a namespace's counters (attribution names it).

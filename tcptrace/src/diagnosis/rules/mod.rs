@@ -68,7 +68,6 @@ pub struct Diagnoser {
     prev_listen: HashMap<u32, ListenStats>,
     /// Latest non-zero conntrack counter deltas per netns.
     trends: HashMap<u32, CtTrend>,
-    /// Storm repeats whose first record's connection has no account yet.
     /// Repeats whose first record's verdict is not known yet, since when.
     repeats_waiting: VecDeque<(Event, u64, SystemTime)>,
     /// Storms' first resets sent (their client end and namespace), until
@@ -97,6 +96,8 @@ pub struct Diagnoser {
     /// Failures the kernel counted whose first record's verdict never
     /// came (or that waited past the bound): in the stream, in no verdict.
     repeats_unattributed: u64,
+    /// Resets that came after their connection's verdict was evicted.
+    resets_unaccounted: u64,
 }
 
 /// What feeding the diagnoser produced.
@@ -124,6 +125,7 @@ impl Diagnoser {
         Unaccounted {
             ledger_full: self.ledger.overflowed,
             repeats: self.repeats_unattributed,
+            evicted_resets: self.resets_unaccounted,
         }
     }
 
@@ -250,7 +252,9 @@ impl Diagnoser {
         self.note_storm_accounts();
         // Every first record is accounted for now: so are its repeats.
         for (first, n, _) in std::mem::take(&mut self.repeats_waiting) {
-            self.add_repeats(&first, n, now);
+            if !self.add_repeats(&first, n, now) {
+                self.repeats_unattributed += n;
+            }
         }
         out.append(&mut self.due);
         for a in self.aggs.values_mut().filter(|a| a.pending) {
@@ -373,7 +377,11 @@ impl Diagnoser {
                     if let Some(h) = &ev.handshake
                         && s.concluded.is_none()
                     {
-                        let c = slow_connect(ev, h, self.path_drop(ends, ev.time));
+                        // Only drops of its SYNs say where they died.
+                        let drop = self
+                            .path_drop(ends, ev.time)
+                            .filter(|d| is_bare_syn(d.flags));
+                        let c = slow_connect(ev, h, drop);
                         self.conclude(&key, &c);
                         return vec![c];
                     }
@@ -518,12 +526,10 @@ impl Diagnoser {
                     prune(&mut self.syn_drops, ev.time, self.cfg.correlation_window);
                     push_bounded(&mut self.syn_drops, ev.clone());
                 }
-                let full = self.netfilter_drop(ev, facts);
-                // A full conntrack table drops through netfilter too.
-                if full.is_empty() {
-                    self.note_path_drop(ev, ends);
-                }
-                full
+                // Noted also when a full table explains it: a rule may
+                // have dropped it all the same.
+                self.note_path_drop(ev, ends);
+                self.netfilter_drop(ev, facts)
             }
             EventKind::ConntrackInvalid => self.invalid_marked(ev, facts),
             EventKind::ConnectError if errno == Some(Errno::EADDRNOTAVAIL) => {
@@ -570,8 +576,15 @@ impl Diagnoser {
                 .iter()
                 .rev()
                 .filter(|o| within(o.at, ev.time, window))
-                .max_by_key(|o| o.ports.contains(&ev.dst.port))
-                .map(|o| (o.ports.contains(&ev.dst.port), o.verdict.clone()));
+                .max_by_key(|o| o.listeners.iter().any(|l| l.1 == ev.dst.port))
+                .map(|o| {
+                    let port = o.listeners.iter().any(|l| l.1 == ev.dst.port);
+                    let exact = o
+                        .listeners
+                        .iter()
+                        .any(|l| (l.0, l.1) == (ev.dst.ip, ev.dst.port));
+                    (port, exact, o.verdict.clone())
+                });
             match self.dropped_by_firewall(
                 ev,
                 ends,
@@ -581,7 +594,9 @@ impl Diagnoser {
             ) {
                 Some(c) => c,
                 None => match overflow {
-                    Some((true, v)) => listen_overflow_seen_by_client(ev, retrans, &v),
+                    Some((true, exact, v)) => {
+                        listen_overflow_seen_by_client(ev, retrans, &v, exact)
+                    }
                     o => {
                         // Only drops of its SYNs say where they died.
                         let drop = self

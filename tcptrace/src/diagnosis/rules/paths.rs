@@ -263,7 +263,16 @@ impl Diagnoser {
             return Some(rejected(ev, &drop, Refusal::Unseen, listener));
         }
         drop.rule = matching_rule(rules, &drop.dst);
-        let snat = rules.iter().find(|r| r.target() == Some(RuleTarget::Snat));
+        // kube-proxy's own MASQUERADE is on every node: a rule that maps
+        // to a port range of its own is the likelier one to run out.
+        let snats = || {
+            rules
+                .iter()
+                .filter(|r| r.target() == Some(RuleTarget::Snat))
+        };
+        let snat = snats()
+            .find(|r| r.snat_ports().is_some())
+            .or_else(|| snats().next());
         if drop.rule.is_none()
             && let Some(snat) = snat
         {
@@ -357,11 +366,7 @@ pub(super) fn matching_reject_rule(
 pub(super) fn is_icmp_error(e: Errno) -> bool {
     matches!(
         e,
-        Errno::ECONNREFUSED
-            | Errno::EHOSTUNREACH
-            | Errno::ENETUNREACH
-            | Errno::EACCES
-            | Errno::EPERM
+        Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH
     )
 }
 

@@ -58,10 +58,22 @@ impl Diagnoser {
         let of = |cause| VerdictKey::new(first.pod.as_ref(), first.netns, cause, &first.dst);
         let (key, count, resets) = match first.kind {
             EventKind::ResetReceived => {
+                // Where the first went; without its account (the bound was
+                // reached), the turned-away connect's verdict there is.
                 let went = first
                     .storm
                     .and_then(|f| self.storm_accounts.get(&f))
-                    .map(|(key, _)| key.clone());
+                    .map(|(key, _)| key.clone())
+                    .or_else(|| {
+                        [
+                            Cause::ConnectionRefused,
+                            Cause::FirewallReject,
+                            Cause::ServiceNoEndpoints,
+                        ]
+                        .into_iter()
+                        .map(of)
+                        .find(|k| self.aggs.contains_key(k))
+                    });
                 (went.unwrap_or_else(|| of(Cause::ConnectionRefused)), n, n)
             }
             EventKind::ConnectError => (of(Cause::PortExhaustion), n, 0),
@@ -78,7 +90,11 @@ impl Diagnoser {
                 // traced here): each reset is one more refused connect.
                 (key, if from_this_reset { n } else { 0 }, n)
             }
-            _ => return true,
+            // The kernel counts no other kind: nothing would take them.
+            _ => {
+                self.repeats_unattributed += n;
+                return true;
+            }
         };
         let live_interval = self.cfg.live_interval;
         let reemit = self.cfg.reemit_interval;
