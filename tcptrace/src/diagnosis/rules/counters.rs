@@ -158,7 +158,7 @@ impl Diagnoser {
 pub(super) struct Overflow {
     pub(super) at: SystemTime,
     pub(super) verdict: Verdict,
-    pub(super) listeners: Vec<(std::net::IpAddr, u16)>,
+    pub(super) listeners: Vec<(IpAddr, u16)>,
 }
 
 /// A stand-in event for a namespace's counters (attribution names it).
