@@ -46,8 +46,9 @@ pub enum Command {
     /// namespaces and check the verdicts on this kernel (needs root).
     Selftest {
         /// Scenarios to run (default: all): port_exhaustion,
-        /// connection_refused, syn_timeout, keepalive_race,
-        /// application_abort, netfilter_drop, idle_timeout,
+        /// connection_refused, service_no_endpoints, firewall_reject,
+        /// snat_port_exhaustion, pmtu_black_hole, syn_timeout,
+        /// keepalive_race, application_abort, netfilter_drop, idle_timeout,
         /// nodeport_collision, conntrack_invalid, tcp_stack_drop,
         /// listen_overflow, conntrack_table_full.
         #[arg(value_name = "SCENARIO")]

@@ -169,6 +169,10 @@ fn an_unknown_scenario_is_a_usage_error_that_lists_the_known_ones() {
         [
             "port_exhaustion",
             "connection_refused",
+            "service_no_endpoints",
+            "firewall_reject",
+            "snat_port_exhaustion",
+            "pmtu_black_hole",
             "syn_timeout",
             "keepalive_race",
             "application_abort",
