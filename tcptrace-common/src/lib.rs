@@ -42,6 +42,13 @@ pub struct CtAllocArgs {
     pub net: u64,
     pub orig: u64,
 }
+/// Socket filter returning the low 32 bits of jiffies when test-run, with
+/// CLOCK_MONOTONIC of the same moment in [`CLOCK_MAP`]: how userspace
+/// measures the kernel's tick rate. Loaded, never attached.
+pub const CLOCK_PROGRAM: &str = "tick_clock";
+/// Array of one u64: CLOCK_MONOTONIC (ns) at the clock program's last run.
+pub const CLOCK_MAP: &str = "CLOCK";
+
 /// Name of the read-only global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 

@@ -518,6 +518,7 @@ mod tests {
                 fold_full: 0,
             }],
             r#final: false,
+            tick: None,
         })
     }
 

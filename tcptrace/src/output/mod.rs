@@ -174,6 +174,7 @@ mod tests {
             sink_dropped: 0,
             hooks: vec![],
             r#final: true,
+            tick: None,
         })
     }
 

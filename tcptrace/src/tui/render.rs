@@ -583,6 +583,7 @@ mod tests {
             sink_dropped: 0,
             hooks: Vec::new(),
             r#final: false,
+            tick: None,
         })));
         let terminal = draw(&app);
         assert_snapshot!(terminal.backend());

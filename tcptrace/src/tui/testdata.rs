@@ -157,6 +157,7 @@ fn stats(ms: u64, seen: u64, lost: u64, last: bool) -> Stats {
             },
         ],
         r#final: last,
+        tick: None,
     }
 }
 
