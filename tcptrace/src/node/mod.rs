@@ -9,6 +9,7 @@ pub mod host;
 pub mod kube_proxy;
 pub mod netns;
 pub mod sysctl;
+pub mod topology;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
