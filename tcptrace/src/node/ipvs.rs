@@ -2,7 +2,7 @@
 //! (what `ipvsadm -L --timeout` reads and kube-proxy's `--ipvs-tcp-timeout`
 //! sets: `IPVS_CMD_GET_CONFIG`). No kernel has a sysctl for them.
 //! Constants from the kernel's include/uapi/linux/ip_vs.h and genetlink.h.
-use std::path::Path;
+use std::{path::Path, sync::OnceLock};
 
 use anyhow::{Context as _, Result, bail};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
@@ -44,31 +44,8 @@ pub fn read_here() -> Result<Option<IpvsTimeouts>> {
     socket
         .connect(&SocketAddr::new(0, 0))
         .context("connecting a generic netlink socket")?;
-    let ctrl = request(
-        &socket,
-        GENL_ID_CTRL,
-        NLM_F_REQUEST,
-        CTRL_CMD_GETFAMILY,
-        &attr(CTRL_ATTR_FAMILY_NAME, IPVS_GENL_NAME),
-    )?;
-    let family = match ctrl {
-        Reply::Messages(m) => m
-            .first()
-            .and_then(|attrs| find(attrs, CTRL_ATTR_FAMILY_ID))
-            .and_then(|v| Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?)))
-            .context("the generic netlink controller named no IPVS family id")?,
-        Reply::Error(libc::ENOENT) => return Ok(None),
-        Reply::Error(e) => bail!(
-            "resolving the IPVS netlink family: {}",
-            std::io::Error::from_raw_os_error(e)
-        ),
-    };
-    let config = match request(&socket, family, NLM_F_REQUEST, IPVS_CMD_GET_CONFIG, &[])? {
-        Reply::Messages(m) => m.into_iter().next().unwrap_or_default(),
-        Reply::Error(e) => bail!(
-            "IPVS_CMD_GET_CONFIG: {}",
-            std::io::Error::from_raw_os_error(e)
-        ),
+    let Some(family) = family(&socket)? else {
+        return Ok(None);
     };
     let services = match request(
         &socket,
@@ -83,6 +60,13 @@ pub fn read_here() -> Result<Option<IpvsTimeouts>> {
             std::io::Error::from_raw_os_error(e)
         ),
     };
+    let config = match request(&socket, family, NLM_F_REQUEST, IPVS_CMD_GET_CONFIG, &[])? {
+        Reply::Messages(m) => m.into_iter().next().unwrap_or_default(),
+        Reply::Error(e) => bail!(
+            "IPVS_CMD_GET_CONFIG: {}",
+            std::io::Error::from_raw_os_error(e)
+        ),
+    };
     let u32_of = |kind| {
         find(&config, kind)
             .and_then(|v| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))
@@ -94,6 +78,36 @@ pub fn read_here() -> Result<Option<IpvsTimeouts>> {
         udp_s: u32_of(IPVS_CMD_ATTR_TIMEOUT_UDP),
         services,
     }))
+}
+
+/// IPVS's generic netlink family id (global, not per namespace: resolved
+/// once per process; reloading ip_vs under a running tcptrace leaves its
+/// timeouts unread), or None while IPVS is not loaded.
+fn family(socket: &Socket) -> Result<Option<u16>> {
+    static FAMILY: OnceLock<u16> = OnceLock::new();
+    if let Some(id) = FAMILY.get() {
+        return Ok(Some(*id));
+    }
+    let reply = request(
+        socket,
+        GENL_ID_CTRL,
+        NLM_F_REQUEST,
+        CTRL_CMD_GETFAMILY,
+        &attr(CTRL_ATTR_FAMILY_NAME, IPVS_GENL_NAME),
+    )?;
+    let id = match reply {
+        Reply::Messages(m) => m
+            .first()
+            .and_then(|attrs| find(attrs, CTRL_ATTR_FAMILY_ID))
+            .and_then(|v| Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?)))
+            .context("the generic netlink controller named no IPVS family id")?,
+        Reply::Error(libc::ENOENT) => return Ok(None),
+        Reply::Error(e) => bail!(
+            "resolving the IPVS netlink family: {}",
+            std::io::Error::from_raw_os_error(e)
+        ),
+    };
+    Ok(Some(*FAMILY.get_or_init(|| id)))
 }
 
 /// A netlink attribute: length, type, value padded to 4 bytes.
