@@ -33,7 +33,7 @@ pub const WATCHED_MAP: &str = "WATCHED";
 pub const WATCH_LAST_MAP: &str = "WATCH_LAST";
 
 /// Every map of the BPF object, by name.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     EVENTS_MAP,
     COUNTERS_MAP,
     OWNERS_MAP,
@@ -47,6 +47,7 @@ pub const MAPS: [&str; 13] = [
     WATCH_LAST_MAP,
     STORMS_MAP,
     STORM_GEN_MAP,
+    CLOCK_MAP,
 ];
 
 /// Bits of the [`DIRECT_MAP`] value.
@@ -63,6 +64,13 @@ pub struct CtAllocArgs {
     pub net: u64,
     pub orig: u64,
 }
+/// Socket filter returning the low 32 bits of jiffies when test-run, with
+/// CLOCK_MONOTONIC of the same moment in [`CLOCK_MAP`]: how userspace
+/// measures the kernel's tick rate. Loaded, never attached.
+pub const CLOCK_PROGRAM: &str = "tick_clock";
+/// Array of one u64: CLOCK_MONOTONIC (ns) at the clock program's last run.
+pub const CLOCK_MAP: &str = "CLOCK";
+
 /// Name of the read-only global holding [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 

@@ -181,3 +181,7 @@ pub fn count(hook: u32, slot: u32) {
         unsafe { *counter += 1 };
     }
 }
+
+/// CLOCK_MONOTONIC (ns) at the last run of the clock program.
+#[map(name = "CLOCK")]
+pub static CLOCK: Array<u64> = Array::with_max_entries(1, 0);

@@ -126,7 +126,7 @@ fn kube_proxy_rules() -> String {
 /// ("UNKNOWN(n)") where the kernel has no BTF, which costs the same.
 fn names() -> KernelNames {
     KernelBtf::load(Path::new(BTF_PATH))
-        .map(|btf| KernelNames::from_btf(&btf))
+        .map(|btf| KernelNames::from_btf(&btf, tcptrace::bpf::clock::DEFAULT_HZ))
         .unwrap_or_default()
 }
 

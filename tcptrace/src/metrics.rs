@@ -546,6 +546,7 @@ mod tests {
                 evicted_resets: 0,
             },
             r#final: false,
+            tick: None,
         })
     }
 

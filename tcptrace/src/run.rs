@@ -90,10 +90,17 @@ fn probes(args: &TraceArgs, format: TableFormat) -> Result<()> {
     let tracer = Tracer::load(&options(args))?;
     match format {
         TableFormat::Json => {
-            let text = serde_json::to_string_pretty(&tracer.probes)?;
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "hooks": tracer.probes,
+                "tick": tracer.tick,
+            }))?;
             crate::output::print(&format!("{text}\n"))
         }
-        TableFormat::Table => crate::output::print(&probe_table(&tracer.probes)),
+        TableFormat::Table => crate::output::print(&format!(
+            "{}\ntick rate: {}\n",
+            probe_table(&tracer.probes),
+            tracer.tick.describe()
+        )),
     }
 }
 
@@ -482,5 +489,6 @@ fn stats(
         hooks,
         unaccounted,
         r#final: last,
+        tick: Some(tracer.tick.clone()),
     }))
 }

@@ -4,15 +4,24 @@ use std::collections::BTreeSet;
 
 use aya_obj::{Object, ProgramSection};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
-use tcptrace_common::{CONFIG_GLOBAL, MAPS, hook};
+use tcptrace_common::{CLOCK_PROGRAM, CONFIG_GLOBAL, MAPS, hook};
 
 #[test]
 fn bpf_object_has_every_program_and_map() {
     let obj = Object::parse(tcptrace::bpf::BPF_OBJECT).expect("BPF object parses");
 
     let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
-    let expected: BTreeSet<&str> = hook::PROGRAMS.iter().map(|(name, _, _)| *name).collect();
+    let expected: BTreeSet<&str> = hook::PROGRAMS
+        .iter()
+        .map(|(name, _, _)| *name)
+        .chain([CLOCK_PROGRAM])
+        .collect();
     assert_eq!(programs, expected);
+    // Test-run at load to measure HZ, never attached.
+    assert!(matches!(
+        obj.programs[CLOCK_PROGRAM].section,
+        ProgramSection::SocketFilter
+    ));
     for (name, kind, _) in hook::PROGRAMS {
         let section = &obj.programs[name].section;
         let expected = match kind {

@@ -131,3 +131,106 @@ fn without_the_right_to_mount_only_the_syscall_hooks_are_missing() {
     assert_syn_retransmit(&records, &ns);
     assert_eq!(host_mounts(), host_before, "the host's mounts changed");
 }
+
+/// HZ as the kernel states it: CONFIG_HZ from its configuration file when
+/// there is one, else jiffies against "now" in /proc/timer_list, 1 s apart.
+fn kernel_hz() -> u32 {
+    let config = Command::new("sh")
+        .args([
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r) 2>/dev/null",
+        ])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&config.stdout);
+    if let Some(hz) = config.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")) {
+        return hz.trim().parse().unwrap();
+    }
+    let read = || {
+        let text = fs::read_to_string("/proc/timer_list").expect("/proc/timer_list");
+        let field = |prefix: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {prefix:?} in /proc/timer_list"))
+        };
+        (field("jiffies: "), field("now at "))
+    };
+    let (j0, t0) = read();
+    thread::sleep(Duration::from_secs(1));
+    let (j1, t1) = read();
+    let hz = (j1 - j0) / ((t1 - t0) / 1e9);
+    let known = [
+        24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200,
+    ];
+    *known
+        .iter()
+        .min_by(|a, b| {
+            (f64::from(**a) - hz)
+                .abs()
+                .total_cmp(&(f64::from(**b) - hz).abs())
+        })
+        .unwrap()
+}
+
+/// Runs `command` after `tcptrace` in a private mount namespace where the
+/// kernel configuration file is hidden (/boot emptied, /proc/config.gz
+/// made empty); returns (exit code, stdout, stderr).
+fn without_kernel_config(command: &str) -> (i32, String, String) {
+    let script = format!(
+        "set -e; \
+         if [ -d /boot ]; then mount -t tmpfs tmpfs /boot; fi; \
+         if [ -e /proc/config.gz ]; then mount -o bind /dev/null /proc/config.gz; fi; \
+         ! zcat /proc/config.gz 2>/dev/null | grep -q CONFIG_HZ; \
+         ! cat /boot/config-* 2>/dev/null | grep -q CONFIG_HZ; \
+         exec timeout 60 {} {command}",
+        tcptrace_bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_tick_rate_is_measured_without_the_kernel_config() {
+    let host_before = host_mounts();
+    let hz = kernel_hz();
+    let measured = json!({"hz": hz, "source": {"kind": "measured"}});
+
+    let (code, stdout, stderr) = without_kernel_config("probes --format json");
+    assert_eq!(code, 0, "{stderr}");
+    let probes: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(probes["tick"], measured, "{stderr}");
+    assert!(!stderr.contains("tick rate"), "{stderr}");
+
+    let (code, stdout, stderr) = without_kernel_config("probes");
+    assert_eq!(code, 0, "{stderr}");
+    let line =
+        format!("tick rate: {hz} Hz (measured: the kernel's jiffies against CLOCK_MONOTONIC)");
+    assert!(
+        stdout.lines().any(|l| l == line),
+        "{line}\nnot in:\n{stdout}"
+    );
+
+    // Every stats record says where the rate came from.
+    let (code, stdout, stderr) =
+        without_kernel_config("--format json --duration 1 --stats-interval 0.5");
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    let stats: Vec<Value> = records(&lines)
+        .into_iter()
+        .filter(|r| r["type"] == "stats")
+        .collect();
+    assert!(!stats.is_empty(), "no stats record in:\n{stdout}");
+    for s in &stats {
+        assert_eq!(s["tick"], measured, "{s}");
+    }
+    assert_eq!(host_mounts(), host_before, "the host's mounts changed");
+}

@@ -254,3 +254,172 @@ fn invalid_segment_is_named_by_the_direct_hook() {
     assert_eq!(marks("control_be_liberal"), Vec::<Event>::new());
     assert_eq!(marks("control_below_window"), Vec::<Event>::new());
 }
+
+/// A pod namespace wired to `node` by a veth, as a CNI does:
+/// `10.244.<index>.2/24` behind the node's `10.244.<index>.1`.
+fn pod(node: &Netns, name: &str, index: u8) -> Netns {
+    let pod = Netns::new(name).unwrap();
+    let host_if = format!("vipvs{index}");
+    node.exec(&[
+        "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ])
+    .unwrap();
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("10.244.{index}.1/24"),
+        "dev",
+        &host_if,
+    ])
+    .unwrap();
+    node.exec(&["ip", "link", "set", &host_if, "up"]).unwrap();
+    pod.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("10.244.{index}.2/24"),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
+    pod.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
+    pod.exec(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("10.244.{index}.1"),
+    ])
+    .unwrap();
+    pod
+}
+
+/// IPVS's timeouts are read over its generic netlink family, per
+/// namespace: a node laid out as kube-proxy's IPVS proxier lays it out
+/// (the ClusterIP on the kube-ipvs0 dummy, a virtual service with the pod
+/// as its real server in masquerading mode, `net.ipv4.vs.conntrack=1`, the
+/// timeouts set over netlink as `--ipvs-tcp-timeout` does) forgets an idle
+/// connection after its 2 s TCP timeout: seed 003, diagnosed by the tcptrace
+/// binary with the timeout read from the kernel, the pod's node found from
+/// its veth; a client with a 1 s keepalive on the same path is not flagged.
+#[test]
+#[ignore = "needs IPVS (ip_vs) and ipvsadm: run by `cargo xtask vm-test` in a VM"]
+fn ipvs_forgets_an_idle_connection_after_its_netlink_timeout() {
+    use std::io::{Read as _, Write as _};
+
+    use nix::sys::signal::Signal;
+    use serde_json::Value;
+    use tcptrace::node::ipvs;
+    use tcptrace_tests::{records, start_tcptrace};
+
+    in_vm();
+    let node = Netns::new("ipvs-node").unwrap();
+    let other = Netns::new("ipvs-other").unwrap();
+    node.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    node.sysctl("net.ipv4.vs.conntrack", "1").unwrap();
+    node.exec(&["ip", "link", "add", "kube-ipvs0", "type", "dummy"])
+        .unwrap();
+    node.exec(&["ip", "addr", "add", "10.96.0.90/32", "dev", "kube-ipvs0"])
+        .unwrap();
+    let client = pod(&node, "ipvs-client", 1);
+    let server = pod(&node, "ipvs-server", 2);
+    node.exec(&["ipvsadm", "-A", "-t", "10.96.0.90:80", "-s", "rr"])
+        .unwrap();
+    node.exec(&[
+        "ipvsadm",
+        "-a",
+        "-t",
+        "10.96.0.90:80",
+        "-r",
+        "10.244.2.2:8080",
+        "-m",
+    ])
+    .unwrap();
+    node.exec(&["ipvsadm", "--set", "2", "120", "300"]).unwrap();
+
+    // What `ipvsadm -L --timeout` prints, read over netlink per namespace.
+    let timeouts = ipvs::read(&node.path()).unwrap().expect("IPVS is loaded");
+    assert_eq!(
+        (
+            timeouts.tcp_s,
+            timeouts.tcp_fin_s,
+            timeouts.udp_s,
+            timeouts.services
+        ),
+        (2, 120, 300, 1)
+    );
+    let shown = node.exec(&["ipvsadm", "-L", "--timeout"]).unwrap();
+    assert!(shown.contains("tcp tcpfin udp): 2 120 300"), "{shown}");
+    // Another namespace keeps IPVS's defaults and has no virtual service.
+    let defaults = ipvs::read(&other.path()).unwrap().expect("IPVS is loaded");
+    assert_eq!((defaults.tcp_s, defaults.services), (900, 0));
+
+    let listener = server
+        .run("tt-ipvs-server", || TcpListener::bind("10.244.2.2:8080"))
+        .unwrap()
+        .unwrap();
+    let connect = |keepalive: bool| {
+        let c = client
+            .run("tt-ipvs-client", move || -> std::io::Result<TcpStream> {
+                let s = TcpStream::connect_timeout(
+                    &"10.96.0.90:80".parse().unwrap(),
+                    Duration::from_secs(2),
+                )?;
+                if keepalive {
+                    use nix::sys::socket::{setsockopt, sockopt};
+                    use std::os::fd::AsFd as _;
+                    setsockopt(&s.as_fd(), sockopt::KeepAlive, &true)?;
+                    setsockopt(&s.as_fd(), sockopt::TcpKeepIdle, &1)?;
+                    setsockopt(&s.as_fd(), sockopt::TcpKeepInterval, &1)?;
+                }
+                Ok(s)
+            })
+            .unwrap()
+            .expect("connecting to the ClusterIP through IPVS");
+        let (s, _) = listener.accept().unwrap();
+        (&c).write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        (&s).read_exact(&mut buf).unwrap();
+        (c, s)
+    };
+    let tracer = start_tcptrace(&["--format", "json", "--facts-interval", "1"]);
+    let (idle_c, _idle_s) = connect(false);
+    let (ka_c, ka_s) = connect(true);
+    std::thread::sleep(Duration::from_millis(3500));
+    let _ = (&idle_c).write_all(b"again");
+    (&ka_c).write_all(b"again").unwrap();
+    let mut buf = [0u8; 5];
+    ka_s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    (&ka_s)
+        .read_exact(&mut buf)
+        .expect("the keepalive connection survives IPVS");
+    std::thread::sleep(Duration::from_secs(2));
+    tracer.signal(Signal::SIGINT);
+    let (code, lines) = tracer.finish();
+    assert_eq!(code, 0);
+
+    let netns = u64::from(client.inode());
+    let verdicts: Vec<Value> = records(&lines)
+        .into_iter()
+        .filter(|r| r["type"] == "verdict" && r["netns"] == netns)
+        .collect();
+    let port = |s: &TcpStream| s.local_addr().unwrap().port();
+    let idle: Vec<&Value> = verdicts
+        .iter()
+        .filter(|v| v["cause"] == "idle_timeout")
+        .collect();
+    assert!(!idle.is_empty(), "no idle_timeout verdict: {verdicts:#?}");
+    for v in &idle {
+        assert_eq!(v["src"]["port"], port(&idle_c), "{v:#}");
+        assert_eq!(v["evidence"]["timeout_s"], 2, "{v:#}");
+        assert_eq!(v["evidence"]["timeout_source"], "ipvs", "{v:#}");
+    }
+    assert!(
+        !verdicts
+            .iter()
+            .any(|v| v["src"]["port"] == port(&ka_c) && v["severity"] != "benign"),
+        "the keepalive client is not flagged: {verdicts:#?}"
+    );
+}

@@ -120,6 +120,9 @@ fn start(opts: &Options, image: &str) -> Result<()> {
             "SYS_RESOURCE",
             "--security-opt",
             "seccomp=unconfined",
+            // kind's nodes have their own cgroup namespace
+            // (providers/docker/provision.go).
+            "--cgroupns=private",
             "--network",
             &net,
             "--ip",

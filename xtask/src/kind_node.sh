@@ -1,9 +1,17 @@
 #!/bin/bash
 # kind-node: the node side of `cargo xtask kind-cluster`, run inside a node
 # container (whose network namespace is the node's). Pods are network
-# namespaces with a veth to the node, a kubelet-style cgroup under the
-# node's cgroup, a /var/log/pods entry and a pause process; Services are
+# namespaces with a veth to the node, a kubelet cgroup as kind's kubelet
+# makes it, a /var/log/pods entry and a pause process; Services are
 # kube-proxy's iptables rules (and the lab's IPVS emulation) in the node.
+#
+# Cgroups as in a kind node (kubernetes-sigs/kind): the container has its
+# own cgroup namespace (`--cgroupns=private`), systemd (PID 1) moves itself
+# to /init.scope, the kubelet runs in kubelet.slice (images/base kubelet.service
+# `Slice=kubelet.slice`) with `cgroupDriver: systemd` and `cgroupRoot:
+# /kubelet` (pkg/cluster/internal/kubeadm/config.go), so pods are
+# /kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-<qos>.slice/
+# kubelet-kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope.
 #
 #   kind-node init INDEX            PID 1: mounts, then waits
 #   kind-node pod NAME [NAMESPACE]  a pod; prints its address
@@ -24,9 +32,9 @@ cgroup_root() {
 	fi
 }
 
-# This node's cgroup (PID 1's unified path).
+# This node's cgroup: above PID 1's /init.scope ("" in its own namespace).
 node_cgroup() {
-	sed -n 's/^0:://p' /proc/1/cgroup | sed 's#^/$##'
+	sed -n 's/^0:://p' /proc/1/cgroup | sed -e 's#/init\.scope$##' -e 's#^/$##'
 }
 
 reload_rules() {
@@ -84,6 +92,13 @@ init)
 		mkdir -p /sys/fs/cgroup/unified
 		mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
 	fi
+	# As systemd does: PID 1 in /init.scope, the kubelet in kubelet.slice
+	# (a stand-in process keeps its cgroup, as the kubelet would).
+	root="$(cgroup_root)$(node_cgroup)"
+	mkdir -p "$root/init.scope" "$root/kubelet.slice/kubelet.service"
+	echo 1 >"$root/init.scope/cgroup.procs"
+	setsid sh -c 'echo $$ >"$0/cgroup.procs" && exec sleep 86400' \
+		"$root/kubelet.slice/kubelet.service" </dev/null >/dev/null 2>&1 &
 	mkdir -p "$STATE" /run/netns /var/log/pods /var/log/containers
 	echo "$1" >"$STATE/index"
 	echo 0 >"$STATE/pods"
@@ -109,7 +124,8 @@ pod)
 	ip -n "$name" route add default via "10.244.$net.1"
 	uid=$(cat /proc/sys/kernel/random/uuid)
 	cid=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
-	dir="$(cgroup_root)$(node_cgroup)/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod${uid//-/_}.slice/cri-containerd-$cid.scope"
+	pods="$(cgroup_root)$(node_cgroup)/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice"
+	dir="$pods/kubelet-kubepods-besteffort-pod${uid//-/_}.slice/cri-containerd-$cid.scope"
 	mkdir -p "$dir"
 	logs="/var/log/pods/${namespace}_${name}_${uid}/app"
 	mkdir -p "$logs"

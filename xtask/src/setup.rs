@@ -31,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iproute2",
     "conntrack",
+    "ipvsadm",
+    "ipset",
     "util-linux",
     "tmux",
     "python3",

@@ -1,4 +1,5 @@
 mod bind;
+mod clock;
 mod direct;
 mod skb;
 mod sock;

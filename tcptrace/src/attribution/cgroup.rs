@@ -6,6 +6,13 @@
 //! - systemd: `.../kubepods-burstable-pod<uid, _ for ->.slice/cri-containerd-<id>.scope`
 //!   (`crio-<id>.scope`, `docker-<id>.scope`)
 //! - cgroupfs: `.../kubepods/burstable/pod<uid>/<id>` (`crio-<id>` for CRI-O)
+//!
+//! The subtree's root comes from the kubelet's `cgroupRoot` plus
+//! `kubepods`: with the systemd driver the joined name is expanded into
+//! its parent slices (kubelet's `CgroupName.ToSystemd`), so kind's
+//! `cgroupRoot: /kubelet` gives `/kubelet.slice/kubelet-kubepods.slice/
+//! kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod<uid_>.slice`;
+//! with cgroupfs, `/kubelet/kubepods/...` (kind before Kubernetes 1.24).
 
 /// The pod (and container, for a container cgroup) a cgroup belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,13 +25,9 @@ pub struct CgroupOwner {
 
 /// The pod and container named by a cgroup path, if it is a kubelet one.
 pub fn parse_cgroup_path(path: &str) -> Option<CgroupOwner> {
-    let mut parts = path.split('/').filter(|p| !p.is_empty());
-    let mut under_kubepods = false;
+    let (_, root) = kubepods_root(path)?;
+    let mut parts = path[root..].split('/').filter(|p| !p.is_empty());
     while let Some(part) = parts.next() {
-        under_kubepods |= part.contains("kubepods");
-        if !under_kubepods {
-            continue;
-        }
         if let Some(pod_uid) = pod_uid(part) {
             let container_id = parts.next().and_then(container_id);
             return Some(CgroupOwner {
@@ -34,6 +37,48 @@ pub fn parse_cgroup_path(path: &str) -> Option<CgroupOwner> {
         }
     }
     None
+}
+
+/// Where the kubelet's pod subtree hangs in `path`: (the end of the cgroup
+/// it hangs from, i.e. the node's cgroup, the start of the `kubepods`
+/// component), as byte offsets. The node's cgroup excludes the cgroup root
+/// the kubelet was given (`/kubelet.slice`, or kind's `/kubelet` with
+/// cgroupfs).
+pub fn kubepods_root(path: &str) -> Option<(usize, usize)> {
+    // (start of the component, the component)
+    let mut parts: Vec<(usize, &str)> = Vec::new();
+    let mut at = 0;
+    for part in path.split('/') {
+        parts.push((at, part));
+        at += part.len() + 1;
+    }
+    let k = parts.iter().position(|(_, p)| {
+        *p == "kubepods" || *p == "kubepods.slice" || p.ends_with("-kubepods.slice")
+    })?;
+    let (root, part) = parts[k];
+    let mut first = k;
+    if let Some(stem) = part.strip_suffix("-kubepods.slice") {
+        // systemd: `a-b-kubepods.slice` sits in `/a.slice/a-b.slice`.
+        let chain: Vec<String> = stem
+            .match_indices('-')
+            .map(|(i, _)| &stem[..i])
+            .chain([stem])
+            .map(|s| format!("{s}.slice"))
+            .collect();
+        let above = &parts[..k];
+        if above.len() >= chain.len()
+            && above[above.len() - chain.len()..]
+                .iter()
+                .zip(&chain)
+                .all(|((_, p), c)| p == c)
+        {
+            first = k - chain.len();
+        }
+    } else if part == "kubepods" && k > 0 && parts[k - 1].1 == "kubelet" {
+        first = k - 1;
+    }
+    // The node's cgroup ends before the '/' that starts its first component.
+    Some((parts[first].0.saturating_sub(1), root))
 }
 
 /// `kubepods-besteffort-pod<uid_>.slice` (systemd) or `pod<uid>` (cgroupfs).
@@ -169,6 +214,40 @@ mod tests {
     }
 
     #[test]
+    fn the_node_cgroup_is_above_the_kubelet_cgroup_root() {
+        let uid_ = UID.replace('-', "_");
+        fn node(path: &str) -> Option<&str> {
+            kubepods_root(path).map(|(end, _)| &path[..end])
+        }
+        fn root(path: &str) -> Option<&str> {
+            kubepods_root(path).map(|(_, at)| &path[at..])
+        }
+        // kind: systemd driver, cgroupRoot /kubelet, in the node container.
+        let kind = format!(
+            "/system.slice/docker-ab.scope/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{uid_}.slice/cri-containerd-{CID}.scope"
+        );
+        assert_eq!(node(&kind), Some("/system.slice/docker-ab.scope"));
+        assert!(root(&kind).unwrap().starts_with("kubelet-kubepods.slice/"));
+        // Seen from the node's own cgroup namespace.
+        assert_eq!(node("/kubelet.slice/kubelet-kubepods.slice"), Some(""));
+        // A cgroupRoot of two components, /a/b-c: `b-c` escaped to `b_c`.
+        assert_eq!(
+            node("/n/a.slice/a-b_c.slice/a-b_c-kubepods.slice/a-b_c-kubepods-pod1.slice"),
+            Some("/n")
+        );
+        // The kubelet defaults and kind's cgroupfs layout.
+        assert_eq!(node("/kubepods.slice/kubepods-pod1.slice"), Some(""));
+        assert_eq!(
+            node("/docker/ab/kubepods/besteffort/pod1"),
+            Some("/docker/ab")
+        );
+        assert_eq!(node("/docker/ab/kubelet/kubepods/pod1"), Some("/docker/ab"));
+        // Not a kubelet subtree: no kubepods component of the kubelet's.
+        assert_eq!(node("/kubelet.slice/kubelet.service"), None);
+        assert_eq!(node("/my-kubepods-test/pod12345678"), None);
+    }
+
+    #[test]
     fn not_kubelet_cgroups() {
         for path in [
             "/",
@@ -179,6 +258,7 @@ mod tests {
             "/kubelet.slice/kubelet.service",
             "/kubepods.slice/kubepods-burstable.slice",
             "/podman/pod-not-a-kubelet",
+            "/my-kubepods-test/pod5f3c1a2b-7d4e-4c8f-9a6b-0e1d2c3b4a59",
         ] {
             assert_eq!(parse_cgroup_path(path), None, "{path}");
         }

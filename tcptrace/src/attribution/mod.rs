@@ -470,7 +470,28 @@ impl Attributor {
                 )
             })
             .collect();
-        self.node_of = node_of;
+        self.node_of = self.routing_nodes(node_of);
+    }
+
+    /// Each namespace's node from the kernel's topology (the namespace
+    /// holding the peer of its default route's veth), the cgroup parent
+    /// (`by_cgroup`) filling in where the topology says nothing; where the
+    /// two disagree the topology, which carries the traffic, wins.
+    fn routing_nodes(&mut self, by_cgroup: HashMap<u32, u32>) -> HashMap<u32, u32> {
+        let namespaces = node::netns::discover(&self.cfg.host_root);
+        let mut node_of = node::topology::routers(&namespaces);
+        for (pod, node) in by_cgroup {
+            match node_of.get(&pod) {
+                Some(router) if *router != node => self.warn(format!(
+                    "network namespace {pod} is routed by namespace {router}, but its cgroup hangs under the node of namespace {node}: using the router"
+                )),
+                Some(_) => {}
+                None => {
+                    node_of.insert(pod, node);
+                }
+            }
+        }
+        node_of
     }
 
     /// Reads the host tables and merges them into the caches.

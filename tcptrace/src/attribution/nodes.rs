@@ -1,7 +1,9 @@
 //! Nodes on one kernel. A kind cluster runs every node as a container of
 //! one host: each node's pods have kubelet cgroups under the node's own
 //! cgroup, and its network namespace routes them. A node is found where
-//! pod cgroups hang (the path before their first `kubepods` component);
+//! pod cgroups hang (the path above the kubelet's cgroup root: kind's
+//! kubelet has `cgroupRoot: /kubelet` and the systemd driver, so its pods
+//! are under `<node>/kubelet.slice/kubelet-kubepods.slice`);
 //! the processes in that cgroup subtree that are not pods are the node's
 //! own: their network namespace is the node's, and through one of them
 //! the node's files (`/var/log/pods`, `/etc/hostname`) are read.
@@ -27,10 +29,11 @@ pub struct Proc<'a> {
     pub cgroup: &'a str,
 }
 
-/// The cgroup a pod cgroup path hangs from, if it is one.
+/// The cgroup a pod cgroup path hangs from, if it is one: the path above
+/// the kubelet's cgroup root (kind: `<node>/kubelet.slice/kubelet-kubepods.slice/...`).
 pub fn pod_parent(path: &str) -> Option<&str> {
-    let i = path.find("/kubepods")?;
-    Some(&path[..i])
+    let (end, _) = super::cgroup::kubepods_root(path)?;
+    Some(&path[..end])
 }
 
 /// The nodes of these processes by cgroup, and each pod namespace's node
@@ -85,11 +88,14 @@ mod tests {
     use super::*;
 
     const POD: &str = "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice/cri-containerd-ab.scope";
+    /// A pod as kind's kubelet places it (systemd driver, cgroupRoot /kubelet).
+    const KIND_POD: &str = "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod1_2.slice/cri-containerd-ab.scope";
 
     #[test]
     fn kind_nodes_are_found_by_their_pods_cgroups() {
-        let a = format!("/docker/aaa{POD}");
-        let b = format!("/docker/bbb{POD}");
+        let a = format!("/docker/aaa{KIND_POD}");
+        let b = format!("/system.slice/docker-bbb.scope{KIND_POD}");
+        let c = format!("/docker/ccc{POD}");
         let procs = [
             // The host and its own processes.
             Proc {
@@ -102,11 +108,17 @@ mod tests {
                 netns: 100,
                 cgroup: "/system.slice/docker.service",
             },
-            // Node a: its init, a docker exec, a pod.
+            // Node a (cgroupfs docker): systemd, the kubelet, a docker
+            // exec, a pod.
             Proc {
                 pid: 200,
                 netns: 201,
-                cgroup: "/docker/aaa",
+                cgroup: "/docker/aaa/init.scope",
+            },
+            Proc {
+                pid: 205,
+                netns: 201,
+                cgroup: "/docker/aaa/kubelet.slice/kubelet.service",
             },
             Proc {
                 pid: 210,
@@ -118,20 +130,31 @@ mod tests {
                 netns: 202,
                 cgroup: &a,
             },
-            // Node b, with systemd inside.
+            // Node b (systemd docker).
             Proc {
                 pid: 300,
                 netns: 301,
-                cgroup: "/docker/bbb/init.scope",
+                cgroup: "/system.slice/docker-bbb.scope/init.scope",
             },
             Proc {
                 pid: 320,
                 netns: 302,
                 cgroup: &b,
             },
+            // Node c: a kubelet with its default cgroup root.
+            Proc {
+                pid: 400,
+                netns: 401,
+                cgroup: "/docker/ccc",
+            },
+            Proc {
+                pid: 420,
+                netns: 402,
+                cgroup: &c,
+            },
         ];
         let (nodes, node_of) = find(&procs);
-        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        assert_eq!(nodes.len(), 3, "{nodes:?}");
         assert_eq!(
             nodes["/docker/aaa"],
             Node {
@@ -140,9 +163,11 @@ mod tests {
                 pid: 200
             }
         );
-        assert_eq!(nodes["/docker/bbb"].netns, 301);
+        assert_eq!(nodes["/system.slice/docker-bbb.scope"].netns, 301);
+        assert_eq!(nodes["/docker/ccc"].netns, 401);
         assert_eq!(node_of.get(&202), Some(&201));
         assert_eq!(node_of.get(&302), Some(&301));
+        assert_eq!(node_of.get(&402), Some(&401));
         assert_eq!(node_of.get(&100), None, "the host runs no pods here");
     }
 

@@ -2,9 +2,7 @@
 use std::{
     collections::HashMap,
     fs,
-    io::Read as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
     time::{Duration, SystemTime},
 };
 
@@ -33,17 +31,17 @@ pub struct KernelNames {
     pub states: TcpStateNames,
     pub drop_reasons: HashMap<u32, String>,
     pub reset_reasons: HashMap<u32, String>,
-    /// Kernel tick rate, to turn jiffies into milliseconds.
+    /// Kernel tick rate, to turn jiffies into milliseconds ([`super::clock`]).
     pub hz: u32,
 }
 
 impl KernelNames {
-    pub fn from_btf(btf: &KernelBtf) -> Self {
+    pub fn from_btf(btf: &KernelBtf, hz: u32) -> Self {
         Self {
             states: TcpStateNames::from_btf(btf),
             drop_reasons: enum_names(btf, "SKB_DROP_REASON_NOT_SPECIFIED", "SKB_DROP_REASON_"),
             reset_reasons: enum_names(btf, "SK_RST_REASON_NOT_SPECIFIED", "SK_RST_REASON_"),
-            hz: kernel_hz().unwrap_or(DEFAULT_HZ),
+            hz,
         }
     }
 
@@ -53,31 +51,6 @@ impl KernelNames {
             .find(|(_, n)| *n == name)
             .map(|(v, _)| *v)
     }
-}
-
-/// Used only when the kernel config cannot be read; the common distro value.
-pub const DEFAULT_HZ: u32 = 250;
-
-/// CONFIG_HZ from /proc/config.gz or /boot/config-<release>.
-pub fn kernel_hz() -> Option<u32> {
-    let mut text = String::new();
-    if let Ok(f) = fs::File::open("/proc/config.gz") {
-        flate2::read::GzDecoder::new(f)
-            .read_to_string(&mut text)
-            .ok()?;
-    } else {
-        let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-        text = fs::read_to_string(Path::new("/boot").join(format!("config-{}", release.trim())))
-            .ok()?;
-    }
-    parse_config_hz(&text)
-}
-
-fn parse_config_hz(config: &str) -> Option<u32> {
-    config
-        .lines()
-        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Kernel text symbols for drop locations.
@@ -398,7 +371,8 @@ mod tests {
     /// kept in the layout of the day.
     #[test]
     fn the_fuzz_seed_is_a_record_of_this_layout() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode-record");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/decode-record");
         let record = bytes(&raw());
         if std::env::var_os("UPDATE_SEEDS").is_some() {
             fs::write(&path, &record).expect("writing the seed");
@@ -645,15 +619,11 @@ mod tests {
     }
 
     #[test]
-    fn symbolizes_addresses_and_config_hz() {
+    fn symbolizes_addresses() {
         let s = Symbolizer::parse(
             "ffffffff81000000 T _stext\nffffffff81a00000 t nf_hook_slow\n0000000000000000 T hidden\n",
         );
         assert_eq!(s.name(0xffffffff81a0004c), "nf_hook_slow+0x4c");
         assert_eq!(s.name(0x10), "0x10");
-        assert_eq!(
-            parse_config_hz("# x\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n"),
-            Some(250)
-        );
     }
 }

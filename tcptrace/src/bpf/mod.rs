@@ -1,6 +1,7 @@
 //! The only module that talks to aya: loads the BPF object, attaches the
 //! hooks, drains the ring buffer and decodes records into model events;
 //! [`inspect`] lists what the kernel has loaded, for tests and benchmarks.
+pub mod clock;
 pub mod decode;
 pub mod inspect;
 pub mod offsets;
@@ -28,7 +29,9 @@ use self::{
     decode::{Decoder, KernelNames},
     offsets::{BTF_PATH, KernelBtf},
 };
-use crate::model::{Event, HookStats, ProbeState, ProbeStatus, StormId, StormRepeats, Tier};
+use crate::model::{
+    Event, HookStats, ProbeState, ProbeStatus, StormId, StormRepeats, TickRate, Tier,
+};
 
 /// The compiled BPF object (built by build.rs through aya-build).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcptrace"));
@@ -109,6 +112,8 @@ impl Default for TracerOptions {
 pub struct Tracer {
     ebpf: Ebpf,
     pub probes: Vec<ProbeStatus>,
+    /// The kernel's tick rate and its source.
+    pub tick: TickRate,
     decoder: Decoder,
     ring: Ring,
     /// The last drain stopped at its limit: records are waiting.
@@ -253,7 +258,8 @@ impl Tracer {
     pub fn load(opts: &TracerOptions) -> Result<Self> {
         require_privileges()?;
         let btf = KernelBtf::load(&opts.btf_path)?;
-        let names = KernelNames::from_btf(&btf);
+        // The tick rate is measured once the object is loaded.
+        let mut names = KernelNames::from_btf(&btf, 0);
         let mut cfg = kernel_config(&btf, &names, opts)?;
         // Parsed BTF is large, and the loader parses its own: one at a time.
         drop(btf);
@@ -308,6 +314,8 @@ impl Tracer {
                     anyhow!("loading the BPF object: {text}")
                 }
             })?;
+        let tick = clock::tick_rate(&mut ebpf);
+        names.hz = tick.hz;
         // Only the syscall tracepoints need tracefs (their ids); every other
         // hook is a raw tracepoint, fexit or kprobe.
         let tracefs = if opts.syscall_hooks {
@@ -381,6 +389,7 @@ impl Tracer {
         Ok(Self {
             ebpf,
             probes,
+            tick,
             decoder: Decoder::new(names, boot_wall_time()?),
             ring: Ring::Polled(ring),
             backlog: false,

@@ -127,7 +127,13 @@ impl NodeFacts {
                 source: "conntrack:netns",
             });
         }
-        if let Some(s) = self.ipvs_tcp_timeout_s {
+        // The node's own IPVS where it has virtual services, else the one
+        // read for the host's routing namespace.
+        let node_ipvs = node
+            .and_then(|n| self.netns.get(&n))
+            .and_then(|f| f.ipvs.as_ref())
+            .and_then(IpvsTimeouts::in_use_tcp_s);
+        if let Some(s) = node_ipvs.or(self.ipvs_tcp_timeout_s) {
             candidates.push(PathTimeout {
                 secs: s,
                 source: "ipvs",
@@ -169,6 +175,27 @@ pub struct NetnsFacts {
     /// Listeners with connections waiting in their accept queue when read,
     /// with their process.
     pub queued_listeners: Vec<QueuedListener>,
+    /// IPVS's timeouts in this namespace (None: IPVS not loaded), read over
+    /// its generic netlink family.
+    pub ipvs: Option<IpvsTimeouts>,
+}
+
+/// IPVS's connection timeouts in one namespace, in seconds (0: that
+/// protocol is not compiled in), and its virtual services.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IpvsTimeouts {
+    pub tcp_s: u32,
+    pub tcp_fin_s: u32,
+    pub udp_s: u32,
+    /// Virtual services: the timeouts apply only to traffic they schedule.
+    pub services: u32,
+}
+
+impl IpvsTimeouts {
+    /// The TCP established timeout, where IPVS schedules traffic.
+    pub fn in_use_tcp_s(&self) -> Option<u64> {
+        (self.services > 0 && self.tcp_s > 0).then_some(u64::from(self.tcp_s))
+    }
 }
 
 /// Connections a namespace's listeners could not take (its SYNs dropped
@@ -310,6 +337,7 @@ impl Default for NetnsFacts {
             drop_rules: None,
             listen: None,
             queued_listeners: Vec::new(),
+            ipvs: None,
         }
     }
 }
@@ -497,5 +525,35 @@ mod tests {
             Some((5, "conntrack:node"))
         );
         assert_eq!(NodeFacts::default().path_timeout(1), None);
+    }
+
+    #[test]
+    fn a_node_s_own_ipvs_counts_only_where_it_has_virtual_services() {
+        let ipvs = |services| NetnsFacts {
+            ipvs: Some(IpvsTimeouts {
+                tcp_s: 20,
+                tcp_fin_s: 120,
+                udp_s: 300,
+                services,
+            }),
+            ..NetnsFacts::default()
+        };
+        let mut f = NodeFacts {
+            node_netns: Some(1),
+            ..NodeFacts::default()
+        };
+        // Pod 3 is routed by node 2, whose IPVS schedules traffic.
+        f.node_of.insert(3, 2);
+        f.netns.insert(2, ipvs(2));
+        assert_eq!(
+            f.path_timeout(3),
+            Some(PathTimeout {
+                secs: 20,
+                source: "ipvs"
+            })
+        );
+        // IPVS loaded but no virtual service: its timeout is no path's.
+        f.netns.insert(2, ipvs(0));
+        assert_eq!(f.path_timeout(3), None);
     }
 }

@@ -15,7 +15,7 @@ mod text;
 mod verdict;
 
 pub use kernel::{Errno, PortRange, SockPtr, TcpFlags, TcpState};
-pub use probe::{ProbeState, ProbeStatus, Tier};
+pub use probe::{ProbeState, ProbeStatus, TickRate, TickSource, Tier};
 pub use reason::Reason;
 pub use text::rfc3339;
 pub use verdict::{Cause, Confidence, Owner, Severity, Verdict, VerdictKey};
@@ -404,6 +404,9 @@ pub struct Stats {
     /// True on the last stats record, written at exit.
     #[serde(default)]
     pub r#final: bool,
+    /// The kernel's tick rate and where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick: Option<TickRate>,
 }
 
 /// What the diagnosis's memory bounds cost, since tracing started:

@@ -76,13 +76,6 @@ fn is_invalid_drop_rule(line: &str) -> bool {
     iptables || nft
 }
 
-/// IPVS's TCP established timeout, when IPVS is loaded.
-pub fn ipvs_tcp_timeout(host_root: &Path) -> Option<u64> {
-    let text =
-        fs::read_to_string(host_root.join("proc/sys/net/ipv4/vs/timeout_established")).ok()?;
-    text.trim().parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,9 +6,11 @@
 //! get them as data.
 pub mod firewall;
 pub mod host;
+pub mod ipvs;
 pub mod kube_proxy;
 pub mod netns;
 pub mod sysctl;
+pub mod topology;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -87,7 +89,9 @@ pub fn collect(
             f.drop_rules = Some(firewall::read_drop_rules(&ns.path));
         }
     }
-    facts.ipvs_tcp_timeout_s = kube_proxy::ipvs_tcp_timeout(&cfg.host_root);
+    facts.ipvs_tcp_timeout_s = facts
+        .node_netns
+        .and_then(|n| facts.netns.get(&n)?.ipvs.as_ref()?.in_use_tcp_s());
     (facts, names)
 }
 

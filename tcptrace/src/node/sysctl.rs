@@ -19,11 +19,16 @@ use crate::model::facts::{
 pub fn collect_netns(path: &Path) -> Result<(u32, NetnsFacts)> {
     let ctx = || format!("reading sysctls of netns {}", path.display());
     let inode = super::netns::inode(path).with_context(ctx)?;
-    let facts = super::netns::enter(path, "tcptrace-netns", || {
-        read_netns_facts(Path::new("/proc"))
+    let (facts, ipvs) = super::netns::enter(path, "tcptrace-netns", || {
+        (
+            read_netns_facts(Path::new("/proc")),
+            super::ipvs::read_here(),
+        )
     })
-    .with_context(ctx)?
     .with_context(ctx)?;
+    let mut facts = facts.with_context(ctx)?;
+    // IPVS unreadable: its timeouts stay unknown, the rest stands.
+    facts.ipvs = ipvs.ok().flatten();
     Ok((inode, facts))
 }
 
@@ -80,6 +85,7 @@ fn read_netns_facts(proc_root: &Path) -> Result<NetnsFacts> {
             .ok()
             .and_then(|t| parse_listen_stats(&t)),
         queued_listeners: Vec::new(),
+        ipvs: None,
     })
 }
 
@@ -431,6 +437,7 @@ entries  searched found new invalid ignore delete delete_list insert insert_fail
                 drop_rules: None,
                 listen: None,
                 queued_listeners: Vec::new(),
+                ipvs: None,
             }
         );
     }

@@ -201,6 +201,7 @@ mod tests {
             hooks: vec![],
             unaccounted: crate::model::Unaccounted::default(),
             r#final: true,
+            tick: None,
         })
     }
 

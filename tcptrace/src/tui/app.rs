@@ -698,6 +698,7 @@ mod tests {
                 sink_dropped: 0,
                 hooks: Vec::new(),
                 unaccounted: crate::model::Unaccounted::default(),
+                tick: None,
                 r#final: false,
             }))
         };

@@ -859,6 +859,7 @@ mod tests {
             hooks: Vec::new(),
             unaccounted: crate::model::Unaccounted::default(),
             r#final: false,
+            tick: None,
         })));
         let terminal = draw(&app);
         assert_snapshot!(terminal.backend());

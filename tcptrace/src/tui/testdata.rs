@@ -160,6 +160,7 @@ fn stats(ms: u64, seen: u64, lost: u64, last: bool) -> Stats {
         ],
         unaccounted: crate::model::Unaccounted::default(),
         r#final: last,
+        tick: None,
     }
 }
 

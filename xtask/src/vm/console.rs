@@ -175,11 +175,13 @@ fn parse_test_line(suite: &mut Suite, line: &str) {
     }
 }
 
-/// `tcptrace probes --format json`: an array of objects with at least
-/// `hook`, `tier` and `status` (and `reason` when not attached).
+/// `tcptrace probes --format json`: `{"hooks": [...], "tick": {...}}`,
+/// each hook an object with at least `hook`, `tier` and `status` (and
+/// `reason` when not attached).
 fn parse_probes(json: &str) -> Vec<Probe> {
-    let start = json.find('[').unwrap_or(0);
-    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(&json[start..]) else {
+    let start = json.find('{').unwrap_or(0);
+    let parsed = serde_json::from_str::<Value>(&json[start..]).ok();
+    let Some(Value::Array(items)) = parsed.as_ref().map(|v| &v["hooks"]) else {
         return vec![Probe {
             hook: "(probes output)".into(),
             tier: "-".into(),
@@ -210,6 +212,15 @@ fn parse_probes(json: &str) -> Vec<Probe> {
                 },
             }
         })
+        // The tick rate as a row of its own: its value and its source.
+        .chain(parsed.as_ref().and_then(|v| {
+            let tick = &v["tick"];
+            tick["hz"].as_u64().map(|hz| Probe {
+                hook: "(tick rate)".into(),
+                tier: text(&tick["source"]["kind"]),
+                state: format!("{hz} Hz"),
+            })
+        }))
         .collect()
 }
 
@@ -238,11 +249,16 @@ mod tests {
 
     #[test]
     fn console_markers_are_parsed() {
-        let console = "noise\n@@vm release 6.1.0-56-cloud-amd64\n@@vm probes-begin\n[{\"hook\":\"h\",\"tier\":\"kprobe\",\"status\":\"unavailable\",\"reason\":\"no\"}]\n@@vm probes-end 0\n@@vm selftest-begin\n{\"scenario\":\"syn_timeout\",\"case\":\"dropped\",\"expected\":\"syn_timeout\",\"got\":\"syn_timeout\",\"result\":\"pass\",\"seconds\":1.8}\nnot json\n{\"scenario\":\"syn_timeout\",\"case\":\"control\",\"result\":\"FAIL\"}\n@@vm selftest-end 1\n@@vm suite-begin capture\ntest result: ok. 7 passed; 0 failed; 0 ignored\n@@vm suite-end capture 0\n@@vm done\n";
+        let console = "noise\n@@vm release 6.1.0-56-cloud-amd64\n@@vm probes-begin\n{\"hooks\":[{\"hook\":\"h\",\"tier\":\"kprobe\",\"status\":\"unavailable\",\"reason\":\"no\"}],\"tick\":{\"hz\":250,\"source\":{\"kind\":\"measured\"}}}\n@@vm probes-end 0\n@@vm selftest-begin\n{\"scenario\":\"syn_timeout\",\"case\":\"dropped\",\"expected\":\"syn_timeout\",\"got\":\"syn_timeout\",\"result\":\"pass\",\"seconds\":1.8}\nnot json\n{\"scenario\":\"syn_timeout\",\"case\":\"control\",\"result\":\"FAIL\"}\n@@vm selftest-end 1\n@@vm suite-begin capture\ntest result: ok. 7 passed; 0 failed; 0 ignored\n@@vm suite-end capture 0\n@@vm done\n";
         let r = parse_console(console);
         assert_eq!(r.release, "6.1.0-56-cloud-amd64");
-        assert_eq!(r.probes.len(), 1);
+        assert_eq!(r.probes.len(), 2);
         assert_eq!(r.probes[0].state, "unavailable: no");
+        assert_eq!(
+            (r.probes[1].hook.as_str(), r.probes[1].tier.as_str()),
+            ("(tick rate)", "measured")
+        );
+        assert_eq!(r.probes[1].state, "250 Hz");
         assert_eq!(r.suites[0].passed, 7);
         assert_eq!(r.suites[0].exit, Some(0));
         assert_eq!(r.selftest.len(), 2);

@@ -39,6 +39,9 @@ const HOST_TOOLS: &[&str] = &[
     "/usr/sbin/iptables-nft",
     "/usr/sbin/nft",
     "/usr/sbin/conntrack",
+    // kube-proxy's IPVS mode, as its tools see it.
+    "/usr/sbin/ipvsadm",
+    "/usr/sbin/ipset",
     "/usr/sbin/sysctl",
     "/usr/bin/setpriv",
     "/usr/bin/python3",

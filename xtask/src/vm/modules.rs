@@ -52,6 +52,12 @@ pub(super) const OPTIONAL_MODULES: &[&str] = &[
     "sch_netem",
     "ip_vs",
     "ip_vs_rr",
+    // kube-proxy's IPVS proxier: its kube-ipvs0 dummy and ipsets.
+    "dummy",
+    "ip_set",
+    "ip_set_hash_ip",
+    "ip_set_hash_ipport",
+    "ip_set_bitmap_port",
     "bridge",
     "br_netfilter",
     "inet_diag",

@@ -187,7 +187,7 @@ mod tests {
     fn tables_are_markdown_with_the_doc_columns() {
         let mut ok = parse_console(
             "@@vm release 6.1.0-56-cloud-amd64\n@@vm probes-begin\n\
-             [{\"hook\":\"tcp_retransmit_skb\",\"tier\":\"tracepoint\",\"status\":\"attached\"}]\n\
+             {\"hooks\":[{\"hook\":\"tcp_retransmit_skb\",\"tier\":\"tracepoint\",\"status\":\"attached\"}]}\n\
              @@vm probes-end 0\n@@vm selftest-begin\n\
              {\"scenario\":\"syn_timeout\",\"case\":\"dropped\",\"result\":\"pass\"}\n\
              @@vm selftest-end 0\n@@vm suite-begin capture\n\
