@@ -604,6 +604,12 @@ fn conntrack_table_full_drops_syns_and_the_client_times_out() {
     assert_eq!(v[1].evidence["drop_delta"], json!(2));
     assert_eq!(v[1].evidence["early_drop_delta"], json!(0));
     assert_eq!(v[1].evidence["insert_failed_delta"], json!(0));
+    never_sure_of(&v, NetfilterDrop);
+    assert!(
+        v.iter().all(|v| v.cause != NetfilterDrop),
+        "{:?}",
+        causes(&v)
+    );
     assert_eq!(
         v[0].fix,
         "sysctl -w net.netfilter.nf_conntrack_max=2000 on the node; shorten net.netfilter.nf_conntrack_tcp_timeout_established (now 432000 s); find the top talkers with conntrack -L"

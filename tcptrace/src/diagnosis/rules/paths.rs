@@ -245,6 +245,15 @@ impl Diagnoser {
         facts: &NodeFacts,
         syn_at: Option<SystemTime>,
     ) -> Option<Candidate> {
+        // A full conntrack table dropped it: that verdict is the table's.
+        let window = self.cfg.correlation_window;
+        if self
+            .full_table_drops
+            .iter()
+            .any(|(d, _)| same_conn(d, ev) && within(d.time, ev.time, window))
+        {
+            return None;
+        }
         let mut drop = match self.rejecting_drop(ends, ev.time) {
             Some(d) => d.clone(),
             None => self.syn_drop_after(syn_at?, ev, facts)?,
