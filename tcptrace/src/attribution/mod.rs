@@ -480,6 +480,14 @@ impl Attributor {
     fn routing_nodes(&mut self, by_cgroup: HashMap<u32, u32>) -> HashMap<u32, u32> {
         let namespaces = node::netns::discover(&self.cfg.host_root);
         let mut node_of = node::topology::routers(&namespaces);
+        // A node's own namespace is routed by the node network (kind's
+        // nodes by their router), yet it is a node, not a pod of one.
+        let node_netns: HashSet<u32> = by_cgroup
+            .values()
+            .copied()
+            .chain(self.other_nodes.keys().copied())
+            .collect();
+        node_of.retain(|ns, _| !node_netns.contains(ns));
         for (pod, node) in by_cgroup {
             match node_of.get(&pod) {
                 Some(router) if *router != node => self.warn(format!(
