@@ -794,16 +794,21 @@ const NO_ENDPOINTS_RULES: [&str; 3] = [
     "-A KUBE-SERVICES -d 10.96.0.31/32 -p tcp -m comment --comment \"lab/empty:http has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable",
 ];
 
-/// Routes the ClusterIP range through the node as iptables mode does (a
-/// node has a default route; the lab's node has them local, as IPVS mode).
-fn route_cluster_ips(lab: &Lab) -> Result<()> {
-    let client = lab.get(CLIENT)?;
-    let route = lab.node_exec(&["ip", "route", "get", &client.ip.to_string()])?;
-    let dev = route
+/// The node's device towards a pod's address.
+fn node_device_to(lab: &Lab, ip: Ipv4Addr) -> Result<String> {
+    let route = lab.node_exec(&["ip", "route", "get", &ip.to_string()])?;
+    route
         .split_whitespace()
         .skip_while(|w| *w != "dev")
         .nth(1)
-        .ok_or_else(|| anyhow!("no device in {route:?}"))?;
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no device in {route:?}"))
+}
+
+/// Routes the ClusterIP range through the node as iptables mode does (a
+/// node has a default route; the lab's node has them local, as IPVS mode).
+fn route_cluster_ips(lab: &Lab) -> Result<()> {
+    let dev = node_device_to(lab, lab.get(CLIENT)?.ip)?;
     // Not local to the node as on an IPVS node: forwarded, as iptables
     // mode's ClusterIPs are.
     lab.node_exec(&[
@@ -817,7 +822,7 @@ fn route_cluster_ips(lab: &Lab) -> Result<()> {
         "table",
         "local",
     ])?;
-    lab.node_exec(&["ip", "route", "add", "10.96.0.0/16", "dev", dev])
+    lab.node_exec(&["ip", "route", "add", "10.96.0.0/16", "dev", &dev])
         .map(|_| ())
 }
 
@@ -960,14 +965,7 @@ const BULK: usize = 64 * 1024;
 /// the node's "fragmentation needed" never leaves it.
 fn pmtu_case(obs: &mut Observer, icmp_dropped: bool) -> Result<Outcome> {
     let (lab, l) = service_lab(8080, &[], &nothing)?;
-    let server = lab.get(SERVER)?;
-    let route = lab.node_exec(&["ip", "route", "get", &server.ip.to_string()])?;
-    let dev = route
-        .split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .ok_or_else(|| anyhow!("no device in {route:?}"))?
-        .to_string();
+    let dev = node_device_to(&lab, lab.get(SERVER)?.ip)?;
     lab.node_exec(&["ip", "link", "set", "dev", &dev, "mtu", SMALL_MTU])?;
     if icmp_dropped {
         lab.node_exec(&[

@@ -37,6 +37,12 @@ pub(super) fn obj(v: Value) -> Map<String, Value> {
     }
 }
 
+/// Whether a netfilter drop happened in a rule's table walk (nftables or
+/// iptables-legacy), not in conntrack or a NAT.
+fn dropped_by_a_rule(location: Option<&str>) -> bool {
+    location.is_some_and(|l| l.starts_with("nft_do_chain") || l.starts_with("ipt_do_table"))
+}
+
 /// Who suffered, for summaries.
 /// "1 segment", "3 segments".
 fn counted(n: impl Into<u64>, noun: &str) -> String {
@@ -281,10 +287,7 @@ pub(super) fn table_full(
     }
     // A rule's drop (nft_do_chain, ipt_do_table) is the rule's, not the
     // table's, however full the table is.
-    let by_a_rule = ev
-        .location
-        .as_deref()
-        .is_some_and(|l| l.starts_with("nft_do_chain") || l.starts_with("ipt_do_table"));
+    let by_a_rule = dropped_by_a_rule(ev.location.as_deref());
     if by_a_rule {
         return None;
     }
@@ -1515,10 +1518,7 @@ pub(super) fn snat_port_exhaustion(
     let near_full = ct.is_some_and(|c| c.max > 0 && c.count * 100 >= c.max * 95);
     // The NAT found no free tuple: conntrack's insert failed.
     let rising = trend.is_some_and(|t| t.insert_failed > 0);
-    let by_a_rule = drop
-        .location
-        .as_deref()
-        .is_some_and(|l| l.starts_with("nft_do_chain") || l.starts_with("ipt_do_table"));
+    let by_a_rule = dropped_by_a_rule(drop.location.as_deref());
     let checks = Checks::new()
         .require("syn_dropped_by_netfilter_outside_a_rule", !by_a_rule)
         .require("snat_rule_in_that_namespace", rule.is_some())
